@@ -1,0 +1,1 @@
+"""ARES in JAX: difficulty-aware token-level entropy shaping for multimodal reasoning."""
