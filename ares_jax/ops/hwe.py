@@ -181,7 +181,7 @@ class ThresholdState(NamedTuple):
 
 
 def init_threshold(tau: float | None = None) -> ThresholdState:
-    """A threshold state, seeded with `tau` (from validation) or empty (the first batch seeds it)."""
+    """A threshold state seeded with `tau` (validation), or empty (the first batch seeds it)."""
     if tau is None:
         return ThresholdState(jnp.zeros((), _F32), jnp.zeros((), bool))
     return ThresholdState(jnp.asarray(tau, _F32), jnp.ones((), bool))

@@ -113,7 +113,7 @@ def test_code_counts_match_released_loop(tau):
         assert float(out.soft_cost[r]) == pytest.approx(soft, rel=1e-5, abs=1e-5)
     assert np.asarray(out.positions).sum() == int(np.asarray(out.count).sum())
     # The relaxation region covers the w tokens after each counted trigger, inside the response.
-    for r, n in enumerate(LENGTHS):
+    for r in range(len(LENGTHS)):
         expected = np.zeros(entropy.shape[1], bool)
         for i in np.flatnonzero(np.asarray(out.positions[r])):
             expected[i + 1 : i + 5] = True
