@@ -1,0 +1,122 @@
+"""Entry point: python -m ares_jax.main --config=configs/aepo.py[:PRESET] --workdir=DIR.
+
+Parses the config (ml_collections config_flags, locked), initialises multi-process JAX, validates
+the config with the config file's own `validate(config)`, prints it, and runs its stage's
+`ares_jax.<stage>.train.run(config, workdir)`. A user error (bad key, value, preset or path) ends
+the run with one sentence on stderr and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import sys
+
+import yaml
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file[:preset], e.g. configs/aepo.py:smoke.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics, config.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate and print the config, run nothing.")
+flags.mark_flag_as_required("config")
+
+STAGES = {"aepo": "ares_jax.aepo.train", "adacs": "ares_jax.adacs.train"}
+
+
+def _die(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_module(spec: str):
+    """Imports the config file of `spec` ("path[:arg]") as a module of its own."""
+    loader_spec = importlib.util.spec_from_file_location("_ares_config", spec.split(":", 1)[0])
+    module = importlib.util.module_from_spec(loader_spec)
+    loader_spec.loader.exec_module(module)
+    return module
+
+
+def _unknown_key(argv: list[str]) -> str | None:
+    """Names the first --config.KEY override whose KEY the config lacks."""
+    spec = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")][-1]
+    config = _config_module(spec).get_config(*spec.split(":", 1)[1:])
+    for arg in argv:
+        parts = m.group(1).split(".") if (m := re.match(r"--config\.([\w.]+)", arg)) else []
+        node = config
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                where = ".".join(["config", *parts[:i]])
+                key = ".".join(parts[: i + 1])
+                return f"unknown config key {key!r} in {arg}; keys under {where}: {known}."
+            node = node[part]
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config errors turned into one sentence (no traceback)."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # forces a lazily reported load failure
+    except Exception as e:  # noqa: BLE001 - every failure here is a user error
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+        message = re.sub(r"^\w+(Error|Exception): ", "", lines[-1])  # the cause's own sentence
+        if isinstance(e, AttributeError | KeyError):  # an unknown --config.KEY
+            try:
+                message = _unknown_key(argv) or message
+            except Exception:  # noqa: BLE001 - keep the raw message
+                pass
+        _die(message)
+    return rest
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _die(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --config.KEY=V.")
+    from ares_jax.parallel import distributed  # jax only after flags: before any backend use
+
+    distributed.maybe_initialize()
+    config, workdir, path = _CONFIG.value, _WORKDIR.value, flags.FLAGS["config"].config_filename
+    validate = getattr(_config_module(path), "validate", None)
+    try:
+        if validate is None:
+            logging.warning("%s defines no validate(config); the config is not checked.", path)
+        else:
+            validate(config)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    stage = config.get("stage")
+    if stage not in STAGES:
+        _die(f"config.stage={stage!r} is not one of {', '.join(map(repr, STAGES))}.")
+
+    import jax
+
+    if jax.process_index() == 0:
+        text = yaml.safe_dump(json.loads(config.to_json()), sort_keys=True, width=100)
+        where = workdir or "none given; --workdir=DIR sets where they go"
+        print(f"# config ({path}):\n{text}# workdir (config.json, metrics, checkpoints): {where}")
+    name = STAGES[stage]
+    try:
+        module = None if _DRY_RUN.value else importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name not in (name, name.rsplit(".", 1)[0]):  # the stage lacks a dependency
+            _die(f"{name} needs the module {e.name!r}, which is not installed.")
+        module = None
+    target = f"{name}.run(config, workdir={workdir!r})"
+    if module is None:
+        why = "--dry_run" if _DRY_RUN.value else f"{name} does not exist yet"
+        print(f"# stage {stage!r}: would run {target}; not run ({why}).")
+    elif workdir is None:
+        _die(f"--workdir is required to run stage {stage!r}.")
+    else:
+        print(f"# stage {stage!r}: running {target}.")
+        module.run(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

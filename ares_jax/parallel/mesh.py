@@ -1,0 +1,76 @@
+"""The device mesh: axes ('data', 'fsdp', 'tensor').
+
+`data` splits the batch only (parameters replicated across it), `fsdp` splits the batch and shards
+parameters and optimizer state, `tensor` shards heads, MLP width and vocabulary (Megatron style).
+`ares_jax.parallel.rules` maps logical dimension names onto these axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+AXES = ("data", "fsdp", "tensor")
+DEFAULT_SHAPE = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def resolve_shape(shape: Mapping[str, int] | Sequence[int] | None, num_devices: int) -> tuple:
+    """Returns the mesh sizes (data, fsdp, tensor) for `num_devices` devices.
+
+    Args:
+      shape: a mapping over `AXES` (missing axes are 1) or a sequence of 3 sizes; one size may be
+        -1, meaning all remaining devices. None = `DEFAULT_SHAPE`.
+      num_devices: devices the mesh must use, all of them.
+
+    Raises:
+      ValueError: unknown axis, bad size, several -1, or a product different from num_devices.
+    """
+    if shape is None:
+        shape = DEFAULT_SHAPE
+    if isinstance(shape, Mapping):
+        unknown = [k for k in shape if k not in AXES]
+        if unknown:
+            raise ValueError(f"mesh shape has unknown axis {unknown[0]!r}; axes are {AXES}.")
+        sizes = [shape.get(a, 1) for a in AXES]
+    else:
+        sizes = list(shape)
+        if len(sizes) != len(AXES):
+            raise ValueError(f"mesh shape {tuple(sizes)} must give {len(AXES)} sizes for {AXES}.")
+    for axis, size in zip(AXES, sizes, strict=True):
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {axis!r} has size {size!r}; use a positive int or -1.")
+    named = dict(zip(AXES, sizes, strict=True))
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh shape {named}: at most one axis may be -1.")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh shape {named}: the fixed axes ({fixed} devices) do not divide the "
+                f"{num_devices} devices, so -1 cannot fill the rest."
+            )
+        sizes[sizes.index(-1)] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"mesh shape {named} uses {fixed} devices but {num_devices} are available; the "
+            "product of the sizes must equal the device count (or use -1 for one axis)."
+        )
+    return tuple(sizes)
+
+
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """Builds the ('data', 'fsdp', 'tensor') mesh over `devices` (default: all, every process).
+
+    Device order comes from `jax.make_mesh` (mesh_utils), which respects the TPU ICI topology.
+    Axis types are Auto: GSPMD propagates shardings, and `rules.constrain` pins activations.
+    Multi-slice TPU (DCN) meshes are not handled yet; jax.make_mesh rejects them.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_shape(shape, len(devices))
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)

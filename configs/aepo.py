@@ -1,0 +1,553 @@
+r"""AEPO, the RL stage of ARES (METHOD.md section 4), with every hyper-parameter and switch.
+
+Defaults are the released code's behaviour (METHOD.md 4 and 6); each point where the paper and the
+released code disagree (METHOD.md 9, 11) is one switch, commented with its section and both
+choices. Only `main.py` and the stage's `run` read this ConfigDict.
+
+Presets (the text after the colon; `preset=NAME` or just `NAME`):
+
+  (none)    The embedded CPU default: the small Qwen2.5-VL-architecture model on the project's
+            synthetic task, 8 rollouts per prompt, short responses; the whole stage on a laptop
+            CPU in minutes.
+              python -m ares_jax.main --config=configs/aepo.py --workdir=/tmp/aepo
+  smoke     Tiny model, 2 steps, seconds; for CI.
+              python -m ares_jax.main --config=configs/aepo.py:smoke --workdir=/tmp/aepo_smoke
+  paper_7b  The paper's setting for Qwen2.5-VL-7B (METHOD.md 6): 512 prompts x 8 rollouts per
+            iteration, 4 optimizer steps of 128 prompts, 16k responses, lr 1e-6, ~250 steps.
+            Needs the AdaCS checkpoint and ViRL39K-style data files:
+              python -m ares_jax.main --config=configs/aepo.py:paper_7b --workdir=DIR \
+                --config.model.path=CKPT_DIR --config.data.train_files=TRAIN.jsonl \
+                --config.data.val_files=VAL.jsonl
+  paper_3b  The same for Qwen2.5-VL-3B (the paper does not say whether 3B used other settings).
+
+`--config.KEY=VALUE` overrides come on top; the config is locked, so an unknown key fails at
+start-up. Paths left None that a preset needs (model.path, data.*_files) are reported by `validate`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+
+PRESETS = ("", "smoke", "paper_3b", "paper_7b")
+
+# The released prompt suffix (METHOD.md 4.1, examples/format_prompt/math.jinja): appended to the
+# question text after one space; images are inserted at <image> markers by the chat template.
+PROMPT_SUFFIX = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the "
+    "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "
+    "answer MUST BE put in \\boxed{}."
+)
+
+
+def _base() -> ml_collections.ConfigDict:
+    """The embedded CPU default; algorithm constants are the released code's."""
+    c = ml_collections.ConfigDict()
+    c.stage = "aepo"
+    c.seed = 0
+
+    # --- Model (QWEN2_5_VL.md). The policy starts from model.path (the AdaCS checkpoint in the
+    # paper); the KL reference is the frozen initial policy.
+    c.model = dict(
+        preset="small",  # 'tiny' | 'small' (embedded, random init) | '3b' | '7b' (need path)
+        path=config_dict.placeholder(str),  # Hugging Face checkpoint dir (config.json+safetensors)
+        dtype="float32",  # compute dtype: 'float32' | 'bfloat16'
+        param_dtype="float32",  # parameter (master weight) dtype
+        remat=False,  # rematerialise each decoder layer in the backward pass
+        scan_layers=True,  # stack layers and lax.scan over them (fast compiles)
+        # METHOD.md 6: the vision tower is trainable during RL (freeze_vision_tower: false).
+        # AdaCS (METHOD.md 3.3) trains the LLM only; that is configs/adacs.py's default.
+        freeze_vision=False,
+        attention="xla",  # 'xla' (einsum, everywhere) | 'cudnn' (GPU) | 'splash' (TPU)
+    )
+
+    # --- Data (METHOD.md 4.1).
+    c.data = dict(
+        source="synthetic",  # 'synthetic' (the embedded task) | 'files'
+        # Local or remote paths; a comma-separated string or a list. Records need a stable id
+        # (the released code's global_id, METHOD.md 4.2).
+        train_files=config_dict.placeholder(object),
+        val_files=config_dict.placeholder(object),
+        synthetic_train_size=512,  # problems generated for data.source='synthetic'
+        synthetic_val_size=64,
+        prompt_template=PROMPT_SUFFIX,
+        # Pixel budget of the Qwen2.5-VL processor; the paper's [262144, 4194304] (512^2..2048^2)
+        # is set by the paper presets; the CPU default keeps images tiny.
+        min_pixels=3136,
+        max_pixels=12544,
+        max_prompt_len=256,  # tokens, text + image placeholders; paper 4096
+        prompt_len_buckets=(128, 256),  # prompts pad to the smallest bucket; last = max_prompt_len
+        drop_overlong_prompts=True,  # False: an over-long prompt is an error naming the record
+        shuffle_seed=0,
+        num_workers=0,  # grain worker processes; 0 = in-process
+    )
+
+    # --- Rollout (METHOD.md 4.1, 4.3).
+    c.rollout = dict(
+        n=8,  # G, rollouts per prompt
+        temperature=1.0,
+        top_p=0.99,
+        top_k=0,  # 0 = off
+        # METHOD.md 9.12: the released example config samples 8192 tokens, the paper and the final
+        # config [C-hist] 16384; the paper presets use 16384. The CPU default is tiny.
+        max_response_len=64,
+        # Learner batches pad responses to the smallest bucket holding the longest response; the
+        # last bucket must equal max_response_len.
+        length_buckets=(32, 64),
+        prompts_per_iter=16,  # paper 512; refilled by the online filter (filter.*)
+        decode_batch_size=128,  # sequences decoded at once (bounds the KV cache)
+        image_token_logit_bias=-100.0,  # released vLLM setting: never sample image placeholders
+        # METHOD.md 4.3 / 9.5: the paper branches extra trajectories where the window entropy
+        # exceeds tau; the released code has no branching (plain n independent samples). The paper
+        # gives no budget or allocation rule; the two numbers are the sampler's placeholders.
+        branching=dict(
+            enabled=False,
+            branch_budget=8,  # extra trajectories per prompt at most
+            max_branches_per_prompt=4,  # branch points per prompt at most
+        ),
+    )
+
+    # --- Entropy, threshold tau, HWE count (METHOD.md 2).
+    c.entropy = dict(
+        window=4,  # w (METHOD.md 2.2): code and final runs 4; paper: 4-8 work best
+        # METHOD.md 2.2 / 9.3: 1 = released code, the next w tokens i+1..i+w;
+        # 0 = paper, t..t+w-1 (the position's own entropy included).
+        window_offset=1,
+        percentile=95.0,  # q of the per-response quantile (linear interpolation)
+        # METHOD.md 2.3 / 9.1: 'code' = per-response p95 of window means, batch median, EMA
+        # (threshold_ema), one-step lag; 'paper' = batch mean of per-response p95 of token
+        # entropies, recomputed every batch.
+        threshold="code",
+        threshold_ema=0.99,
+        # METHOD.md 2.3: 'validation' = the code's seed, mean per-response p95 over the validation
+        # run before training (needs eval.val_before_train); 'first_batch' = seed with the first
+        # training batch's statistic.
+        threshold_init="validation",
+        threshold_fallback=1.5,  # tau used if no seed exists (the released worker's default)
+        # METHOD.md 2.5 / 9.2: 'code' = trigger word followed by a next-window mean >= tau;
+        # 'paper_token' = App. H, trigger word with token entropy >= tau;
+        # 'paper_window' = Algorithm 1, every window with mean >= tau, no vocabulary.
+        hwe_count="code",
+        # METHOD.md 2.4 / 11: which token is tested against the trigger list: 'sampled' (the
+        # paper's o_t; our default) | 'argmax' (what the released code decodes).
+        trigger_token="sampled",
+        trigger_words=config_dict.placeholder(str),  # None = project list; or a .txt/.json path
+        # METHOD.md 2.1 / 9.4 / 11: 'exact' = full-vocabulary entropy from the logits (default,
+        # one estimator for threshold and counts); 'topk_tail' = top-k log-probs plus a tail
+        # bucket for both; 'topk_code' = the released code exactly: tail-corrected top-k for the
+        # counts, raw truncated top-k for the threshold.
+        estimator="exact",
+        topk=10,
+    )
+
+    # --- Difficulty buckets (METHOD.md 4.2): easy if acc >= 2/3, medium if >= 1/3, else hard
+    # (for n=8: >= 6, 3..5, <= 2 correct).
+    c.bucket = dict(
+        easy_min_acc=2.0 / 3.0,
+        medium_min_acc=1.0 / 3.0,
+        bootstrap=False,  # the code's optional pre-training bucket pass; off in all its configs
+    )
+
+    # --- Reward (METHOD.md 4.1, 4.4). Per-bucket tuples are (easy, medium, hard).
+    c.reward = dict(
+        # METHOD.md 4.4 / 9.6: 'code' = piecewise Huber/sigmoid shaping (4.4.2, matches App. I, M);
+        # 'paper' = the closed-form Lagrangian penalty of 4.4.1; 'none' = accuracy only (ablation).
+        variant="code",
+        verifier="math_verify",  # last \boxed{} vs the answer: 'math_verify' | 'string' (exact)
+        accuracy_weight=1.0,
+        format_weight=0.0,  # AEPO adds no format reward (the GRPO ablation used 0.9 acc + 0.1)
+        alpha_init=0.5,  # alpha_d, adaptive entropy weight per bucket
+        alpha_lr=0.05,
+        alpha_min=0.0,
+        alpha_max=2.0,
+        target_scale=(1.0, 1.0, 1.0),  # N*_d = round(scale_d * bucket mean of per-prompt mean N)
+        round_target=True,
+        margin_frac=(0.15, 0.25, 0.35),
+        huber_kappa=(2.0, 3.0, 4.0),
+        sigmoid_temp=(2.0, 2.5, 3.0),
+        cap_scale=(1.0, 1.0, 1.2),
+        wrong_gain=(0.6, 0.8, 1.0),  # incorrect-answer gain factor (hard: sigma * cap, i.e. 1.0)
+        paper_eps=1e-6,  # eps of the paper multiplier lambda_d
+        # METHOD.md 4.4.2 / 9.7: True reproduces the released ordering bug (the advantage uses a
+        # reward computed with default bucket fields: easy, target 0, alpha 0.5); False computes
+        # buckets, targets and alpha before the reward (the method as described).
+        reward_timing_quirk=False,
+    )
+
+    # --- Online filter, DAPO dynamic sampling (METHOD.md 4.5): keep a group if the mean of its
+    # overall rewards is strictly inside (low, high); refill up to max_tries prompt batches.
+    c.filter = dict(enabled=True, low=0.01, high=0.99, max_tries=20)
+
+    # --- Advantage (METHOD.md 4.6 / 9.8): 'std' = released GRPO (R - mean) / (std_unbiased + eps);
+    # 'none' = centred only; 'length' = paper Algorithm 1, centred and divided by the response
+    # length (its token bonus psi is unspecified in the paper and not implemented).
+    c.advantage = dict(scale="std", eps=1e-6)
+
+    # --- Policy loss (METHOD.md 4.7 / 9.10): clip-higher + dual clip, released defaults.
+    c.loss = dict(
+        clip_low=0.2,
+        clip_high=0.3,
+        dual_clip=3.0,
+        logratio_clamp=20.0,  # ratio = exp(clamp(logp - old_logp, -20, 20))
+        # 'seq-mean-token-mean' (paper Eq. 2; equals the released 'token' mode at its 1 sample per
+        # micro-batch, METHOD.md 4.7) | 'token-mean' | 'seq-mean-token-sum'.
+        agg="seq-mean-token-mean",
+    )
+
+    # --- KL to the frozen reference, as an actor loss (METHOD.md 4.8 / 9.9).
+    c.kl = dict(
+        estimator="k3",  # 'k1' | 'k2' | 'k3' (low_var_kl, clamped as in the code)
+        coef=0.01,  # kl_coef; 0 disables the KL loss
+        # 'code' = per-bucket beta_d in log space, slow EMA controller on all-token sequence KL;
+        # 'paper' = beta_d * rho inside validated HWE windows, kappa_d controller on non-window
+        # KL; 'fixed' = constant beta_init.
+        controller="code",
+        bucket_coef=(1.0, 1.0, 1.0),  # static per-bucket factor ([C-hist] 1.25/1.0/0.75, unused)
+        # Released controller constants (counts are actor micro-batches, as in the code).
+        target=(0.01, 0.01, 0.01),  # delta_d
+        beta_init=1.0,
+        ema_decay=0.97,
+        beta_lr=0.05,
+        err_clip=0.2,
+        deadzone=0.02,
+        update_interval=100,
+        beta_min=1e-4,
+        beta_max=1e2,
+        # Paper controller (METHOD.md 4.8 "Paper", App. K Eq. 27). The paper gives no numbers for
+        # rho, kappa or delta (METHOD.md 10.5); these are ours.
+        rho=0.5,
+        kappa_init=1.0,
+        kappa_lr=0.1,
+        kappa_min=1e-3,
+        kappa_max=1e2,
+        delta=(0.01, 0.01, 0.01),
+        # The code's "second chance" relaxation: multiply an easy, incorrect sample's KL by
+        # `factor` if its soft cost >= soft_cost_min. Enabled in the code's defaults but it never
+        # fired there (its inputs never reached the actor), so off here (METHOD.md 4.8).
+        second_chance=dict(
+            enabled=False, factor=0.67, soft_cost_min=0.5, easy_only=True, incorrect_only=True
+        ),
+    )
+
+    # --- Optimizer (METHOD.md 6): AdamW, constant lr, no warm-up, grad-norm clip 1.0.
+    c.optim = dict(
+        lr=1e-5,  # paper 1e-6; the small embedded model needs larger steps to move in minutes
+        weight_decay=1e-2,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        grad_clip=1.0,
+        schedule="constant",  # 'constant' | 'cosine'
+        warmup_steps=0,
+        state_dtype="float32",  # Adam moments; the launch script used a bf16 AdamW variant
+    )
+
+    # --- Training loop (METHOD.md 4.7, 4.11).
+    c.train = dict(
+        steps=20,  # iterations (rollout + updates); paper ~250
+        prompts_per_step=4,  # prompts per optimizer step; paper 128 (4 steps per 512 iteration)
+        micro_batch_size=32,  # sequences per gradient-accumulation micro-batch, whole mesh
+        ppo_epochs=1,
+        # 'learner' = old log-probs recomputed by the learner after the rollout (released code);
+        # 'sampler' = taken from the sampler (same parameters here, saves one forward pass).
+        old_logp_source="learner",
+        max_nonfinite_steps=0,  # non-finite loss/grad steps tolerated before stopping (0 = none)
+        logprob_chunk_size=64,  # sequence chunk of the log-prob/entropy kernel
+        logprob_vocab_chunk_size=config_dict.placeholder(int),  # None = whole vocabulary
+    )
+
+    # --- In-training evaluation (METHOD.md 4.1, 6): T 0.5, n 1, every 5 steps.
+    c.eval = dict(
+        val_before_train=True,  # also seeds tau (entropy.threshold_init='validation')
+        every_steps=5,
+        temperature=0.5,
+        top_p=0.99,  # the code overrides only T and n for validation
+        n=1,
+        max_response_len=64,
+        max_examples=0,  # 0 = the whole validation set
+    )
+
+    c.checkpoint = dict(
+        every_steps=5,
+        keep=3,
+        resume=config_dict.placeholder(str),  # checkpoint to resume if the workdir holds none
+        async_save=True,
+    )
+    c.log = dict(every_steps=1, tensorboard=True)
+
+    # --- Mesh (ares_jax/parallel): -1 takes the remaining devices. `rules` are logical-axis
+    # overrides merged over ares_jax.parallel.rules.DEFAULT_RULES, as (name, axes) pairs, e.g.
+    # (('kv_heads', None), ('batch', ('data', 'fsdp'))); `sampler_rules` likewise for decoding.
+    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=(), sampler_rules=())
+    return c
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+    c.model.preset = "tiny"
+    c.data.update(
+        synthetic_train_size=32,
+        synthetic_val_size=8,
+        max_pixels=3136,
+        max_prompt_len=128,
+        prompt_len_buckets=(128,),
+    )
+    c.rollout.update(
+        n=4, max_response_len=16, length_buckets=(16,), prompts_per_iter=2, decode_batch_size=8
+    )
+    c.train.update(steps=2, prompts_per_step=2, micro_batch_size=8, logprob_chunk_size=16)
+    c.eval.update(every_steps=1, max_response_len=16, max_examples=4)
+    c.checkpoint.update(every_steps=1, keep=1)
+
+
+def _paper(c: ml_collections.ConfigDict, size: str) -> None:
+    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat=True)
+    c.data.update(
+        source="files",
+        min_pixels=262144,
+        max_pixels=4194304,
+        max_prompt_len=4096,
+        prompt_len_buckets=(1024, 2048, 4096),
+        num_workers=8,
+    )
+    c.rollout.update(
+        max_response_len=16384,  # METHOD.md 9.12: final config/paper; released example 8192
+        length_buckets=(2048, 4096, 8192, 16384),
+        prompts_per_iter=512,
+        decode_batch_size=256,
+    )
+    c.optim.update(lr=1e-6, state_dtype="bfloat16")
+    c.train.update(steps=250, prompts_per_step=128, micro_batch_size=32, logprob_chunk_size=256)
+    c.eval.update(max_response_len=16384)
+    c.mesh.shape.update(data=1, fsdp=-1, tensor=1)  # FSDP over all devices (verl: FSDP, 8 GPUs)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the locked AEPO config for the preset named in `arg` (see the module docstring)."""
+    args = common.parse_arg(arg, preset="")
+    if args.preset not in PRESETS:
+        known = ", ".join(repr(p) for p in PRESETS[1:])
+        raise ValueError(
+            f"configs/aepo.py: unknown preset {args.preset!r}; known: {known} (or none)."
+        )
+    c = _base()
+    if args.preset == "smoke":
+        _smoke(c)
+    elif args.preset.startswith("paper_"):
+        _paper(c, args.preset.removeprefix("paper_"))
+    return c.lock()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: run by main.py after command-line overrides.
+
+_unit = common.in_range(0.0, 1.0)
+_pos = common.positive()
+_nonneg = common.non_negative()
+_int = common.is_type(int)
+
+SCHEMA = {
+    "stage": common.one_of("aepo"),
+    "seed": _int,
+    "model.preset": common.one_of("tiny", "small", "3b", "7b"),
+    "model.dtype": common.one_of("float32", "bfloat16"),
+    "model.param_dtype": common.one_of("float32", "bfloat16"),
+    "model.attention": common.one_of("xla", "cudnn", "splash"),
+    "data.source": common.one_of("synthetic", "files"),
+    "data.synthetic_train_size": (_int, _pos),
+    "data.synthetic_val_size": (_int, _pos),
+    "data.min_pixels": (_int, _pos),
+    "data.max_pixels": (_int, _pos),
+    "data.max_prompt_len": (_int, _pos),
+    "data.prompt_len_buckets": common.ascending_ints(),
+    "data.num_workers": (_int, _nonneg),
+    "rollout.n": (_int, common.in_range(2, None)),
+    "rollout.temperature": _pos,
+    "rollout.top_p": common.in_range(0.0, 1.0, lo_open=True),
+    "rollout.top_k": (_int, _nonneg),
+    "rollout.max_response_len": (_int, _pos),
+    "rollout.length_buckets": common.ascending_ints(),
+    "rollout.prompts_per_iter": (_int, _pos),
+    "rollout.decode_batch_size": (_int, _pos),
+    "rollout.branching.branch_budget": (_int, _nonneg),
+    "rollout.branching.max_branches_per_prompt": (_int, _nonneg),
+    "entropy.window": (_int, _pos),
+    "entropy.window_offset": common.one_of(0, 1),
+    "entropy.percentile": common.in_range(0.0, 100.0),
+    "entropy.threshold": common.one_of("code", "paper"),
+    "entropy.threshold_ema": common.in_range(0.0, 1.0, hi_open=True),
+    "entropy.threshold_init": common.one_of("validation", "first_batch"),
+    "entropy.hwe_count": common.one_of("code", "paper_token", "paper_window"),
+    "entropy.trigger_token": common.one_of("sampled", "argmax"),
+    "entropy.estimator": common.one_of("exact", "topk_tail", "topk_code"),
+    "entropy.topk": (_int, _pos),
+    "bucket.easy_min_acc": _unit,
+    "bucket.medium_min_acc": _unit,
+    "reward.variant": common.one_of("code", "paper", "none"),
+    "reward.verifier": common.one_of("math_verify", "string"),
+    "reward.accuracy_weight": _nonneg,
+    "reward.format_weight": _nonneg,
+    "reward.alpha_lr": _nonneg,
+    "reward.target_scale": common.per_bucket(_pos),
+    "reward.margin_frac": common.per_bucket(_pos),
+    "reward.huber_kappa": common.per_bucket(_pos),
+    "reward.sigmoid_temp": common.per_bucket(_pos),
+    "reward.cap_scale": common.per_bucket(_nonneg),
+    "reward.wrong_gain": common.per_bucket(_nonneg),
+    "reward.paper_eps": _pos,
+    "filter.low": _unit,
+    "filter.high": _unit,
+    "filter.max_tries": (_int, _pos),
+    "advantage.scale": common.one_of("std", "none", "length"),
+    "advantage.eps": _pos,
+    "loss.clip_low": common.in_range(0.0, 1.0, lo_open=True, hi_open=True),
+    "loss.clip_high": _pos,
+    "loss.dual_clip": common.in_range(1.0, None, lo_open=True),
+    "loss.logratio_clamp": _pos,
+    "loss.agg": common.one_of("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"),
+    "kl.estimator": common.one_of("k1", "k2", "k3"),
+    "kl.coef": _nonneg,
+    "kl.controller": common.one_of("code", "paper", "fixed"),
+    "kl.bucket_coef": common.per_bucket(_nonneg),
+    "kl.target": common.per_bucket(_pos),
+    "kl.ema_decay": common.in_range(0.0, 1.0, hi_open=True),
+    "kl.beta_lr": _nonneg,
+    "kl.err_clip": _pos,
+    "kl.deadzone": _nonneg,
+    "kl.update_interval": (_int, _pos),
+    "kl.beta_min": _pos,
+    "kl.rho": common.in_range(0.0, 1.0, lo_open=True),
+    "kl.kappa_lr": _nonneg,
+    "kl.kappa_min": _pos,
+    "kl.delta": common.per_bucket(_pos),
+    "kl.second_chance.factor": common.in_range(0.0, 1.0),
+    "kl.second_chance.soft_cost_min": _nonneg,
+    "optim.lr": _pos,
+    "optim.weight_decay": _nonneg,
+    "optim.b1": common.in_range(0.0, 1.0, hi_open=True),
+    "optim.b2": common.in_range(0.0, 1.0, hi_open=True),
+    "optim.eps": _pos,
+    "optim.grad_clip": _nonneg,  # 0 = no clipping
+    "optim.schedule": common.one_of("constant", "cosine"),
+    "optim.warmup_steps": (_int, _nonneg),
+    "optim.state_dtype": common.one_of("float32", "bfloat16"),
+    "train.steps": (_int, _pos),
+    "train.prompts_per_step": (_int, _pos),
+    "train.micro_batch_size": (_int, _pos),
+    "train.ppo_epochs": (_int, _pos),
+    "train.old_logp_source": common.one_of("learner", "sampler"),
+    "train.max_nonfinite_steps": (_int, _nonneg),
+    "train.logprob_chunk_size": (_int, _pos),
+    "train.logprob_vocab_chunk_size": common.optional(common.is_type(int)),
+    "eval.every_steps": (_int, _nonneg),  # 0 = no periodic evaluation
+    "eval.temperature": _nonneg,  # 0 = greedy
+    "eval.top_p": common.in_range(0.0, 1.0, lo_open=True),
+    "eval.n": (_int, _pos),
+    "eval.max_response_len": (_int, _pos),
+    "eval.max_examples": (_int, _nonneg),
+    "checkpoint.every_steps": (_int, _nonneg),  # 0 = only at the end
+    "checkpoint.keep": (_int, _pos),
+    "log.every_steps": (_int, _pos),
+}
+
+
+def _check_order(c, lo_key: str, mid_key: str | None, hi_key: str) -> None:
+    keys = [k for k in (lo_key, mid_key, hi_key) if k]
+    values = [common.get_path(c, k) for k in keys]
+    if any(a > b for a, b in zip(values, values[1:], strict=False)):
+        got = ", ".join(f"{k}={v!r}" for k, v in zip(keys, values, strict=True))
+        common.fail(lo_key, f"must satisfy {' <= '.join(keys)}; got {got}.")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Checks enum switches, ranges, cross-field rules and required paths.
+
+    Raises:
+      ValueError: one sentence naming the first offending dotted key.
+    """
+    common.validate(c, SCHEMA)
+
+    # Sizes that must divide.
+    if c.rollout.prompts_per_iter % c.train.prompts_per_step:
+        common.fail(
+            "train.prompts_per_step",
+            f"{c.train.prompts_per_step} must divide rollout.prompts_per_iter "
+            f"({c.rollout.prompts_per_iter}).",
+        )
+    if (c.train.prompts_per_step * c.rollout.n) % c.train.micro_batch_size:
+        common.fail(
+            "train.micro_batch_size",
+            f"{c.train.micro_batch_size} must divide train.prompts_per_step * rollout.n "
+            f"({c.train.prompts_per_step * c.rollout.n}).",
+        )
+    for buckets, limit in (
+        ("rollout.length_buckets", "rollout.max_response_len"),
+        ("data.prompt_len_buckets", "data.max_prompt_len"),
+    ):
+        if common.get_path(c, buckets)[-1] != common.get_path(c, limit):
+            common.fail(buckets, f"the last bucket must equal {limit}.")
+
+    # Orders.
+    _check_order(c, "data.min_pixels", None, "data.max_pixels")
+    _check_order(c, "bucket.medium_min_acc", None, "bucket.easy_min_acc")
+    _check_order(c, "reward.alpha_min", "reward.alpha_init", "reward.alpha_max")
+    _check_order(c, "kl.beta_min", "kl.beta_init", "kl.beta_max")
+    _check_order(c, "kl.kappa_min", "kl.kappa_init", "kl.kappa_max")
+    if not c.filter.low < c.filter.high:
+        common.fail("filter.low", f"must be below filter.high ({c.filter.low} >= {c.filter.high}).")
+
+    # Switch combinations.
+    if (
+        c.entropy.threshold == "code"
+        and c.entropy.threshold_init == "validation"
+        and not c.eval.val_before_train
+    ):
+        common.fail(
+            "entropy.threshold_init",
+            "'validation' needs eval.val_before_train=True; or set threshold_init='first_batch'.",
+        )
+    if c.entropy.estimator != "exact" and c.entropy.topk < 1:
+        common.fail("entropy.topk", "must be >= 1 for a top-k estimator.")
+
+    _validate_mesh(c)
+
+    # Paths.
+    big = c.model.preset in ("3b", "7b")
+    common.check_path(c, "model.path", required=big, why=f"for model.preset={c.model.preset!r}")
+    common.check_path(c, "entropy.trigger_words", required=False)
+    common.check_path(c, "checkpoint.resume", required=False)
+    files = c.data.source == "files"
+    if not files:
+        for key in ("data.train_files", "data.val_files"):
+            if common.get_path(c, key) is not None:
+                common.fail(key, "is set but data.source='synthetic'; set data.source='files'.")
+    need_val = files and (c.eval.val_before_train or c.eval.every_steps > 0)
+    common.check_files(c, "data.train_files", required=files, why="for data.source='files'")
+    common.check_files(
+        c,
+        "data.val_files",
+        required=need_val,
+        why="for evaluation (eval.val_before_train, eval.every_steps)",
+    )
+
+
+def _validate_mesh(c: ml_collections.ConfigDict) -> None:
+    shape = c.mesh.shape
+    if set(shape) != {"data", "fsdp", "tensor"}:
+        common.fail(
+            "mesh.shape", f"must have exactly the keys data, fsdp, tensor; got {dict(shape)}."
+        )
+    for axis, size in shape.items():
+        if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            common.fail(f"mesh.shape.{axis}", f"must be a positive integer or -1, got {size!r}.")
+    if sum(size == -1 for size in shape.values()) > 1:
+        common.fail("mesh.shape", "at most one axis may be -1.")
+    # Imported here: configs stay importable without jax; the table lives in ares_jax.parallel.
+    from ares_jax.parallel import rules
+
+    for key in ("mesh.rules", "mesh.sampler_rules"):
+        try:
+            rules.merge_rules(common.get_path(c, key))
+        except (TypeError, ValueError) as e:
+            common.fail(key, str(e))

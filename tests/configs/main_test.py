@@ -1,0 +1,83 @@
+"""Tests for ares_jax/main.py, run as a subprocess the way a user runs it."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "ares_jax.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _stage_exists() -> bool:
+    try:
+        return importlib.util.find_spec("ares_jax.aepo.train") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_smoke_prints_config_and_stage(tmp_path):
+    r = run_main("--config=configs/aepo.py:smoke", f"--workdir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert "stage: aepo" in r.stdout and "clip_high: 0.3" in r.stdout
+    assert "# stage 'aepo':" in r.stdout and "ares_jax.aepo.train.run(config" in r.stdout
+    if not _stage_exists():
+        assert "does not exist yet" in r.stdout
+
+
+def test_dry_run_runs_nothing():
+    r = run_main("--config=configs/aepo.py", "--dry_run", "--config.rollout.top_k=5")
+    assert r.returncode == 0, r.stderr
+    assert "top_k: 5" in r.stdout and "not run (--dry_run)" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--config.nonexistent=1"], ["unknown config key 'nonexistent'", "keys under config"]),
+        (["--config.loss.nokey=1"], ["'loss.nokey'", "clip_low"]),
+        (["--config.loss.clip_low=abc"], ["--config.loss.clip_low=abc", "abc"]),
+        (["--config.entropy.threshold=median"], ["config.entropy.threshold='median'", "'paper'"]),
+        (["--config.entropy.window_offset=2"], ["config.entropy.window_offset=2", "0, 1"]),
+        (["--config.kl.controller=pid"], ["config.kl.controller='pid'"]),
+    ],
+)
+def test_user_errors_are_one_sentence(args, words):
+    r = run_main("--config=configs/aepo.py:smoke", *args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ")
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ("configs/aepo.py:paper_13b", ["unknown preset 'paper_13b'"]),
+        ("configs/aepo.py:preset=smoke,hosts=4", ["unknown key 'hosts'", "preset"]),
+        ("configs/aepo.py:paper_7b", ["config.model.path: is required"]),
+        ("configs/nonexistent.py", ["nonexistent.py"]),
+    ],
+)
+def test_bad_config_argument(config, words):
+    r = run_main(f"--config={config}")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    for w in words:
+        assert w in err, (w, err)

@@ -1,0 +1,105 @@
+"""Tests for ares_jax/parallel/mesh.py and distributed.py on the 8 fake CPU devices."""
+
+import jax
+import pytest
+
+from ares_jax.parallel import distributed, mesh
+
+
+@pytest.mark.parametrize(
+    "shape, sizes",
+    [
+        ({"data": 8, "fsdp": 1, "tensor": 1}, (8, 1, 1)),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
+        ({"data": -1, "fsdp": 2, "tensor": 1}, (4, 2, 1)),
+        ({"data": 4, "fsdp": 1, "tensor": 2}, (4, 1, 2)),
+        ((-1, 2, 1), (4, 2, 1)),
+        ({"tensor": 2, "data": -1}, (4, 1, 2)),  # missing axes are 1
+        (None, (8, 1, 1)),
+    ],
+)
+def test_make_mesh_shapes(shape, sizes):
+    m = mesh.make_mesh(shape)
+    assert m.axis_names == ("data", "fsdp", "tensor")
+    assert tuple(m.shape.values()) == sizes
+    assert sorted(d.id for d in m.devices.flat) == sorted(d.id for d in jax.devices())
+
+
+def test_make_mesh_on_a_subset_of_devices():
+    m = mesh.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.devices()[:4])
+    assert tuple(m.shape.values()) == (1, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ({"data": 4, "fsdp": 1, "tensor": 1}, r"uses 4 devices but 8 are available"),
+        ({"data": 3, "fsdp": -1, "tensor": 1}, r"do not divide the 8 devices"),
+        ({"data": -1, "fsdp": -1, "tensor": 1}, r"at most one axis may be -1"),
+        ({"data": 0, "fsdp": 1, "tensor": 1}, r"'data' has size 0"),
+        ({"data": 8, "expert": 1}, r"unknown axis 'expert'"),
+        ((8, 1), r"must give 3 sizes"),
+    ],
+)
+def test_make_mesh_errors(shape, match):
+    with pytest.raises(ValueError, match=match):
+        mesh.make_mesh(shape)
+
+
+def test_maybe_initialize_is_a_noop_for_one_process(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+                 "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                 "MEGASCALE_COORDINATOR_ADDRESS", "ARES_DISTRIBUTED"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert distributed.maybe_initialize() is False
+    assert distributed.maybe_initialize(num_processes=1) is False
+    assert calls == [] and jax.process_count() == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, env, expected",
+    [
+        ({}, {}, None),
+        ({}, {"SLURM_NTASKS": "1"}, None),
+        ({}, {"JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}, None),
+        (
+            {},
+            {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"},
+            dict(coordinator_address="h0:1234", num_processes=4, process_id=2),
+        ),
+        (
+            dict(coordinator_address="a:1", num_processes=2, process_id=1),
+            {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "4"},
+            dict(coordinator_address="a:1", num_processes=2, process_id=1),
+        ),
+        ({}, {"SLURM_NTASKS": "16"}, {}),
+        ({}, {"OMPI_COMM_WORLD_SIZE": "2"}, {}),
+        ({}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
+        ({}, {"TPU_WORKER_HOSTNAMES": "w0"}, None),
+        ({}, {"ARES_DISTRIBUTED": "1"}, {}),
+        ({}, {"ARES_DISTRIBUTED": "0", "SLURM_NTASKS": "16"}, None),
+    ],
+)
+def test_plan(kwargs, env, expected):
+    decision = distributed.plan(**kwargs, env=env)
+    assert (None if decision is None else decision[1]) == expected
+
+
+def test_plan_rejects_bad_env():
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='four'"):
+        distributed.plan(env={"JAX_NUM_PROCESSES": "four"})
+
+
+def test_maybe_initialize_calls_jax_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(distributed, "_done", False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.delenv("ARES_DISTRIBUTED", raising=False)
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.maybe_initialize() is True
+    assert distributed.maybe_initialize() is True  # idempotent
+    assert calls == [{}]
