@@ -1,0 +1,254 @@
+"""Qwen2.5-VL: vision tower + text decoder + LM head, with a KV cache for generation.
+
+Built with Flax NNX and used functionally: `nnx.split(model)` once gives (graphdef, params); the
+jitted entry points below are functions of (params, inputs[, cache]) that merge inside the trace
+(`forward`, `prefill`, `decode_step`). The policy and the reference model share one graphdef and
+differ only in their params.
+
+Inputs are `ModelInputs`, device arrays with static shapes built on the host by
+`processor_glue.prepare_inputs` (position ids, vision metadata, image-token indices).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ares_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from ares_jax.models.qwen2_5_vl.layers import param
+from ares_jax.models.qwen2_5_vl.rope import text_cos_sin
+from ares_jax.models.qwen2_5_vl.text import TextModel, attention
+from ares_jax.models.qwen2_5_vl.vision import VisionTower
+from ares_jax.parallel import rules as R
+
+
+class VisionInputs(NamedTuple):
+    """Patch rows of all images of a batch, in window order (see vision.py)."""
+
+    pixels: jax.Array  # [P, patch_in] float
+    rotary_pos: jax.Array  # [P, 2] int32
+    window_segment: jax.Array  # [P] int32
+    full_segment: jax.Array  # [P] int32
+    unpermute: jax.Array  # [U] int32
+
+
+class ModelInputs(NamedTuple):
+    """One batch of token rows, left-padded, with their images."""
+
+    input_ids: jax.Array  # [B, T] int32
+    attention_mask: jax.Array  # [B, T] bool, False at padding
+    position_ids: jax.Array  # [3, B, T] int32, M-RoPE (temporal, height, width)
+    image_index: jax.Array | None = None  # [B, T] int32: feature row per image token, -1 else
+    vision: VisionInputs | None = None
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values of the tokens seen so far.
+
+    All rows share one write slot (`index`): prompts are left-padded to one length, so slot s
+    holds the s-th token of every row; `valid` marks slots holding a real token (False at left
+    padding) and `next_pos` is each row's next M-RoPE position (n_valid + rope_delta, the same on
+    the three axes for generated text).
+    """
+
+    k: tuple[jax.Array, ...]  # L x [B, S, K, hd]
+    v: tuple[jax.Array, ...]  # L x [B, S, K, hd]
+    valid: jax.Array  # [B, S] bool
+    index: jax.Array  # int32 scalar: next slot to write
+    next_pos: jax.Array  # [B] int32
+
+
+class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
+    """Qwen2_5_VLForConditionalGeneration, in NNX."""
+
+    def __init__(
+        self,
+        cfg: Qwen2_5_VLConfig,
+        *,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+        scan_layers: bool = True,
+        remat: bool = False,
+        attention_impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat = remat
+        self.attention_impl = attention_impl
+        self.visual = VisionTower(cfg.vision, param_dtype=param_dtype, rngs=rngs)
+        self.language_model = TextModel(cfg.text, param_dtype=param_dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(
+                rngs,
+                (cfg.text.hidden_size, cfg.text.vocab_size),
+                (R.EMBED, R.VOCAB),
+                dtype=param_dtype,
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Pieces
+    # ------------------------------------------------------------------------------------------
+
+    def unembed(self) -> jax.Array:
+        """The output projection [D, V] (the transposed embedding for tied checkpoints)."""
+        if self.cfg.tie_word_embeddings:
+            return self.language_model.embed[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits [..., V] from final hidden states [..., D]."""
+        w = self.unembed().astype(hidden.dtype)
+        return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+    def image_features(self, vision: VisionInputs) -> jax.Array:
+        """[U, D] features of the image tokens, in token order."""
+        return self.visual(
+            *vision,
+            dtype=self.dtype,
+            scan=self.scan_layers,
+            remat=self.remat,
+            implementation=self.attention_impl,
+        )
+
+    def embed(self, inputs: ModelInputs, features: jax.Array | None = None) -> jax.Array:
+        """Token embeddings [B, T, D] with image features written at the image tokens."""
+        x = self.language_model.embed_tokens(inputs.input_ids, self.dtype)
+        if inputs.vision is not None or features is not None:
+            if features is None:
+                features = self.image_features(inputs.vision)
+            idx = inputs.image_index
+            rows = jnp.take(features.astype(self.dtype), jnp.maximum(idx, 0), axis=0)
+            x = jnp.where((idx >= 0)[..., None], rows, x)
+        return x
+
+    def _cos_sin(self, position_ids):
+        t = self.cfg.text
+        return text_cos_sin(
+            position_ids,
+            head_dim=t.head_dim,
+            theta=t.rope_theta,
+            mrope_section=t.mrope_section,
+            dtype=self.dtype,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Full forward (training, log-probs)
+    # ------------------------------------------------------------------------------------------
+
+    def hidden_states(self, inputs: ModelInputs, features: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states [B, T, D] (feed `token_logprobs_and_entropy` with these)."""
+        x = self.embed(inputs, features)
+        cos, sin = self._cos_sin(inputs.position_ids)
+        t = inputs.input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None] & inputs.attention_mask[:, None, :]
+        return self.language_model(
+            x,
+            cos,
+            sin,
+            mask,
+            scan=self.scan_layers,
+            remat=self.remat,
+            implementation=self.attention_impl,
+        )
+
+    def __call__(self, inputs: ModelInputs) -> jax.Array:
+        """float32 logits [B, T, V]."""
+        return self.logits(self.hidden_states(inputs))
+
+    # ------------------------------------------------------------------------------------------
+    # Generation with a KV cache (layers unrolled: each layer's cache buffer is updated in place)
+    # ------------------------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        t = self.cfg.text
+        shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+        zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(t.num_hidden_layers))
+        return KVCache(
+            k=zeros,
+            v=tuple(jnp.zeros(shape, self.dtype) for _ in range(t.num_hidden_layers)),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+        )
+
+    def _cached_layers(self, x, cos, sin, cache: KVCache, valid: jax.Array):
+        """Runs the decoder on x [B, T, D] written at slots index..index+T-1 of the cache."""
+        graphdef, state = nnx.split(self.language_model.layers)
+        s = cache.valid.shape[1]
+        t = x.shape[1]
+        slots = cache.index + jnp.arange(t)
+        # Query at slot `slots[i]` sees valid keys up to its own slot.
+        key_ok = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= slots[None, :, None])
+        new_k, new_v = [], []
+        for i in range(len(cache.k)):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            q, k, v = layer.qkv(x, cos, sin)
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, cache.index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, cache.index, axis=1)
+            x = layer.finish(
+                x, attention(q, k_all, v_all, key_ok, implementation=self.attention_impl)
+            )
+            new_k.append(k_all)
+            new_v.append(v_all)
+        return self.language_model.final_norm(x), tuple(new_k), tuple(new_v)
+
+    def prefill(
+        self, inputs: ModelInputs, cache: KVCache, features: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs the prompt [B, T] into an empty cache; returns hidden states [B, T, D]."""
+        x = self.embed(inputs, features)
+        cos, sin = self._cos_sin(inputs.position_ids)
+        t = x.shape[1]
+        valid = jax.lax.dynamic_update_slice_in_dim(
+            cache.valid, inputs.attention_mask, cache.index, axis=1
+        )
+        hidden, k, v = self._cached_layers(x, cos, sin, cache, valid)
+        last_pos = jnp.max(jnp.where(inputs.attention_mask, inputs.position_ids, -1), axis=(0, 2))
+        return hidden, KVCache(k, v, valid, cache.index + t, last_pos + 1)
+
+    def decode_step(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One token per row [B] -> final hidden state [B, D] and the updated cache."""
+        b = tokens.shape[0]
+        inputs = ModelInputs(
+            input_ids=tokens[:, None],
+            attention_mask=jnp.ones((b, 1), bool),
+            position_ids=jnp.broadcast_to(cache.next_pos[None, :, None], (3, b, 1)),
+        )
+        x = self.embed(inputs)
+        cos, sin = self._cos_sin(inputs.position_ids)
+        valid = jax.lax.dynamic_update_slice_in_dim(
+            cache.valid, jnp.ones((b, 1), bool), cache.index, axis=1
+        )
+        hidden, k, v = self._cached_layers(x, cos, sin, cache, valid)
+        return hidden[:, 0], KVCache(k, v, valid, cache.index + 1, cache.next_pos + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional entry points: pure functions of (params, inputs[, cache]).
+# ---------------------------------------------------------------------------------------------
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, inputs: ModelInputs) -> jax.Array:
+    """float32 logits [B, T, V]."""
+    return nnx.merge(graphdef, params)(inputs)
+
+
+def hidden_states(graphdef: nnx.GraphDef, params: nnx.State, inputs: ModelInputs) -> jax.Array:
+    """Final hidden states [B, T, D]."""
+    return nnx.merge(graphdef, params).hidden_states(inputs)
+
+
+def prefill(graphdef, params, inputs: ModelInputs, cache: KVCache):
+    """(hidden [B, T, D], cache)."""
+    return nnx.merge(graphdef, params).prefill(inputs, cache)
+
+
+def decode_step(graphdef, params, tokens: jax.Array, cache: KVCache):
+    """(hidden [B, D], cache)."""
+    return nnx.merge(graphdef, params).decode_step(tokens, cache)

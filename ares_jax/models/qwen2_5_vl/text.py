@@ -1,0 +1,132 @@
+"""The Qwen2 text decoder with M-RoPE (QWEN2_5_VL.md 3.3).
+
+Grouped-query attention with q/k/v bias and no output bias, RMSNorm, SwiGLU MLP. Attention runs
+through `jax.nn.dot_product_attention` (float32 logits and softmax; `implementation='cudnn'`
+selects cuDNN flash attention on GPUs). Masks are boolean, never additive, so rows of left padding
+cannot produce NaN (QWEN2_5_VL.md 8.4).
+
+Parameter layout (logical axes in brackets): embed [vocab, embed]; per layer, stacked on a leading
+[layers] axis: q [embed, heads, head_dim] + bias, k/v [embed, kv_heads, head_dim] + bias,
+o [heads, head_dim, embed], gate/up [embed, mlp], down [mlp, embed], two norms [embed]; final norm.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ares_jax.models.qwen2_5_vl.config import TextConfig
+from ares_jax.models.qwen2_5_vl.layers import (
+    ones_init,
+    param,
+    rms_norm,
+    run_layers,
+    stack_layers,
+    zeros_init,
+)
+from ares_jax.models.qwen2_5_vl.rope import apply_rotary
+from ares_jax.parallel import rules as R
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, implementation: str | None
+) -> jax.Array:
+    """q [B, T, H, hd], k/v [B, S, K, hd], mask [B, T, S] bool -> [B, T, H, hd].
+
+    K must divide H (grouped-query attention). Softmax in float32.
+    """
+    impl = None if implementation in (None, "xla") else implementation
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm decoder block."""
+
+    def __init__(self, cfg: TextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        d, f, h, k, hd = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        kw = dict(dtype=param_dtype)
+        self.input_norm = param(rngs, (d,), (R.EMBED,), init=ones_init, **kw)
+        self.q = param(rngs, (d, h, hd), (R.EMBED, R.HEADS, R.HEAD_DIM), **kw)
+        self.q_bias = param(rngs, (h, hd), (R.HEADS, R.HEAD_DIM), init=zeros_init, **kw)
+        self.k = param(rngs, (d, k, hd), (R.EMBED, R.KV_HEADS, R.HEAD_DIM), **kw)
+        self.k_bias = param(rngs, (k, hd), (R.KV_HEADS, R.HEAD_DIM), init=zeros_init, **kw)
+        self.v = param(rngs, (d, k, hd), (R.EMBED, R.KV_HEADS, R.HEAD_DIM), **kw)
+        self.v_bias = param(rngs, (k, hd), (R.KV_HEADS, R.HEAD_DIM), init=zeros_init, **kw)
+        self.o = param(rngs, (h, hd, d), (R.HEADS, R.HEAD_DIM, R.EMBED), **kw)
+        self.post_norm = param(rngs, (d,), (R.EMBED,), init=ones_init, **kw)
+        self.gate = param(rngs, (d, f), (R.EMBED, R.MLP), **kw)
+        self.up = param(rngs, (d, f), (R.EMBED, R.MLP), **kw)
+        self.down = param(rngs, (f, d), (R.MLP, R.EMBED), **kw)
+        self.eps = cfg.rms_norm_eps
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """x [B, T, D] -> rotated q [B, T, H, hd], rotated k and v [B, T, K, hd]."""
+        dt = x.dtype
+        h = rms_norm(x, self.input_norm[...], self.eps)
+        q = jnp.einsum("btd,dnh->btnh", h, self.q[...].astype(dt)) + self.q_bias[...].astype(dt)
+        k = jnp.einsum("btd,dnh->btnh", h, self.k[...].astype(dt)) + self.k_bias[...].astype(dt)
+        v = jnp.einsum("btd,dnh->btnh", h, self.v[...].astype(dt)) + self.v_bias[...].astype(dt)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def finish(self, x: jax.Array, attn: jax.Array) -> jax.Array:
+        """Output projection, residual and MLP: x [B, T, D], attn [B, T, H, hd] -> [B, T, D]."""
+        dt = x.dtype
+        x = x + jnp.einsum("btnh,nhd->btd", attn, self.o[...].astype(dt))
+        h = rms_norm(x, self.post_norm[...], self.eps)
+        g = jnp.einsum("btd,df->btf", h, self.gate[...].astype(dt))
+        u = jnp.einsum("btd,df->btf", h, self.up[...].astype(dt))
+        return x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, self.down[...].astype(dt))
+
+    def __call__(self, x, cos, sin, mask, *, implementation=None):
+        q, k, v = self.qkv(x, cos, sin)
+        return self.finish(x, attention(q, k, v, mask, implementation=implementation))
+
+
+class TextModel(nnx.Module):
+    """Embedding, stacked decoder layers and the final norm (no LM head)."""
+
+    def __init__(self, cfg: TextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), (R.VOCAB, R.EMBED), dtype=param_dtype
+        )
+        self.layers = stack_layers(
+            [
+                DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(cfg.num_hidden_layers)
+            ]
+        )
+        self.norm = param(rngs, (cfg.hidden_size,), (R.EMBED,), init=ones_init, dtype=param_dtype)
+
+    def embed_tokens(self, input_ids: jax.Array, dtype) -> jax.Array:
+        return jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        *,
+        scan: bool = True,
+        remat: bool = False,
+        implementation: str | None = None,
+    ) -> jax.Array:
+        """Decoder stack: x [B, T, D] embeddings -> final-norm hidden states [B, T, D]."""
+
+        def body(layer, x, _):
+            x = R.constrain(x, (R.BATCH, R.LENGTH, R.EMBED))
+            return layer(x, cos, sin, mask, implementation=implementation)
+
+        x = run_layers(self.layers, x, body, scan=scan, remat=remat)
+        return rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)

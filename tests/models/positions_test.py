@@ -1,0 +1,287 @@
+"""Tests for ares_jax/models/qwen2_5_vl/positions.py (M-RoPE ids, vision window metadata)."""
+
+import numpy as np
+import pytest
+
+from ares_jax.models.qwen2_5_vl import positions
+
+IMG, VS, VE = 250, 252, 253
+# Merged grids not multiples of the 4-unit window, and one image smaller than a window
+# (QWEN2_5_VL.md 6.2 step 3, pitfall 8.3).
+GRIDS = [(1, 16, 20), (1, 6, 4), (1, 10, 28)]
+
+
+def _row(*parts):
+    out = []
+    for p in parts:
+        out.extend(p)
+    return out
+
+
+def _image(grid):
+    t, h, w = grid
+    return [VS] + [IMG] * (t * h * w // 4) + [VE]
+
+
+def _left_pad(rows, pad=0):
+    length = max(len(r) for r in rows) + 3
+    ids = np.full((len(rows), length), pad, np.int64)
+    mask = np.zeros((len(rows), length), np.int64)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r) :] = r
+        mask[b, length - len(r) :] = 1
+    return ids, mask
+
+
+def _three_row_batch():
+    rng = np.random.default_rng(0)
+
+    def text(n):
+        return rng.integers(1, 200, n).tolist()
+
+    rows = [
+        _row(text(5), _image(GRIDS[0]), text(3), _image(GRIDS[1]), text(4)),
+        _row(text(2), _image(GRIDS[2]), text(7)),
+        text(10),
+    ]
+    return _left_pad(rows)
+
+
+def test_worked_example_delta_minus_70():
+    # QWEN2_5_VL.md 3.2: 5 text, VS, 80 image tokens (merged 8 x 10), VE, 7 text.
+    ids = np.array([[1, 2, 3, 4, 5] + _image((1, 16, 20)) + [6] * 7])
+    mask = np.ones_like(ids)
+    pos, delta = positions.rope_index(
+        ids, mask, np.array([[1, 16, 20]]), image_token_id=IMG, vision_start_token_id=VS
+    )
+    assert pos.shape == (3, 1, 94) and pos.dtype == np.int32
+    np.testing.assert_array_equal(pos[:, 0, :6], np.tile(np.arange(6), (3, 1)))
+    img = pos[:, 0, 6:86]
+    assert (img[0] == 6).all()
+    np.testing.assert_array_equal(img[1], 6 + np.repeat(np.arange(8), 10))
+    np.testing.assert_array_equal(img[2], 6 + np.tile(np.arange(10), 8))
+    np.testing.assert_array_equal(pos[:, 0, 86:], np.tile(np.arange(16, 24), (3, 1)))
+    assert delta.tolist() == [-70]
+    np.testing.assert_array_equal(positions.decode_positions(np.array([94]), delta), [[24]] * 3)
+
+
+def test_text_only_and_padding():
+    ids, mask = _left_pad([[5, 6, 7], [1, 2, 3, 4, 5, 6]])
+    pos, delta = positions.rope_index(
+        ids, mask, np.zeros((0, 3)), image_token_id=IMG, vision_start_token_id=VS
+    )
+    assert delta.tolist() == [0, 0]
+    assert (pos[:, ~mask.astype(bool)] == 0).all()
+    np.testing.assert_array_equal(pos[:, 0, -3:], np.tile(np.arange(3), (3, 1)))
+    np.testing.assert_array_equal(pos[:, 1, -6:], np.tile(np.arange(6), (3, 1)))
+
+
+def test_adjacent_images_split_by_counts():
+    # Two images in one vision block: HF 5.x would merge them; counts split them.
+    ids = np.array([[1, VS] + [IMG] * 6 + [IMG] * 6 + [VE, 2]])
+    pos, delta = positions.rope_index(
+        ids,
+        np.ones_like(ids),
+        np.array([[1, 6, 4], [1, 4, 6]]),
+        image_token_id=IMG,
+        vision_start_token_id=VS,
+    )
+    # first image starts at 2, spans max(3, 2) = 3; second starts at 5.
+    assert pos[1, 0, 2:8].tolist() == [2, 2, 3, 3, 4, 4]
+    assert pos[2, 0, 8:14].tolist() == [5, 6, 7, 5, 6, 7]
+    assert pos[0, 0, 14] == 8 and delta.tolist() == [10 - 16]
+
+
+def test_rope_index_errors():
+    ids = np.array([[1, VS] + [IMG] * 6 + [VE]])
+    mask = np.ones_like(ids)
+    with pytest.raises(ValueError, match="6 image-pad tokens but .* needs 20"):
+        positions.rope_index(
+            ids, mask, np.array([[1, 8, 10]]), image_token_id=IMG, vision_start_token_id=VS
+        )
+    bad = np.array([[1, 7] + [IMG] * 6 + [VE]])
+    with pytest.raises(ValueError, match="not preceded by the vision start token 252"):
+        positions.rope_index(
+            bad, mask, np.array([[1, 6, 4]]), image_token_id=IMG, vision_start_token_id=VS
+        )
+    with pytest.raises(ValueError, match="divisible by merge_size"):
+        positions.rope_index(
+            ids, mask, np.array([[1, 3, 8]]), image_token_id=IMG, vision_start_token_id=VS
+        )
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=512,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+        ),
+        image_token_id=IMG,
+        video_token_id=251,
+        vision_start_token_id=VS,
+        vision_end_token_id=VE,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.requires_torch
+def test_rope_index_matches_hf(hf_model):
+    import torch
+
+    ids, mask = _three_row_batch()
+    grid = np.array(GRIDS)
+    pos, delta = positions.rope_index(ids, mask, grid, image_token_id=IMG, vision_start_token_id=VS)
+
+    hf_model.model.rope_deltas = None
+    with torch.no_grad():
+        hf_pos, hf_delta = hf_model.model.get_rope_index(
+            torch.tensor(ids),
+            torch.tensor((ids == IMG).astype(np.int64)),
+            torch.tensor(grid),
+            attention_mask=torch.tensor(mask),
+        )
+    hf_model.model.rope_deltas = None
+    valid = mask.astype(bool)
+    np.testing.assert_array_equal(pos[:, valid], hf_pos.numpy()[:, valid])
+    np.testing.assert_array_equal(delta, hf_delta.numpy().reshape(-1))
+    assert delta[2] == 0 and delta[0] < 0 and delta[1] < 0
+    # Next-token positions: max + 1 per row.
+    nxt = positions.decode_positions(mask.sum(1), delta)
+    for b in range(3):
+        assert (nxt[:, b] == pos[:, b][:, valid[b]].max() + 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision metadata
+# ---------------------------------------------------------------------------------------------
+
+GRID_SETS = [
+    [(1, 16, 20)],
+    [(1, 6, 4)],
+    [(1, 10, 28)],
+    [(1, 16, 20), (1, 6, 4), (1, 10, 28)],
+    [(1, 8, 8), (2, 12, 18), (1, 2, 2)],  # a window-aligned image, a 2-frame grid, one unit
+]
+
+
+def _segment_bounds(seg, n):
+    seg = seg[:n]
+    return np.concatenate([[0], np.flatnonzero(np.diff(seg)) + 1, [n]]) if n else np.array([0])
+
+
+@pytest.mark.requires_torch
+@pytest.mark.parametrize("grids", GRID_SETS)
+def test_vision_metadata_matches_hf(grids):
+    torch = pytest.importorskip("torch")
+    vision_utils = pytest.importorskip("transformers.vision_utils")
+
+    grid = np.array(grids)
+    meta = positions.vision_metadata(grid)
+    g = torch.tensor(grid)
+    hf_index, hf_cu_window = vision_utils.get_vision_window_index(
+        g, spatial_merge_size=2, window_size=112, patch_size=14
+    )
+    hf_cu_full = vision_utils.get_vision_cu_seqlens(g)
+    hf_rot = vision_utils.get_vision_position_ids(g, 2).numpy()
+    hf_index = hf_index.numpy()
+
+    n = int((grid.prod(1)).sum())
+    assert meta.num_patches == n and meta.num_tokens == n // 4
+    assert meta.perm.shape == (n,) and meta.perm.dtype == np.int32
+    np.testing.assert_array_equal(meta.perm.reshape(-1, 4)[:, 0] // 4, hf_index)
+    np.testing.assert_array_equal(meta.unpermute, torch.argsort(torch.tensor(hf_index)).numpy())
+    # HF permutes cos/sin by reshaping to (N/4, 4, .) and indexing with window_index.
+    hf_rot_perm = hf_rot.reshape(-1, 4, 2)[hf_index].reshape(-1, 2)
+    np.testing.assert_array_equal(meta.rotary_pos, hf_rot_perm)
+    np.testing.assert_array_equal(_segment_bounds(meta.window_segment, n), hf_cu_window.numpy())
+    np.testing.assert_array_equal(_segment_bounds(meta.full_segment, n), hf_cu_full.numpy())
+    assert meta.valid.all()
+    # Un-permuting the permuted units restores the original order.
+    units = np.arange(n // 4)
+    np.testing.assert_array_equal(units[hf_index][meta.unpermute], units)
+
+
+def test_vision_metadata_small_image_and_nonmultiple_grid():
+    # 6 x 4 patches = 3 x 2 units: one clipped window holding all 6 units in row-major order.
+    meta = positions.vision_metadata(np.array([[1, 6, 4]]))
+    np.testing.assert_array_equal(meta.perm, np.arange(24))
+    assert meta.window_segment.tolist() == [0] * 24
+    # 16 x 20 patches = 8 x 10 units: windows of 4 x 4, the last column of windows 4 x 2.
+    meta = positions.vision_metadata(np.array([[1, 16, 20]]))
+    first_window = meta.perm.reshape(-1, 4)[:16, 0] // 4
+    np.testing.assert_array_equal(first_window, (np.arange(4)[:, None] * 10 + np.arange(4)).ravel())
+    sizes = np.bincount(meta.window_segment) // 4
+    assert sizes.tolist() == [16, 16, 8, 16, 16, 8]
+    # The inverse is argsort, not the permutation itself (pitfall 8.3).
+    idx = meta.perm.reshape(-1, 4)[:, 0] // 4
+    assert not np.array_equal(idx[idx], np.arange(80))
+    np.testing.assert_array_equal(idx[meta.unpermute], np.arange(80))
+
+
+def test_vision_metadata_padding():
+    grid = np.array(GRIDS)
+    exact = positions.vision_metadata(grid)
+    n = exact.num_patches  # 320 + 24 + 280 = 624
+    assert n == 624
+    meta = positions.vision_metadata(grid, pad_to=704)
+    assert meta.perm.shape == (704,) and meta.unpermute.shape == (176,)
+    np.testing.assert_array_equal(meta.perm[:n], exact.perm)
+    np.testing.assert_array_equal(meta.perm[n:], np.arange(n, 704))
+    np.testing.assert_array_equal(meta.rotary_pos[:n], exact.rotary_pos)
+    assert (meta.rotary_pos[n:] == 0).all()
+    assert meta.valid.sum() == n and meta.valid[:n].all()
+    for padded, real in (
+        (meta.window_segment, exact.window_segment),
+        (meta.full_segment, exact.full_segment),
+    ):
+        np.testing.assert_array_equal(padded[:n], real)
+        assert (padded[n:] == real.max() + 1).all()
+        assert (np.diff(padded) >= 0).all()
+    np.testing.assert_array_equal(meta.unpermute[: meta.num_tokens], exact.unpermute)
+    np.testing.assert_array_equal(meta.unpermute[meta.num_tokens :], np.arange(156, 176))
+    assert meta.full_segment[:n].tolist() == [0] * 320 + [1] * 24 + [2] * 280
+    with pytest.raises(ValueError, match="multiple of 4 and at least the 624"):
+        positions.vision_metadata(grid, pad_to=620)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        positions.vision_metadata(grid, pad_to=626)
+
+
+def test_vision_metadata_no_images():
+    meta = positions.vision_metadata(np.zeros((0, 3), np.int32), pad_to=8)
+    assert meta.num_tokens == 0 and meta.num_patches == 0
+    assert meta.perm.tolist() == list(range(8)) and not meta.valid.any()
+    assert meta.unpermute.tolist() == [0, 1]
+
+
+def test_rotary_positions_merge_block_order():
+    rot = positions.vision_rotary_positions(np.array([[1, 4, 4]]))
+    # First merged unit (0, 0): patches (0,0) (0,1) (1,0) (1,1); then unit (0, 1).
+    assert rot[:8].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
