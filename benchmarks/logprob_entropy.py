@@ -153,7 +153,9 @@ def main(argv):
         return token_logprobs_and_entropy(h, w, y, chunk_size=cfg["chunk"], vocab_chunk_size=vchunk)
 
     rows = [
-        _jax_variant(f"ours (chunk {cfg['chunk']}, vocab block {vchunk})", ours, h, w, y, _ITERS.value),
+        _jax_variant(
+            f"ours (chunk {cfg['chunk']}, vocab block {vchunk})", ours, h, w, y, _ITERS.value
+        ),
         _jax_variant("dense JAX log_softmax", dense_logprobs_and_entropy, h, w, y, _ITERS.value),
     ]
     if _TORCH.value:

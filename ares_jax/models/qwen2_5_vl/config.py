@@ -181,9 +181,9 @@ class Qwen2_5_VLConfig:  # noqa: N801 - the model's name
             video_token_id=int(d.get("video_token_id", 151656)),
             vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
             vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
-            bos_token_id=int(_first(d.get("bos_token_id", text.get("bos_token_id", 151643)))),
-            eos_token_id=int(_first(d.get("eos_token_id", text.get("eos_token_id", 151645)))),
-            pad_token_id=int(_first(d.get("pad_token_id", text.get("pad_token_id")) or 151643)),
+            bos_token_id=_token_id(d, text, "bos_token_id", 151643),
+            eos_token_id=_token_id(d, text, "eos_token_id", 151645),
+            pad_token_id=_token_id(d, text, "pad_token_id", 151643),
             tie_word_embeddings=bool(tie),
         )
 
@@ -254,8 +254,14 @@ class Qwen2_5_VLConfig:  # noqa: N801 - the model's name
         )
 
 
-def _first(x):
-    return x[0] if isinstance(x, list | tuple) else x
+def _token_id(top: dict, text: dict, key: str, default: int) -> int:
+    """A special token id from the top level or the text config (a list gives its first)."""
+    value = top.get(key)
+    if value is None:
+        value = text.get(key)
+    if value is None:
+        return default
+    return int(value[0] if isinstance(value, list | tuple) else value)
 
 
 # ---------------------------------------------------------------------------------------------

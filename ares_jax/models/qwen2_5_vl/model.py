@@ -157,8 +157,17 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
             implementation=self.attention_impl,
         )
 
-    def __call__(self, inputs: ModelInputs) -> jax.Array:
-        """float32 logits [B, T, V]."""
+    def __call__(self, inputs: ModelInputs | None = None, **hf_inputs) -> jax.Array:
+        """float32 logits [B, T, V].
+
+        Takes `ModelInputs`, or the Hugging Face processor's arrays as keywords (input_ids,
+        attention_mask, pixel_values [patches, 1176], image_grid_thw), which are turned into
+        `ModelInputs` on the host first (`inputs.from_hf`; concrete arrays only, not under jit).
+        """
+        if inputs is None:
+            from ares_jax.models.qwen2_5_vl.inputs import from_hf  # host-side, NumPy
+
+            inputs = from_hf(self.cfg, **hf_inputs)
         return self.logits(self.hidden_states(inputs))
 
     # ------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def param_shardings(abstract_state: nnx.State, mesh, rules=None) -> dict[tuple, 
     out = {}
     for path, variable in nnx.to_flat_state(abstract_state):
         axes = _leaf_axes(tuple(str(p) for p in path), variable)
-        out[path] = R.logical_sharding(mesh, axes, rules, shape=variable.value.shape)
+        out[path] = R.logical_sharding(mesh, axes, rules, shape=variable.get_value().shape)
     return out
 
 
@@ -233,7 +233,7 @@ def from_pretrained(
     values = {}
     for entry in _table(cfg):
         target = flat_abstract.pop(entry.ours)
-        shape, np_dtype = target.value.shape, np.dtype(target.value.dtype)
+        shape, np_dtype = target.get_value().shape, np.dtype(target.get_value().dtype)
         host = _assemble(entry, ckpt, cfg, shape, np_dtype, used, path)
         sharding = shardings.get(entry.ours)
         if sharding is None:
@@ -309,7 +309,7 @@ def save_pretrained(
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for entry in _table(cfg):
-        y = np.asarray(jax.device_get(flat[entry.ours].value)).astype(np_dtype)
+        y = np.asarray(jax.device_get(flat[entry.ours].get_value())).astype(np_dtype)
         layers = (
             [(entry.hf, y)]
             if not entry.per_layer
