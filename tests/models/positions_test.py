@@ -192,9 +192,10 @@ GRID_SETS = [
 ]
 
 
-def _segment_bounds(seg, n):
-    seg = seg[:n]
-    return np.concatenate([[0], np.flatnonzero(np.diff(seg)) + 1, [n]]) if n else np.array([0])
+def _blocks(meta, rows_per_block):
+    """Original unit indices held by each block of the layout (padding dropped)."""
+    units = np.where(meta.source >= 0, meta.source // 4, -1).reshape(-1, rows_per_block)
+    return [sorted(set(b[b >= 0].tolist())) for b in units]
 
 
 @pytest.mark.requires_torch
@@ -209,76 +210,77 @@ def test_vision_metadata_matches_hf(grids):
     hf_index, hf_cu_window = vision_utils.get_vision_window_index(
         g, spatial_merge_size=2, window_size=112, patch_size=14
     )
-    hf_cu_full = vision_utils.get_vision_cu_seqlens(g)
+    hf_cu_full = vision_utils.get_vision_cu_seqlens(g).numpy()
     hf_rot = vision_utils.get_vision_position_ids(g, 2).numpy()
     hf_index = hf_index.numpy()
-
     n = int((grid.prod(1)).sum())
     assert meta.num_patches == n and meta.num_tokens == n // 4
-    assert meta.perm.shape == (n,) and meta.perm.dtype == np.int32
-    np.testing.assert_array_equal(meta.perm.reshape(-1, 4)[:, 0] // 4, hf_index)
-    np.testing.assert_array_equal(meta.unpermute, torch.argsort(torch.tensor(hf_index)).numpy())
-    # HF permutes cos/sin by reshaping to (N/4, 4, .) and indexing with window_index.
-    hf_rot_perm = hf_rot.reshape(-1, 4, 2)[hf_index].reshape(-1, 2)
-    np.testing.assert_array_equal(meta.rotary_pos, hf_rot_perm)
-    np.testing.assert_array_equal(_segment_bounds(meta.window_segment, n), hf_cu_window.numpy())
-    np.testing.assert_array_equal(_segment_bounds(meta.full_segment, n), hf_cu_full.numpy())
-    assert meta.valid.all()
-    # Un-permuting the permuted units restores the original order.
-    units = np.arange(n // 4)
-    np.testing.assert_array_equal(units[hf_index][meta.unpermute], units)
+    assert meta.source.dtype == np.int32 and meta.valid.sum() == n
+    # Every real patch row appears exactly once; units keep their 4 rows together, in order.
+    real = meta.source[meta.source >= 0]
+    np.testing.assert_array_equal(np.sort(real), np.arange(n))
+    rows = meta.source.reshape(-1, 4)
+    used = rows[:, 0] >= 0
+    np.testing.assert_array_equal(rows[used], rows[used][:, :1] + np.arange(4))
+    # Windows: the non-empty 64-row blocks hold HF's windows, in HF's order.
+    hf_windows = np.split(hf_index, (np.asarray(hf_cu_window.numpy()) // 4)[1:-1])
+    ours = [w for w in _blocks(meta, 64) if w]
+    assert ours == [sorted(w.tolist()) for w in hf_windows]
+    # Full attention: frame blocks hold HF's cu_seqlens segments.
+    hf_frames = [
+        list(range(a // 4, b // 4)) for a, b in zip(hf_cu_full[:-1], hf_cu_full[1:], strict=True)
+    ]
+    ours = [f for f in _blocks(meta, meta.valid.shape[1]) if f]
+    assert ours == hf_frames
+    # Rotary positions follow their rows.
+    np.testing.assert_array_equal(meta.rotary_pos[meta.source >= 0], hf_rot[real])
+    assert (meta.rotary_pos[meta.source < 0] == 0).all()
+    # unpermute lists the slot of each unit in original order, then the padding slots.
+    slot_unit = rows[:, 0] // 4
+    np.testing.assert_array_equal(slot_unit[meta.unpermute[: n // 4]], np.arange(n // 4))
+    assert (rows[meta.unpermute[n // 4 :], 0] < 0).all()
+    assert sorted(meta.unpermute.tolist()) == list(range(rows.shape[0]))
 
 
 def test_vision_metadata_small_image_and_nonmultiple_grid():
-    # 6 x 4 patches = 3 x 2 units: one clipped window holding all 6 units in row-major order.
+    # 6 x 4 patches = 3 x 2 units: one clipped window holding all 6 units, row-major.
     meta = positions.vision_metadata(np.array([[1, 6, 4]]))
-    np.testing.assert_array_equal(meta.perm, np.arange(24))
-    assert meta.window_segment.tolist() == [0] * 24
+    assert meta.valid.shape == (1, 64)
+    # Units sit at their place in the 4 x 4 window; the clipped part is padding.
+    slots = meta.source.reshape(4, 4, 4)[..., 0] // 4
+    assert slots.tolist() == [[0, 1, -1, -1], [2, 3, -1, -1], [4, 5, -1, -1], [-1] * 4]
+    np.testing.assert_array_equal(meta.source[meta.source >= 0], np.arange(24))
     # 16 x 20 patches = 8 x 10 units: windows of 4 x 4, the last column of windows 4 x 2.
     meta = positions.vision_metadata(np.array([[1, 16, 20]]))
-    first_window = meta.perm.reshape(-1, 4)[:16, 0] // 4
+    assert meta.valid.shape == (1, 6 * 64)
+    first_window = meta.source.reshape(-1, 4)[:16, 0] // 4
     np.testing.assert_array_equal(first_window, (np.arange(4)[:, None] * 10 + np.arange(4)).ravel())
-    sizes = np.bincount(meta.window_segment) // 4
+    sizes = meta.valid.reshape(6, 64).sum(1) // 4
     assert sizes.tolist() == [16, 16, 8, 16, 16, 8]
-    # The inverse is argsort, not the permutation itself (pitfall 8.3).
-    idx = meta.perm.reshape(-1, 4)[:, 0] // 4
-    assert not np.array_equal(idx[idx], np.arange(80))
-    np.testing.assert_array_equal(idx[meta.unpermute], np.arange(80))
 
 
-def test_vision_metadata_padding():
+def test_vision_metadata_buckets():
     grid = np.array(GRIDS)
     exact = positions.vision_metadata(grid)
-    n = exact.num_patches  # 320 + 24 + 280 = 624
-    assert n == 624
-    meta = positions.vision_metadata(grid, pad_to=704)
-    assert meta.perm.shape == (704,) and meta.unpermute.shape == (176,)
-    np.testing.assert_array_equal(meta.perm[:n], exact.perm)
-    np.testing.assert_array_equal(meta.perm[n:], np.arange(n, 704))
-    np.testing.assert_array_equal(meta.rotary_pos[:n], exact.rotary_pos)
-    assert (meta.rotary_pos[n:] == 0).all()
-    assert meta.valid.sum() == n and meta.valid[:n].all()
-    for padded, real in (
-        (meta.window_segment, exact.window_segment),
-        (meta.full_segment, exact.full_segment),
-    ):
-        np.testing.assert_array_equal(padded[:n], real)
-        assert (padded[n:] == real.max() + 1).all()
-        assert (np.diff(padded) >= 0).all()
-    np.testing.assert_array_equal(meta.unpermute[: meta.num_tokens], exact.unpermute)
-    np.testing.assert_array_equal(meta.unpermute[meta.num_tokens :], np.arange(156, 176))
-    assert meta.full_segment[:n].tolist() == [0] * 320 + [1] * 24 + [2] * 280
-    with pytest.raises(ValueError, match="multiple of 4 and at least the 624"):
-        positions.vision_metadata(grid, pad_to=620)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        positions.vision_metadata(grid, pad_to=626)
+    # 3 frames; the largest (8 x 10 units and 5 x 14 units) needs 6 and 8 windows.
+    assert exact.valid.shape == (3, 8 * 64)
+    meta = positions.vision_metadata(grid, num_frames=4, windows_per_frame=10)
+    assert meta.valid.shape == (4, 640) and meta.unpermute.shape == (4 * 640 // 4,)
+    assert meta.valid.sum() == 624 and not meta.valid[3].any()
+    np.testing.assert_array_equal(
+        np.sort(meta.source[meta.source >= 0]), np.sort(exact.source[exact.source >= 0])
+    )
+    with pytest.raises(ValueError, match="num_frames=2 is less than the 3 image frames"):
+        positions.vision_metadata(grid, num_frames=2)
+    with pytest.raises(ValueError, match="windows_per_frame=4 is less than the 8 windows"):
+        positions.vision_metadata(grid, windows_per_frame=4)
 
 
 def test_vision_metadata_no_images():
-    meta = positions.vision_metadata(np.zeros((0, 3), np.int32), pad_to=8)
+    meta = positions.vision_metadata(np.zeros((0, 3), np.int32), num_frames=2)
     assert meta.num_tokens == 0 and meta.num_patches == 0
-    assert meta.perm.tolist() == list(range(8)) and not meta.valid.any()
-    assert meta.unpermute.tolist() == [0, 1]
+    assert meta.valid.shape == (2, 64) and not meta.valid.any()
+    assert (meta.source == -1).all() and meta.unpermute.shape == (32,)
 
 
 def test_rotary_positions_merge_block_order():

@@ -314,7 +314,7 @@ def test_encode_batch(tokenizer):
     assert (out["image_feature_index"][~mask] == 0).all()
     vision = out["vision"]
     assert isinstance(vision, positions.VisionMeta)
-    assert vision.num_tokens == 156 and vision.perm.shape == (624,)
+    assert vision.num_tokens == 156 and vision.valid.sum() == 624
 
 
 def test_encode_batch_buckets(tokenizer):
@@ -326,12 +326,12 @@ def test_encode_batch_buckets(tokenizer):
         min_pixels=MIN_PIXELS,
         max_pixels=MAX_PIXELS,
         length_buckets=[64, 512, 256],
-        patch_buckets=[512, 1024],
+        num_frames=4,
+        windows_per_frame=8,
     )
     assert out["input_ids"].shape == (3, 256)
-    assert out["pixel_values"].shape == (1024, 1176)
-    assert (out["pixel_values"][624:] == 0).all()
-    assert out["vision"].perm.shape == (1024,) and out["vision"].valid.sum() == 624
+    assert out["pixel_values"].shape == (624, 1176)
+    assert out["vision"].valid.shape == (4, 512) and out["vision"].valid.sum() == 624
     with pytest.raises(ValueError, match=r"prompt of \d+ tokens .* largest length bucket 128"):
         processor.encode_batch(
             prompts,
@@ -341,16 +341,14 @@ def test_encode_batch_buckets(tokenizer):
             max_pixels=MAX_PIXELS,
             length_buckets=[64, 128],
         )
-    with pytest.raises(
-        ValueError, match="624 image patch rows, more than the largest patch bucket 512"
-    ):
+    with pytest.raises(ValueError, match="num_frames=2 is less than the 3 image frames"):
         processor.encode_batch(
             prompts,
             images,
             tokenizer,
             min_pixels=MIN_PIXELS,
             max_pixels=MAX_PIXELS,
-            patch_buckets=[512],
+            num_frames=2,
         )
 
 

@@ -146,7 +146,8 @@ def test_image_features_match(pair):
     ref = torch.cat(list(ref)) if isinstance(ref, list | tuple) else ref
     inp = model_inputs.from_hf(ours.cfg, **batch)
     got = np.asarray(ours.image_features(jax.tree.map(jnp.asarray, inp.vision)))
-    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5, rtol=1e-4)
+    assert got.shape[0] >= ref.shape[0]  # the image tokens' features first, then padding slots
+    np.testing.assert_allclose(got[: ref.shape[0]], ref.numpy(), atol=1e-5, rtol=1e-4)
 
 
 def test_scan_and_unrolled_layers_agree(pair):
@@ -162,7 +163,11 @@ def test_padded_patch_bucket_gives_same_logits(pair):
     _, ours, _ = pair
     batch = _batch()
     inp = model_inputs.from_hf(ours.cfg, **batch)
-    padded = model_inputs.from_hf(ours.cfg, **batch, pad_patches_to=inp.vision.pixels.shape[0] + 64)
+    frames, rows = inp.vision.valid.shape
+    padded = model_inputs.from_hf(
+        ours.cfg, **batch, num_frames=frames + 1, windows_per_frame=rows // 64 + 2
+    )
+    assert padded.vision.pixels.shape[0] > inp.vision.pixels.shape[0]
     valid = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(
         np.asarray(ours(padded))[valid], np.asarray(ours(inp))[valid], atol=1e-5, rtol=1e-5

@@ -17,16 +17,13 @@ from ares_jax.models.qwen2_5_vl.model import ModelInputs, VisionInputs
 
 
 def vision_inputs(pixel_values: np.ndarray, meta: positions.VisionMeta) -> VisionInputs:
-    """Patch rows permuted into window order, with their metadata."""
+    """Patch rows gathered into the vision layout (zeros at padding), with their metadata."""
     pixels = np.asarray(pixel_values, np.float32)
-    if pixels.shape[0] < meta.perm.shape[0]:
-        pad = np.zeros((meta.perm.shape[0] - pixels.shape[0], pixels.shape[1]), np.float32)
-        pixels = np.concatenate([pixels, pad])
+    padded = np.concatenate([pixels, np.zeros((1, pixels.shape[1]), np.float32)])
     return VisionInputs(
-        pixels=pixels[meta.perm],
+        pixels=padded[meta.source],  # source -1 picks the zero row
         rotary_pos=meta.rotary_pos,
-        window_segment=meta.window_segment,
-        full_segment=meta.full_segment,
+        valid=meta.valid,
         unpermute=meta.unpermute,
     )
 
@@ -45,7 +42,8 @@ def from_hf(
     pixel_values=None,
     image_grid_thw=None,
     *,
-    pad_patches_to: int | None = None,
+    num_frames: int | None = None,
+    windows_per_frame: int | None = None,
 ) -> ModelInputs:
     """`ModelInputs` (NumPy) from input_ids [B, T], attention_mask [B, T], pixel_values
     [P, patch_in] in the processor's order and image_grid_thw [n, 3], as the Hugging Face
@@ -95,7 +93,8 @@ def from_hf(
             merge_size=v.spatial_merge_size,
             window_size=v.window_size,
             patch_size=v.patch_size,
-            pad_to=pad_patches_to,
+            num_frames=num_frames,
+            windows_per_frame=windows_per_frame,
         )
         vision = vision_inputs(pixels, meta)
     return ModelInputs(

@@ -59,36 +59,40 @@ def stack_layers(layers: Sequence[nnx.Module]) -> nnx.Module:
 def run_layers(
     stacked: nnx.Module,
     x: jax.Array,
-    body: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array],
+    body: Callable[[nnx.Module, jax.Array, object], jax.Array],
     *,
     scan: bool,
     remat: bool,
-    extra: jax.Array | None = None,
+    flags: Sequence[bool] | None = None,
 ) -> jax.Array:
-    """Applies `body(layer, x, extra_i)` for every layer of a stacked module.
+    """Applies `body(layer, x, flag_i)` for every layer of a stacked module.
 
-    `extra` is an optional per-layer array (leading axis L) passed to each call. With `scan` the
-    layers run under `lax.scan` (one compiled layer body, fast to compile); otherwise they are
-    unrolled with static slices. `remat` recomputes each layer's activations in the backward pass.
+    `flags` is an optional per-layer Python bool (e.g. full or window attention). With `scan` the
+    layers run under `lax.scan` (one compiled layer body, fast to compile) and the flag arrives as
+    a traced bool scalar; unrolled, the layers are static slices and the flag a Python bool.
+    `remat` recomputes each layer's activations in the backward pass.
     """
     graphdef, state = nnx.split(stacked)
     num_layers = jax.tree.leaves(state)[0].shape[0]
-    if extra is None:
-        extra = jnp.zeros((num_layers,), jnp.int32)
+    flags = [False] * num_layers if flags is None else list(flags)
 
-    def step(x, layer_state, e):
-        return body(nnx.merge(graphdef, layer_state), x, e)
+    def step(x, layer_state, flag):
+        return body(nnx.merge(graphdef, layer_state), x, flag)
 
-    if remat:
-        step = jax.checkpoint(step)
     if scan:
+        if remat:
+            step = jax.checkpoint(step)
 
         def scan_body(x, xs):
-            layer_state, e = xs
-            return step(x, layer_state, e), None
+            layer_state, flag = xs
+            return step(x, layer_state, flag), None
 
-        x, _ = jax.lax.scan(scan_body, x, (state, extra))
+        x, _ = jax.lax.scan(scan_body, x, (state, jnp.asarray(flags)))
         return x
     for i in range(num_layers):
-        x = step(x, jax.tree.map(lambda a, i=i: a[i], state), extra[i])
+        layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+        if remat:
+            x = jax.checkpoint(step, static_argnums=2)(x, layer_state, flags[i])
+        else:
+            x = step(x, layer_state, flags[i])
     return x

@@ -26,13 +26,12 @@ from ares_jax.parallel import rules as R
 
 
 class VisionInputs(NamedTuple):
-    """Patch rows of all images of a batch, in window order (see vision.py)."""
+    """Patch rows of all images of a batch in the vision layout (positions.VisionMeta)."""
 
-    pixels: jax.Array  # [P, patch_in] float
-    rotary_pos: jax.Array  # [P, 2] int32
-    window_segment: jax.Array  # [P] int32
-    full_segment: jax.Array  # [P] int32
-    unpermute: jax.Array  # [U] int32
+    pixels: jax.Array  # [R, patch_in] float, zeros at padding
+    rotary_pos: jax.Array  # [R, 2] int32
+    valid: jax.Array  # [F, R / F] bool
+    unpermute: jax.Array  # [R / 4] int32
 
 
 class ModelInputs(NamedTuple):

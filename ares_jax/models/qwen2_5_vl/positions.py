@@ -151,39 +151,48 @@ def decode_positions(num_valid: np.ndarray, rope_deltas: np.ndarray) -> np.ndarr
 
 
 class VisionMeta(NamedTuple):
-    """What the jitted vision tower needs, all in WINDOW-PERMUTED order (P rows, U = P / 4 units).
+    """Where each patch row of a batch's images sits in the vision tower's padded layout.
 
-    The device code does, with `m2 = merge_size**2` (4):
-      x = patch_embed(pixel_values[perm])                  # rows in window order
-      cos/sin from rotary_pos (hpos, wpos), row for row    # no further permutation
-      window blocks: attend iff window_segment[q] == window_segment[k]
-      full blocks:   attend iff full_segment[q] == full_segment[k]
-      merged = merger(x)                                   # [U, D]: rows 4u..4u+3 -> unit u
-      features = merged[unpermute][:num_tokens]            # image/token order
+    The layout groups rows so that both kinds of vision attention are dense batched attention
+    over static shapes (QWEN2_5_VL.md 3.1): F frames (one per image and temporal frame, padded
+    with empty frames to a bucket), each holding W windows (padded to the largest frame's count
+    or a bucket), each holding S = (window_size / patch_size / merge)^2 merged units of
+    m2 = merge^2 patch rows (S * m2 = 64 rows for the real models). A window lists its units
+    row-major, windows run row-major over the frame's merged grid (the last ones clipped), and the
+    empty slots of a clipped window are padding. So a window-attention block attends within each
+    run of S * m2 rows and a full-attention block within each frame's W * S * m2 rows, padding
+    masked out of the keys: exactly the segments of transformers' cu_window_seqlens and
+    cu_seqlens.
 
-    Fields:
-      perm: [P] int32 patch-row permutation: `pixel_values[perm]` is the window order. Padded
-        rows (P >= num_patches) map to themselves.
-      rotary_pos: [P, 2] int32 (hpos, wpos) of each permuted row; (0, 0) on padded rows.
-      window_segment: [P] int32 window id (non-decreasing; one per non-empty 4x4-unit window of
-        each image frame); padded rows share one id no real row has (the largest).
-      full_segment: [P] int32 id of the (image, temporal frame) the row belongs to
-        (non-decreasing); padded rows share one id no real row has (the largest).
-      valid: [P] bool, True on the num_patches real rows (the first ones).
-      unpermute: [U] int32 = argsort of the unit-level window order; `merged[unpermute]` puts the
-        merged units back in original image/token order, padded units last.
-      num_tokens: real merged units = image tokens (sum of t * h * w / 4).
+    The device code does:
+      x = patch_embed(pixel_values[source])    # zero rows where source == -1
+      cos/sin from rotary_pos, row for row
+      window blocks: rows.reshape(F * W, S * m2), keys masked by valid
+      full blocks:   rows.reshape(F, W * S * m2), keys masked by valid
+      merged = merger(x)                       # [R / m2] slots: rows m2*u .. m2*u+m2-1
+      features = merged[unpermute]             # original unit (= image token) order first
+
+    Fields (R = F * W * S * m2 rows):
+      source: [R] int32 patch row of pixel_values (original order) for each layout row, -1 at
+        padding.
+      rotary_pos: [R, 2] int32 (hpos, wpos) of each row; (0, 0) at padding.
+      valid: [F, W * S * m2] bool, True at real rows.
+      unpermute: [R / m2] int32 slot of each merged unit in original order (num_tokens of them),
+        followed by the padding slots.
+      num_tokens: real merged units = image tokens (sum of t * h * w / m2).
       num_patches: real patch rows (sum of t * h * w).
     """
 
-    perm: np.ndarray
+    source: np.ndarray
     rotary_pos: np.ndarray
-    window_segment: np.ndarray
-    full_segment: np.ndarray
     valid: np.ndarray
     unpermute: np.ndarray
     num_tokens: int
     num_patches: int
+
+    @property
+    def num_frames(self) -> int:
+        return self.valid.shape[0]
 
 
 def vision_rotary_positions(image_grid_thw: np.ndarray, *, merge_size: int = 2) -> np.ndarray:
@@ -243,63 +252,76 @@ def window_index(
     return np.concatenate(orders), sizes_all[sizes_all > 0]
 
 
-def _unit_rows(unit_order: np.ndarray, m2: int) -> np.ndarray:
-    """Patch-row permutation from a unit permutation: the m2 rows of each unit stay together."""
-    return (np.asarray(unit_order, np.int64)[:, None] * m2 + np.arange(m2)).reshape(-1)
-
-
 def vision_metadata(
     image_grid_thw: np.ndarray,
     *,
     merge_size: int = 2,
     window_size: int = 112,
     patch_size: int = 14,
-    pad_to: int | None = None,
+    num_frames: int | None = None,
+    windows_per_frame: int | None = None,
 ) -> VisionMeta:
-    """Builds `VisionMeta` for a batch of images (QWEN2_5_VL.md 3.1, 5.4, pitfalls 8.3).
+    """Builds the padded vision layout of `VisionMeta` (QWEN2_5_VL.md 3.1, 5.4, pitfall 8.3).
 
     Args:
       image_grid_thw: [n, 3] (t, h, w) patch grids, in the order of the pixel rows.
-      pad_to: pad the P patch rows up to this many (a multiple of merge_size**2) so shapes stay
-        static; padded rows and units go last. None: P = the real patch count.
+      num_frames: F, pad the frames up to this many (static shapes); None: the real count.
+      windows_per_frame: W, pad every frame to this many windows; None: the largest frame's.
 
     Raises:
-      ValueError: bad grids, or `pad_to` too small or not a multiple of merge_size**2.
+      ValueError: bad grids, or a bucket smaller than the batch needs.
     """
     m2 = merge_size * merge_size
     grid = _grids(image_grid_thw, merge_size)
-    frame_patches = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])  # one entry per frame
-    num_patches = int(frame_patches.sum())
-    num_tokens = num_patches // m2
-    total = num_patches if pad_to is None else int(pad_to)
-    if total < num_patches or total % m2:
+    win = window_size // merge_size // patch_size
+    if win < 1:
         raise ValueError(
-            f"pad_to={pad_to} must be a multiple of {m2} and at least the {num_patches} patch rows"
+            f"window_size={window_size} is smaller than one merged unit "
+            f"(merge_size * patch_size = {merge_size * patch_size})"
         )
-    units = total // m2
-
-    order, window_units = window_index(
-        grid, merge_size=merge_size, window_size=window_size, patch_size=patch_size
-    )
-    unit_perm = np.concatenate([order, np.arange(num_tokens, units)])
-    perm = _unit_rows(unit_perm, m2)
-
-    rotary = np.zeros((total, 2), np.int32)
-    rotary[:num_patches] = vision_rotary_positions(grid, merge_size=merge_size)[perm[:num_patches]]
-
-    window_segment = np.full((total,), len(window_units), np.int32)
-    window_segment[:num_patches] = np.repeat(np.arange(len(window_units)), window_units * m2)
-    full_segment = np.full((total,), len(frame_patches), np.int32)
-    full_segment[:num_patches] = np.repeat(np.arange(len(frame_patches)), frame_patches)
-    valid = np.arange(total) < num_patches
-
+    s_units = win * win
+    frames = []  # (first unit index, gh, gw) per frame, in pixel-row order
+    unit = 0
+    for t, h, w in grid.tolist():
+        gh, gw = h // merge_size, w // merge_size
+        for _ in range(t):
+            frames.append((unit, gh, gw))
+            unit += gh * gw
+    num_tokens = unit
+    counts = [-(-gh // win) * -(-gw // win) for _, gh, gw in frames]
+    f_real, w_real = len(frames), max(counts, default=1)
+    f_total = f_real if num_frames is None else int(num_frames)
+    w_total = w_real if windows_per_frame is None else int(windows_per_frame)
+    if f_total < f_real:
+        raise ValueError(f"num_frames={num_frames} is less than the {f_real} image frames")
+    if w_total < w_real:
+        raise ValueError(
+            f"windows_per_frame={windows_per_frame} is less than the {w_real} windows of the "
+            "largest image"
+        )
+    f_total, w_total = max(f_total, 1), max(w_total, 1)
+    slots = np.full((f_total, w_total, s_units), -1, np.int64)  # original unit per slot
+    for f, (first, gh, gw) in enumerate(frames):
+        nh, nw = -(-gh // win), -(-gw // win)
+        padded = np.full((nh * win, nw * win), -1, np.int64)
+        padded[:gh, :gw] = first + np.arange(gh * gw).reshape(gh, gw)
+        slots[f, : nh * nw] = (
+            padded.reshape(nh, win, nw, win).transpose(0, 2, 1, 3).reshape(nh * nw, s_units)
+        )
+    slots = slots.reshape(-1)
+    real = slots >= 0
+    source = np.where(real[:, None], slots[:, None] * m2 + np.arange(m2), -1).reshape(-1)
+    rotary = np.zeros((source.shape[0], 2), np.int32)
+    has = source >= 0
+    rotary[has] = vision_rotary_positions(grid, merge_size=merge_size)[source[has]]
+    unpermute = np.empty(num_tokens, np.int64)
+    unpermute[slots[real]] = np.flatnonzero(real)
+    unpermute = np.concatenate([unpermute, np.flatnonzero(~real)])
     return VisionMeta(
-        perm=perm.astype(np.int32),
+        source=source.astype(np.int32),
         rotary_pos=rotary,
-        window_segment=window_segment,
-        full_segment=full_segment,
-        valid=valid,
-        unpermute=np.argsort(unit_perm, kind="stable").astype(np.int32),
+        valid=has.reshape(f_total, -1),
+        unpermute=unpermute.astype(np.int32),
         num_tokens=num_tokens,
-        num_patches=num_patches,
+        num_patches=num_tokens * m2,
     )

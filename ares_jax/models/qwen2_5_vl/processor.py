@@ -316,7 +316,8 @@ def encode_batch(
     pad_id: int | None = None,
     pad_to_multiple: int = 8,
     length_buckets: Sequence[int] | None = None,
-    patch_buckets: Sequence[int] | None = None,
+    num_frames: int | None = None,
+    windows_per_frame: int | None = None,
     patch_size: int = 14,
     temporal_patch_size: int = 2,
     merge_size: int = 2,
@@ -335,17 +336,16 @@ def encode_batch(
         `<|vision_start|>` and pad token (`<|endoftext|>` when it has none).
       pad_to_multiple: L is the longest row rounded up to this, when `length_buckets` is None.
       length_buckets: L is the smallest bucket that holds the longest row (static shapes).
-      patch_buckets: P is the smallest bucket (multiples of 4) holding all patch rows; None: the
-        exact count.
+      num_frames, windows_per_frame: static sizes of the vision layout (positions.VisionMeta):
+        image frames per batch and windows per frame; None: what this batch needs.
 
     Returns:
-      A dict of NumPy arrays (B rows, L tokens, P patch rows, n images, U = P / 4 units):
+      A dict of NumPy arrays (B rows, L tokens, P patch rows, n images):
         input_ids: [B, L] int32, LEFT-padded with `pad_id`.
         attention_mask: [B, L] int32, 1 on real tokens.
         mm_token_type_ids: [B, L] int32, 1 at image-pad tokens, else 0 (vision start/end are 0).
-        pixel_values: [P, 1176] float32, all images of all rows in order, zero rows after the
-          real ones when padded to a bucket. Original (not window) order: the model applies
-          `vision.perm`.
+        pixel_values: [P, 1176] float32, all images of all rows in order (the processor's
+          order; the model gathers them into its layout with `vision.source`).
         image_grid_thw: [n, 3] int32 (t, h, w) per image, in order.
         position_ids: [3, B, L] int32 M-RoPE (t, h, w) positions; pads 0 (positions.rope_index).
         rope_deltas: [B] int32; the next token's position is num_valid + delta on all 3 axes.
@@ -353,11 +353,11 @@ def encode_batch(
           original order (`merged[vision.unpermute]`) to place there, 0 elsewhere (use with
           `mm_token_type_ids == 1`). Image tokens are numbered row-major over the batch, as HF's
           `masked_scatter` does.
-        vision: positions.VisionMeta for the vision tower (window order, padded to P).
+        vision: positions.VisionMeta, the vision tower's padded layout.
 
     Raises:
       ValueError: image count != placeholder count for a row, a row longer than the largest
-        length bucket, too many patch rows for the largest patch bucket, bad images.
+        length bucket, more frames or windows than the vision layout's sizes, bad images.
     """
     batch = len(prompts)
     if images is None:
@@ -417,27 +417,18 @@ def encode_batch(
 
     grid_thw = np.asarray(all_grids, np.int32).reshape(-1, 3)
     patch_dim = 3 * temporal_patch_size * patch_size * patch_size
-    real_patches = sum(p.shape[0] for p in all_patches)
-    pad_to = None
-    if patch_buckets:
-        buckets = sorted(int(b) for b in patch_buckets)
-        fitting = [b for b in buckets if b >= real_patches]
-        if not fitting:
-            raise ValueError(
-                f"batch has {real_patches} image patch rows, more than the largest patch bucket "
-                f"{buckets[-1]}"
-            )
-        pad_to = fitting[0]
     vision = positions.vision_metadata(
         grid_thw,
         merge_size=merge_size,
         window_size=window_size,
         patch_size=patch_size,
-        pad_to=pad_to,
+        num_frames=num_frames,
+        windows_per_frame=windows_per_frame,
     )
-    pixel_values = np.zeros((vision.perm.shape[0], patch_dim), np.float32)
     if all_patches:
-        pixel_values[:real_patches] = np.concatenate(all_patches, axis=0)
+        pixel_values = np.concatenate(all_patches, axis=0).astype(np.float32)
+    else:
+        pixel_values = np.zeros((0, patch_dim), np.float32)
 
     position_ids, rope_deltas = positions.rope_index(
         input_ids,

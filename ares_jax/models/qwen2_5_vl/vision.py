@@ -1,11 +1,11 @@
 """The Qwen2.5-VL vision tower (QWEN2_5_VL.md 3.1).
 
-The host (`positions.vision_metadata`) builds every data-dependent index once, in NumPy: the
-window permutation is applied to the pixel rows and rotary positions before they reach the
-device, each patch row carries a segment id for the window-attention blocks and one for the
-full-attention blocks (one segment per image and frame), and `unpermute` restores the image-token
-order after the merger. The device code is a plain stack of blocks with block-diagonal attention
-expressed as a boolean same-segment mask, so shapes are static per patch bucket.
+The host (`positions.vision_metadata`) lays the patch rows out once, in NumPy: frames of windows
+of merged units, every window padded to the same number of rows and every frame to the same
+number of windows. Window attention is then dense attention over each window's rows and full
+attention dense attention over each frame's rows, batched, with padding masked out of the keys;
+no [P, P] mask ever exists, and shapes are static per (frames, windows) bucket. `unpermute`
+restores the image-token order after the merger.
 
 Parameter layout: patch_embed [patch_in, vision_embed] (the 3-D convolution with stride = kernel
 is one matmul per patch row); per block, stacked on [layers]: norm1, qkv [vision_embed, 3,
@@ -53,20 +53,38 @@ class VisionBlock(nnx.Module):
         self.down_bias = param(rngs, (d,), (E,), init=zeros_init, **kw)
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, cos, sin, mask, *, implementation=None):
-        """x [P, Dv]; cos/sin [P, hd] float32; mask [P, P] bool (same segment)."""
+    def __call__(self, x, cos, sin, valid, full, *, window_rows: int, implementation=None):
+        """x [R, Dv]; cos/sin [R, hd] float32; valid [F, R/F] bool; full: full or window block.
+
+        `full` is a Python bool (unrolled layers) or a traced bool (scanned layers, lax.cond).
+        """
         dt = x.dtype
         h = rms_norm(x, self.norm1[...], self.eps)
         qkv = jnp.einsum("pd,dsnh->spnh", h, self.qkv[...].astype(dt))
         qkv = qkv + self.qkv_bias[...].astype(dt)[:, None]
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [P, Hv, hd] each
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [R, Hv, hd] each
         # Rotary in float32, cast back (transformers' apply_rotary_pos_emb_vision).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(dt)
         impl = None if implementation in (None, "xla") else implementation
-        attn = jax.nn.dot_product_attention(
-            q[None], k[None], v[None], mask=mask[None, None], implementation=impl
-        )[0]
+
+        def grouped(rows_per_group):
+            def attend(q, k, v):
+                g = q.shape[0] // rows_per_group
+                split = lambda a: a.reshape(g, rows_per_group, *a.shape[1:])  # noqa: E731
+                keys = valid.reshape(g, 1, 1, rows_per_group)
+                out = jax.nn.dot_product_attention(
+                    split(q), split(k), split(v), mask=keys, implementation=impl
+                )
+                return out.reshape(q.shape)
+
+            return attend
+
+        full_attend, window_attend = grouped(valid.shape[1]), grouped(window_rows)
+        if isinstance(full, bool):
+            attn = (full_attend if full else window_attend)(q, k, v)
+        else:
+            attn = jax.lax.cond(full, full_attend, window_attend, q, k, v)
         x = x + jnp.einsum("pnh,nhd->pd", attn, self.proj[...].astype(dt))
         x = x + self.proj_bias[...].astype(dt)
         h = rms_norm(x, self.norm2[...], self.eps)
@@ -97,8 +115,7 @@ class VisionTower(nnx.Module):
         self,
         pixels: jax.Array,
         rotary_pos: jax.Array,
-        window_segment: jax.Array,
-        full_segment: jax.Array,
+        valid: jax.Array,
         unpermute: jax.Array,
         *,
         dtype=jnp.float32,
@@ -109,28 +126,30 @@ class VisionTower(nnx.Module):
         """Image features in image-token order.
 
         Args:
-          pixels: [P, patch_in] float patch rows in window order (pixel_values[meta.perm]).
-          rotary_pos: [P, 2] int (row, column) of each patch row, window order.
-          window_segment, full_segment: [P] int segment ids for the two kinds of block.
-          unpermute: [U] int, merged-unit index of each image token in token order.
+          pixels: [R, patch_in] float patch rows in the layout (zeros at padding).
+          rotary_pos: [R, 2] int (row, column) of each patch row.
+          valid: [F, R / F] bool, real rows per frame.
+          unpermute: [R / 4] int, layout slot of each image token in token order, then padding.
 
         Returns:
-          [U, D] features in `dtype`, one per image token.
+          [R / 4, D] features in `dtype`: the image tokens' in order, then padding slots.
         """
         cfg = self.cfg
-        x = pixels.astype(dtype) @ self.patch_embed[...].astype(dtype)  # [P, Dv]
+        m = cfg.spatial_merge_size
+        window_rows = (cfg.window_size // m // cfg.patch_size) ** 2 * m * m
+        x = pixels.astype(dtype) @ self.patch_embed[...].astype(dtype)  # [R, Dv]
+        x = R.constrain(x, (R.PATCHES, R.VISION_EMBED))
         cos, sin = vision_cos_sin(rotary_pos, head_dim=cfg.head_dim, theta=cfg.rope_theta)
-        window_mask = window_segment[:, None] == window_segment[None, :]
-        full_mask = full_segment[:, None] == full_segment[None, :]
-        is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
 
         def body(block, x, full):
-            mask = jnp.where(full, full_mask, window_mask)
-            return block(x, cos, sin, mask, implementation=implementation)
+            return block(
+                x, cos, sin, valid, full, window_rows=window_rows, implementation=implementation
+            )
 
-        x = run_layers(self.blocks, x, body, scan=scan, remat=remat, extra=is_full)
+        flags = [i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
+        x = run_layers(self.blocks, x, body, scan=scan, remat=remat, flags=flags)
         x = rms_norm(x, self.merger_norm[...], cfg.rms_norm_eps)
-        x = x.reshape(-1, x.shape[-1] * cfg.spatial_merge_size**2)  # [P/4, 4 Dv]
+        x = x.reshape(-1, x.shape[-1] * m * m)  # [R/4, 4 Dv]: the 4 rows of a unit are adjacent
         x = x @ self.merger_fc1[...].astype(dtype) + self.merger_fc1_bias[...].astype(dtype)
         x = jax.nn.gelu(x, approximate=False)
         x = x @ self.merger_fc2[...].astype(dtype) + self.merger_fc2_bias[...].astype(dtype)
