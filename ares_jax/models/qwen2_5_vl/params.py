@@ -339,3 +339,30 @@ def save_pretrained(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype=dtype), indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Random initialisation, already sharded
+# ---------------------------------------------------------------------------------------------
+
+
+def init_model(
+    cfg: Qwen2_5_VLConfig, *, seed: int = 0, mesh=None, rules=None, **model_kwargs
+) -> Qwen2_5_VL:
+    """A randomly initialised model whose parameters are created directly on their shardings.
+
+    The shapes come from `nnx.eval_shape` (nothing allocated); the initialiser is jitted with
+    `out_shardings`, so a large model never exists on one device.
+    """
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, **model_kwargs))
+
+    def make():
+        return nnx.split(Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed), **model_kwargs))[1]
+
+    if mesh is None:
+        return nnx.merge(graphdef, jax.jit(make)())
+    shardings = param_shardings(abstract_state, mesh, rules)
+    out = nnx.from_flat_state(
+        [(k, v.replace(shardings[k])) for k, v in nnx.to_flat_state(abstract_state)]
+    )
+    return nnx.merge(graphdef, jax.jit(make, out_shardings=out)())
