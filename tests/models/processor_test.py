@@ -371,3 +371,17 @@ def test_encode_batch_text_only(tokenizer):
     assert out["pixel_values"].shape == (0, 1176) and out["image_grid_thw"].shape == (0, 3)
     assert out["rope_deltas"].tolist() == [0, 0]
     assert out["vision"].num_tokens == 0
+
+
+def test_image_settings_from_checkpoint_directory(hf_image_processor, tmp_path):
+    hf_image_processor.save_pretrained(tmp_path)
+    settings = processor.load_image_settings(tmp_path)
+    assert settings.min_pixels == MIN_PIXELS and settings.max_pixels == MAX_PIXELS
+    assert settings.patch_size == 14 and settings.merge_size == 2
+    assert settings.mean == pytest.approx(processor.IMAGE_MEAN)
+    image = _random_image(130, 400)
+    ours, grid = processor.preprocess_image(image, **settings.kwargs())
+    ref = hf_image_processor(images=[image], return_tensors="np")
+    np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="No preprocessor_config.json"):
+        processor.load_image_settings(tmp_path / "missing")

@@ -13,7 +13,7 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -449,3 +449,53 @@ def encode_batch(
         "image_feature_index": image_feature_index.astype(np.int32),
         "vision": vision,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings from a checkpoint directory
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageSettings(NamedTuple):
+    """The image processor's settings that `preprocess_image` and `encode_batch` take."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def kwargs(self) -> dict[str, Any]:
+        return self._asdict()
+
+
+def load_image_settings(path: str | os.PathLike[str]) -> ImageSettings:
+    """Reads the image processor of a checkpoint directory through transformers, offline.
+
+    `AutoImageProcessor.from_pretrained(path, local_files_only=True)` reads the directory's
+    preprocessor_config.json (the PIL backend is used when torchvision is absent); its pixel
+    limits, patch sizes and normalisation become the settings of our own preprocessing, which
+    matches that processor pixel for pixel.
+    """
+    directory = os.fspath(path)
+    if not os.path.isfile(os.path.join(directory, "preprocessor_config.json")):
+        raise FileNotFoundError(f"No preprocessor_config.json in checkpoint directory {directory}.")
+    import transformers
+
+    proc = transformers.AutoImageProcessor.from_pretrained(directory, local_files_only=True)
+    size = getattr(proc, "size", None) or {}
+    min_pixels = getattr(proc, "min_pixels", None) or size.get("shortest_edge")
+    max_pixels = getattr(proc, "max_pixels", None) or size.get("longest_edge")
+    if not min_pixels or not max_pixels:
+        raise ValueError(f"{directory}/preprocessor_config.json gives no min_pixels/max_pixels.")
+    return ImageSettings(
+        min_pixels=int(min_pixels),
+        max_pixels=int(max_pixels),
+        patch_size=int(proc.patch_size),
+        temporal_patch_size=int(proc.temporal_patch_size),
+        merge_size=int(proc.merge_size),
+        mean=tuple(float(x) for x in proc.image_mean),
+        std=tuple(float(x) for x in proc.image_std),
+    )
