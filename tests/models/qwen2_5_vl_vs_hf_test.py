@@ -302,3 +302,19 @@ def test_functional_entry_points_are_pure(pair):
     b = fwd(graphdef, doubled, inp)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert isinstance(inp, ModelInputs)
+
+
+def test_bf16_checkpoint_round_trip(pair, tmp_path):
+    hf, ours, _ = pair
+    params.save_pretrained(ours, tmp_path, dtype="bfloat16")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    back = params.from_pretrained(tmp_path, dtype=jnp.float32)  # reads BF16 tensors
+    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tmp_path, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    batch = _batch()
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(
+        np.asarray(back(**batch))[valid], _hf_logits(ref, batch)[valid], atol=1e-4, rtol=1e-4
+    )
