@@ -1,0 +1,211 @@
+r"""Rollout throughput: `ares_jax.sampling.generate` against transformers' `generate`.
+
+Same model config, random weights, B prompts of P random tokens, T new tokens, sampling at
+temperature 1 with no early stop (no stop tokens on our side; min_new_tokens = T on the peer's),
+so both produce exactly B * T tokens. Ours includes the prefill and the exact full-vocabulary
+entropy of every position; transformers computes neither entropy nor log-probs.
+
+  python -m benchmarks.sampler --preset=cpu              # the 'small' model on this CPU
+  python -m benchmarks.sampler --preset=gpu              # 3B shape, bf16, 64 x 512 + 512 new
+  python -m benchmarks.sampler --preset=cpu --record     # also append to RESULTS.md
+
+The bandwidth floor: a decode step must read the text weights (embedding rows aside, the LM head
+included) and the KV cache written so far; at the bandwidth measured on this device by a large
+elementwise copy, that many bytes take `floor` seconds per step. The share of the floor is
+floor * T / (our decode time).
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from ares_jax.models.qwen2_5_vl import config as model_config
+from ares_jax.models.qwen2_5_vl import params
+from ares_jax.models.qwen2_5_vl.model import ModelInputs
+from ares_jax.sampling import SamplingParams, generate
+
+PRESETS = {
+    "cpu": dict(model="small", batch=8, prompt=64, new=64, dtype="float32"),
+    "gpu": dict(model="3b", batch=64, prompt=512, new=512, dtype="bfloat16"),
+}
+
+_PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size preset.")
+_MODEL = flags.DEFINE_string("model", None, "Model preset (tiny, small, 3b, 7b).")
+_BATCH = flags.DEFINE_integer("batch", None, "B prompts (one sample each).")
+_PROMPT = flags.DEFINE_integer("prompt", None, "P prompt tokens.")
+_NEW = flags.DEFINE_integer("new", None, "T new tokens.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and param dtype.")
+_ATTN = flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "Attention implementation.")
+_ITERS = flags.DEFINE_integer("iters", 2, "Timed runs after one warm-up.")
+_TORCH = flags.DEFINE_bool("torch", True, "Run the transformers peer when torch is installed.")
+_RECORD = flags.DEFINE_bool("record", False, "Append the table to benchmarks/RESULTS.md.")
+
+
+def _bandwidth() -> float:
+    """Bytes per second of a large elementwise copy (read + write) on the default device."""
+    n = 64 * 2**20 if jax.devices()[0].platform == "cpu" else 1024 * 2**20
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)
+    jax.block_until_ready(f(x))
+    start = time.perf_counter()
+    for _ in range(5):
+        y = f(x)
+    jax.block_until_ready(y)
+    return 2 * 4 * n * 5 / (time.perf_counter() - start)
+
+
+def _floor_bytes(cfg, dtype_bytes, batch, prompt, new) -> float:
+    """Average bytes one decode step reads: text weights plus the mean KV cache."""
+    t = cfg.text
+    per_layer = t.hidden_size * (
+        t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+        + 3 * t.intermediate_size
+    )
+    weights = (t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size) * dtype_bytes
+    kv_per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * dtype_bytes
+    mean_len = prompt + new / 2
+    return weights + batch * mean_len * kv_per_token
+
+
+def _prompts(cfg, batch, prompt):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, min(cfg.text.vocab_size, 500), (batch, prompt)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(prompt, dtype=np.int32)[None, None], (3, batch, prompt))
+    return ModelInputs(ids, np.ones((batch, prompt), bool), pos)
+
+
+def ours(cfg, p, dtype, iters):
+    model = params.init_model(cfg, param_dtype=dtype, dtype=dtype, attention_impl=_ATTN.value)
+    graphdef, state = nnx.split(model)
+    inputs = _prompts(cfg, p["batch"], p["prompt"])
+    sp = SamplingParams(n=1, max_new_tokens=p["new"], temperature=1.0)
+    # One full run to compile, then timed runs; a second timing with one new token separates
+    # the prefill from the decode loop.
+    runs = {}
+    for new in (1, p["new"]):
+        spn = SamplingParams(n=1, max_new_tokens=new, temperature=1.0)
+        generate(graphdef, state, inputs=inputs, sampling=spn, key=jax.random.PRNGKey(0))
+        start = time.perf_counter()
+        for i in range(iters):
+            out = generate(graphdef, state, inputs=inputs, sampling=spn, key=jax.random.PRNGKey(i))
+        runs[new] = (time.perf_counter() - start) / iters
+    assert out.mask.all() and sp.max_new_tokens == out.tokens.shape[1]
+    return runs[p["new"]], runs[1]
+
+
+def peer(cfg, p, iters):
+    import torch
+    import transformers
+
+    hf_cfg = transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict(dtype=p["dtype"]))
+    hf_cfg._attn_implementation = "sdpa"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if p["dtype"] == "bfloat16" else torch.float32
+    with torch.device(device):
+        model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, dtype=dtype)
+    model.eval()
+    inputs = _prompts(cfg, p["batch"], p["prompt"])
+    ids = torch.tensor(np.asarray(inputs.input_ids, np.int64), device=device)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=p["new"],
+        min_new_tokens=p["new"],
+        pad_token_id=0,
+    )
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(ids, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    run()
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = run()
+    assert out.shape[1] == p["prompt"] + p["new"]
+    return (time.perf_counter() - start) / iters, f"transformers {transformers.__version__}"
+
+
+def _card():
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        import os
+        import platform
+
+        return f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    return getattr(dev, "device_kind", dev.platform)
+
+
+def main(argv):
+    del argv
+    p = dict(PRESETS[_PRESET.value])
+    for key, flag in dict(
+        model=_MODEL, batch=_BATCH, prompt=_PROMPT, new=_NEW, dtype=_DTYPE
+    ).items():
+        if flag.value is not None:
+            p[key] = flag.value
+    cfg = model_config.preset(p["model"])
+    dtype = jnp.bfloat16 if p["dtype"] == "bfloat16" else jnp.float32
+    tokens = p["batch"] * p["new"]
+    total, prefill = ours(cfg, p, dtype, _ITERS.value)
+    decode = max(total - prefill, 1e-9)
+    bandwidth = _bandwidth()
+    floor_step = _floor_bytes(cfg, 2 if p["dtype"] == "bfloat16" else 4, **{
+        k: p[k] for k in ("batch", "prompt", "new")}) / bandwidth  # fmt: skip
+    lines = [
+        f"model {p['model']} ({p['dtype']}), {p['batch']} prompts x {p['prompt']} tokens, "
+        f"{p['new']} new tokens, sampling; {_card()}; jax {jax.__version__}",
+        "",
+        "| implementation | total time | new tokens/s | decode ms/step |",
+        "|---|---|---|---|",
+        f"| ares_jax (exact entropy per token) | {total:.2f} s | {tokens / total:,.0f} | "
+        f"{decode / (p['new'] - 1) * 1e3:.2f} |",
+    ]
+    ratio = None
+    if _TORCH.value:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            hf_time, name = peer(cfg, p, _ITERS.value)
+            lines.append(f"| {name} generate | {hf_time:.2f} s | {tokens / hf_time:,.0f} | |")
+            ratio = hf_time / total
+    lines += [
+        "",
+        f"measured bandwidth {bandwidth / 1e9:.1f} GB/s; floor {floor_step * 1e3:.2f} ms per "
+        f"decode step; ares_jax decode at {floor_step * (p['new'] - 1) / decode:.0%} of the floor",
+    ]
+    if ratio is not None:
+        lines.append(f"ares_jax throughput / transformers: {ratio:.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    if _RECORD.value:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        entry = (
+            f"\n## sampler, {datetime.date.today()}, git {commit}\n\n"
+            f"Command: `python -m benchmarks.sampler --preset={_PRESET.value}`\n\n{text}\n"
+        )
+        with Path(__file__).with_name("RESULTS.md").open("a") as f:
+            f.write(entry)
+
+
+if __name__ == "__main__":
+    app.run(main)
