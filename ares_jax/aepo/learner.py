@@ -1,0 +1,278 @@
+"""The AEPO learner: teacher-forced log-probs, and the update with exact gradient accumulation.
+
+Everything here is jitted and works on `LearnerBatch`es: micro-batches stacked on a leading axis
+[M, ...], each with the full sequences of its rows (prompt + response) and the images of its
+prompts, all padded to static shapes on the host (`aepo/batch.py`).
+
+One update (`train_step`, METHOD.md 4.7, 4.8, 4.11):
+  1. for each micro-batch, in a `lax.scan`, do the following:
+     - recompute the policy's log-probs of the response tokens;
+     - estimate the per-token KL to the reference;
+     - update the released per-bucket beta controller from this micro-batch's sequence KL,
+       before its loss uses beta, as the released actor does;
+     - form the clipped policy loss plus the weighted KL, as a (sum, denominator);
+     - accumulate the gradient of the sum;
+  2. divide by the mini-batch's total denominator (exact accumulation, whatever the micro-batch
+     split), clip the global norm, take one AdamW step;
+  3. if the loss or the gradient is not finite, keep the parameters and optimizer state, and
+     report the step as skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ares_jax.models.qwen2_5_vl.model import ModelInputs
+from ares_jax.ops import kl as K
+from ares_jax.ops import policy_loss as PL
+from ares_jax.ops.entropy import token_logprobs_and_entropy
+
+
+class LearnerBatch(NamedTuple):
+    """M micro-batches of mb rows; S = prompt length P + response length T."""
+
+    inputs: ModelInputs  # leaves [M, ...]: ids [M, mb, S], vision per micro-batch
+    tokens: jax.Array  # [M, mb, T] int32 response tokens
+    mask: jax.Array  # [M, mb, T] bool response positions (False on padding rows)
+    advantages: jax.Array  # [M, mb] float32
+    bucket: jax.Array  # [M, mb] int32, 0 easy / 1 medium / 2 hard
+    correct: jax.Array  # [M, mb] bool
+    soft_cost: jax.Array  # [M, mb] float32
+    window_mask: jax.Array  # [M, mb, T] bool, tokens in validated HWE windows
+    row_valid: jax.Array  # [M, mb] bool, False on padding rows
+    old_logp: jax.Array  # [M, mb, T] float32
+    ref_logp: jax.Array  # [M, mb, T] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSettings:
+    """Static settings of the learner (from config.loss, config.kl, config.train)."""
+
+    prompt_len: int
+    temperature: float = 1.0
+    chunk_size: int | None = None
+    vocab_chunk_size: int | None = None
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float | None = 3.0
+    logratio_clamp: float = 20.0
+    agg: str = "seq-mean-token-mean"
+    kl_estimator: str = "k3"
+    kl_coef: float = 0.01
+    kl_controller: str = "code"  # 'code' | 'paper' | 'fixed'
+    beta_params: K.BetaControllerParams = K.DEFAULT_BETA_PARAMS
+    bucket_coef: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    rho: float = 0.5
+    second_chance: bool = False
+    second_chance_factor: float = 0.67
+    second_chance_soft_cost_min: float = 0.5
+    second_chance_easy_only: bool = True
+    second_chance_incorrect_only: bool = True
+
+
+class TrainState(NamedTuple):
+    trainable: nnx.State
+    opt_state: optax.OptState
+    beta: K.BetaState
+    kappa: jax.Array  # [3]
+    step: jax.Array  # int32, optimizer steps taken
+
+
+def split_params(model: nnx.Module, *, freeze_vision: bool):
+    """(graphdef, trainable, frozen): the vision tower is frozen when `freeze_vision` (frozen is
+    an empty State otherwise)."""
+    if freeze_vision:
+        graphdef, frozen, trainable = nnx.split(model, nnx.PathContains("visual"), ...)
+        return graphdef, trainable, frozen
+    graphdef, trainable = nnx.split(model)
+    return graphdef, trainable, nnx.State({})
+
+
+def merge(graphdef, trainable, frozen) -> nnx.Module:
+    """The model from its two parameter parts."""
+    if len(frozen) == 0:
+        return nnx.merge(graphdef, trainable)
+    return nnx.merge(graphdef, trainable, frozen)
+
+
+def response_logprobs(model, inputs: ModelInputs, tokens, s: LearnerSettings):
+    """Teacher-forced log-probs and entropies [mb, T] of the response tokens."""
+    hidden = model.hidden_states(inputs)
+    t = tokens.shape[1]
+    h = jax.lax.dynamic_slice_in_dim(hidden, s.prompt_len - 1, t, axis=1)
+    return token_logprobs_and_entropy(
+        h,
+        model.unembed(),
+        tokens,
+        temperature=s.temperature,
+        chunk_size=s.chunk_size,
+        vocab_chunk_size=s.vocab_chunk_size,
+    )
+
+
+def _micro(batch: LearnerBatch, i):
+    return jax.tree.map(lambda x: x[i], batch)
+
+
+def logprob_pass(graphdef, trainable, frozen, inputs: ModelInputs, tokens, s: LearnerSettings):
+    """Log-probs and entropies [M, mb, T] of every micro-batch, one after the other (lax.map)."""
+
+    def one(xs):
+        inp, tok = xs
+        return response_logprobs(merge(graphdef, trainable, frozen), inp, tok, s)
+
+    return jax.lax.map(one, (inputs, tokens))
+
+
+def _sample_factor(mb: LearnerBatch, s: LearnerSettings):
+    if not s.second_chance:
+        return None
+    return K.second_chance_factor(
+        mb.bucket,
+        mb.correct,
+        mb.soft_cost,
+        factor=s.second_chance_factor,
+        soft_cost_min=s.second_chance_soft_cost_min,
+        easy_only=s.second_chance_easy_only,
+        incorrect_only=s.second_chance_incorrect_only,
+    )
+
+
+def _loss(trainable, frozen, graphdef, mb: LearnerBatch, beta: K.BetaState, kappa, s):
+    model = merge(graphdef, trainable, frozen)
+    logp, entropy = response_logprobs(model, mb.inputs, mb.tokens, s)
+    mask = mb.mask & mb.row_valid[:, None]
+    kld, weights = None, None
+    if s.kl_coef > 0:
+        kld = K.kl_divergence(logp, mb.ref_logp, s.kl_estimator)
+        if s.kl_controller == "code":
+            seq_kl = K.sequence_mean(jax.lax.stop_gradient(kld), mask)
+            beta = K.update_beta(beta, seq_kl, mb.bucket, params=s.beta_params, valid=mb.row_valid)
+        beta_vec = beta.beta if s.kl_controller != "fixed" else jnp.full((3,), 1.0)
+        beta_vec = beta_vec * jnp.asarray(s.bucket_coef, jnp.float32)
+        mode = "paper" if s.kl_controller == "paper" else "code"
+        weights = K.kl_token_weights(
+            mb.bucket,
+            mask,
+            mode=mode,
+            kl_coef=s.kl_coef,
+            beta=beta_vec,
+            kappa=kappa if mode == "paper" else None,
+            window_mask=mb.window_mask if mode == "paper" else None,
+            rho=s.rho,
+            sample_factor=_sample_factor(mb, s),
+        )
+    terms = PL.policy_loss(
+        logp,
+        mb.old_logp,
+        mb.advantages,
+        mask,
+        kl=kld,
+        kl_weight=weights,
+        clip_low=s.clip_low,
+        clip_high=s.clip_high,
+        dual_clip=s.dual_clip,
+        agg=s.agg,
+        logratio_clamp=s.logratio_clamp,
+    )
+    kl_sum = jnp.sum(jnp.where(mask, kld, 0.0)) if kld is not None else jnp.zeros(())
+    entropy_sum = jnp.sum(jnp.where(mask, entropy, 0.0))
+    return terms.loss_sum, (terms, beta, kl_sum, entropy_sum)
+
+
+def train_step(
+    graphdef,
+    state: TrainState,
+    frozen,
+    batch: LearnerBatch,
+    denom,
+    *,
+    optimizer: optax.GradientTransformation,
+    s: LearnerSettings,
+):
+    """One optimizer step on a mini-batch of M micro-batches (module docstring).
+
+    Returns (new state, metrics dict of float32 scalars).
+    """
+    grad_fn = jax.grad(_loss, has_aux=True)
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+
+    def body(carry, mb):
+        acc, beta, sums = carry
+        grads, (terms, beta, kl_sum, entropy_sum) = grad_fn(
+            state.trainable, frozen, graphdef, mb, beta, state.kappa, s
+        )
+        acc = jax.tree.map(jnp.add, acc, grads)
+        sums = jax.tree.map(jnp.add, sums, (terms, kl_sum, entropy_sum))
+        return (acc, beta, sums), None
+
+    first = _micro(batch, 0)
+    _, (t0, _, k0, e0) = jax.eval_shape(
+        lambda tr, fr, mb, beta, kappa: _loss(tr, fr, graphdef, mb, beta, kappa, s),
+        state.trainable,
+        frozen,
+        first,
+        state.beta,
+        state.kappa,
+    )
+    sums0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (t0, k0, e0))
+    (acc, beta, sums), _ = jax.lax.scan(body, (zeros, state.beta, sums0), batch)
+    terms, kl_sum, entropy_sum = sums
+    denom = jnp.maximum(denom, 1e-8)
+    grads = jax.tree.map(lambda g: g / denom, acc)
+    loss = terms.loss_sum / denom
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(_):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        return optax.apply_updates(state.trainable, updates), opt_state
+
+    def skip(_):
+        return state.trainable, state.opt_state
+
+    trainable, opt_state = jax.lax.cond(finite, apply, skip, None)
+    tokens = jnp.maximum(terms.token_count, 1.0)
+    metrics = {
+        "train/loss": loss,
+        "train/pg_loss": terms.pg_sum / denom,
+        "train/kl_loss": terms.kl_sum / denom,
+        "train/grad_norm": grad_norm,
+        "train/skipped": (~finite).astype(jnp.float32),
+        "train/clip_frac_high": terms.clip_high_sum / tokens,
+        "train/clip_frac_low": terms.clip_low_sum / tokens,
+        "train/dual_clip_frac": terms.dual_clip_sum / tokens,
+        "train/ppo_kl": terms.ppo_kl_sum / tokens,
+        "kl/ref_mean": kl_sum / tokens,
+        "train/entropy_mean": entropy_sum / tokens,
+    }
+    new_state = TrainState(trainable, opt_state, beta, state.kappa, state.step + 1)
+    return new_state, metrics
+
+
+def make_optimizer(
+    *, lr: float, weight_decay: float, b1: float, b2: float, eps: float, grad_clip: float,
+    schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1,
+) -> optax.GradientTransformation:  # fmt: skip
+    """AdamW with global-norm clipping (METHOD.md 6: lr 1e-6, wd 1e-2, clip 1.0, constant)."""
+    if schedule == "constant":
+        lr_fn = optax.constant_schedule(lr)
+        if warmup_steps:
+            lr_fn = optax.linear_schedule(0.0, lr, warmup_steps)
+            lr_fn = optax.join_schedules([lr_fn, optax.constant_schedule(lr)], [warmup_steps])
+    elif schedule == "cosine":
+        lr_fn = optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1)
+        )
+    else:
+        raise ValueError(f"optim.schedule={schedule!r} is not one of 'constant', 'cosine'.")
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )

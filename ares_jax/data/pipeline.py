@@ -1,0 +1,293 @@
+"""Example sources and the prompt stream: grain, per-host sharding, a resumable position.
+
+    source = example_source(SyntheticSpec(n=2000, seed=0))          # or FilesSpec / TfdsSpec
+    stream = PromptStream(source, seed=0)                          # this host's shard, endless
+    batch = stream.next_batch(64)                                  # list[Example]
+    state = stream.get_state()                                     # JSON; part of the checkpoint
+    stream.set_state(state)                                        # continues exactly there
+
+The stream is `grain.MapDataset.source(source).shuffle(seed)[shard_index::shard_count]
+.repeat(num_epochs)`: every epoch is a fresh permutation of the whole data set (grain reseeds
+the shuffle with seed + epoch), identical on all hosts, and host h takes positions h, h + S,
+h + 2S, ... of it. So within an epoch the hosts' shards are disjoint and cover the data set;
+when the size is not a multiple of S the first (size mod S) hosts get one example more per epoch.
+The position is one integer (the next index into that dataset), so resuming is exact and costs
+nothing, in this process or another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import grain
+import jax
+
+from ares_jax.data import records, synthetic
+from ares_jax.data.records import Example, ReadStats
+
+STATE_VERSION = 1
+
+
+class ExampleSource(Protocol):
+    """Random-access Examples: what grain's `MapDataset.source` takes."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Example: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Source specs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    """The embedded synthetic task (synthetic.py): n problems of (seed, split)."""
+
+    n: int
+    seed: int = 0
+    split: str = "train"
+    difficulties: tuple[int, ...] = synthetic.DIFFICULTIES
+    image_size: int = 112
+    wrong_trace: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FilesSpec:
+    """Local data files: JSONL / JSON / parquet (records.py), paths or globs, read into memory.
+
+    A single directory holding a tfds build (dataset_info.json), or `.array_record` shard files
+    of one, are read through `TfdsExamples` instead (split taken from the shard names).
+    """
+
+    paths: tuple[str, ...]
+    on_error: str = "raise"
+    columns: tuple[tuple[str, str], ...] = ()  # (field, column) overrides, see records.COLUMNS
+    image_root: str | None = None
+    check_images: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+    """An ArrayRecord build of tfds_builder.py: a build directory, or a name with `data_dir`."""
+
+    path: str
+    split: str = "train"
+    data_dir: str | None = None
+
+
+SourceSpec = SyntheticSpec | FilesSpec | TfdsSpec
+_SPEC_KINDS: dict[str, type] = {"synthetic": SyntheticSpec, "files": FilesSpec, "tfds": TfdsSpec}
+
+
+def source_spec(config: Mapping[str, Any]) -> SourceSpec:
+    """A spec from a plain mapping with a `kind` key (what a config file holds).
+
+    Raises:
+      ValueError: unknown kind or key, naming the known ones.
+    """
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind not in _SPEC_KINDS:
+        raise ValueError(f"data kind must be one of {', '.join(sorted(_SPEC_KINDS))}, got {kind!r}")
+    cls = _SPEC_KINDS[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(unknown)} for data kind {kind!r}; known: "
+            f"{', '.join(sorted(names))}"
+        )
+    if "paths" in config:
+        paths = config["paths"]
+        config["paths"] = (paths,) if isinstance(paths, str) else tuple(paths)
+    if "difficulties" in config:
+        config["difficulties"] = tuple(int(d) for d in config["difficulties"])
+    if "columns" in config:
+        columns = config["columns"]
+        config["columns"] = tuple(dict(columns).items() if columns else ())
+    return cls(**config)
+
+
+class InMemoryExamples(Sequence):
+    """A list of Examples with the statistics of the read that produced it."""
+
+    def __init__(self, examples: Sequence[Example], stats: ReadStats | None = None):
+        self._examples = list(examples)
+        self.read_stats = stats
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index):
+        return self._examples[index]
+
+
+def example_source(spec: SourceSpec | Mapping[str, Any]) -> ExampleSource:
+    """The random-access source of Examples that `spec` names.
+
+    Sources read from files carry `read_stats` (records.ReadStats); data errors raise
+    records.DataError naming the file and line.
+    """
+    if isinstance(spec, Mapping):
+        spec = source_spec(spec)
+    if isinstance(spec, SyntheticSpec):
+        return synthetic.SyntheticExamples(
+            spec.n,
+            seed=spec.seed,
+            split=spec.split,
+            difficulties=spec.difficulties,
+            image_size=spec.image_size,
+            wrong_trace=spec.wrong_trace,
+        )
+    if isinstance(spec, TfdsSpec):
+        from ares_jax.data import tfds_builder  # tfds is imported only when used
+
+        return tfds_builder.TfdsExamples(spec.path, split=spec.split, data_dir=spec.data_dir)
+    if isinstance(spec, FilesSpec):
+        build = _tfds_build_of(spec.paths)
+        if build is not None:
+            from ares_jax.data import tfds_builder
+
+            return tfds_builder.TfdsExamples(build[0], split=build[1])
+        examples, stats = records.read_many(
+            list(spec.paths),
+            on_error=spec.on_error,
+            columns=dict(spec.columns) or None,
+            image_root=spec.image_root,
+            check_images=spec.check_images,
+        )
+        return InMemoryExamples(examples, stats)
+    raise TypeError(f"unsupported data spec {type(spec).__name__}")
+
+
+def _tfds_build_of(paths: Sequence[str]) -> tuple[str, str] | None:
+    """(build directory, split) when `paths` name a tfds build or its array_record shards."""
+    if len(paths) == 1 and os.path.isfile(os.path.join(paths[0], "dataset_info.json")):
+        return paths[0], "train"
+    if not paths or not all(".array_record" in os.path.basename(p) for p in paths):
+        return None
+    dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    splits = {os.path.basename(p).split(".array_record")[0].rpartition("-")[2] for p in paths}
+    if len(dirs) != 1 or len(splits) != 1:
+        raise records.DataError(
+            f"array_record files must be shards of one split of one build: {', '.join(paths)}"
+        )
+    return dirs.pop(), splits.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptStream:
+    """This host's endless (or `num_epochs`-long) stream of Examples with a resumable position.
+
+    Args:
+      source: random-access Examples (`example_source`); read lazily, one item per step.
+      seed: shuffle seed in [0, 2**32); epoch e uses the permutation of seed + e.
+      shuffle: False keeps the source order (still sharded and repeated).
+      num_epochs: None repeats forever; otherwise the stream ends after that many passes.
+      shard_index, shard_count: this host's shard; default `jax.process_index()` of
+        `jax.process_count()`.
+    """
+
+    def __init__(
+        self,
+        source: ExampleSource,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+    ):
+        shard_index = jax.process_index() if shard_index is None else int(shard_index)
+        shard_count = jax.process_count() if shard_count is None else int(shard_count)
+        size = len(source)
+        if size == 0:
+            raise ValueError("the data source is empty")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
+        if shard_count > size:
+            raise ValueError(f"{shard_count} shards of {size} examples would leave a shard empty")
+        if num_epochs is not None and num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+        ds = grain.MapDataset.source(source)
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds[shard_index::shard_count]
+        self.epoch_size = len(ds)
+        self._dataset = ds.repeat(num_epochs)
+        self._length = len(self._dataset)  # sys.maxsize when endless
+        self._next = 0
+        self._identity = {
+            "seed": int(seed),
+            "shuffle": bool(shuffle),
+            "num_epochs": num_epochs,
+            "shard_index": shard_index,
+            "shard_count": shard_count,
+            "source_size": size,
+        }
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next example (0-based)."""
+        return self._next // self.epoch_size
+
+    @property
+    def position(self) -> int:
+        """Examples taken so far by this host."""
+        return self._next
+
+    def __iter__(self) -> Iterator[Example]:
+        return self
+
+    def __next__(self) -> Example:
+        if self._next >= self._length:
+            raise StopIteration
+        example = self._dataset[self._next]
+        self._next += 1
+        return example
+
+    def next_batch(self, k: int) -> list[Example]:
+        """The next k Examples; fewer (possibly none) only where an epoch-limited stream ends."""
+        batch = []
+        for _ in range(k):
+            if self._next >= self._length:
+                break
+            batch.append(next(self))
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """The position as a JSON-serialisable dict (plus what it is valid for)."""
+        return {"version": STATE_VERSION, "next_index": self._next, **self._identity}
+
+    def set_state(self, state: Mapping[str, Any] | str) -> None:
+        """Continues from a `get_state()` result (or its JSON text).
+
+        Raises:
+          ValueError: the state belongs to a stream with another seed, shard, order or data size.
+        """
+        if isinstance(state, str):
+            state = json.loads(state)
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"stream state version {state.get('version')} != {STATE_VERSION}")
+        for key, value in self._identity.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"stream state was saved with {key}={state.get(key)!r}, this stream has "
+                    f"{key}={value!r}"
+                )
+        next_index = int(state["next_index"])
+        if not 0 <= next_index <= self._length:
+            raise ValueError(f"stream state next_index {next_index} is out of range")
+        self._next = next_index

@@ -1,0 +1,591 @@
+"""`Example`, the unit of data of both stages, and readers for JSONL, JSON and parquet files.
+
+A row becomes an `Example` by looking up each field under the first column name present (and not
+null) in `COLUMNS`; `columns=` overrides the lookup per field. Accepted layouts:
+
+- ViRL39K (TIGER-Lab: `question`, `answer`, `image` list of relative paths, `qid`, `source`; the
+  HF parquet mirrors: `problem`, `answer`, `images` list of `{"bytes", "path"}`, `qid`/`id`).
+- EasyR1 / verl parquet: `problem`/`prompt` (a string, or a chat list whose first user turn is
+  taken), `answer` or `reward_model.ground_truth`, `images`, `data_source`.
+- Cold-start / AdaCS rows (the released ARES cold-start set): the above plus a teacher trace in
+  `traces`/`trace`/`responses`/`response`/`reasoning`/`teacher_response`/`cot`/`output` (a string
+  or a list of strings), `source`/`data_source`/`dataset`, and a pass rate in
+  `pass_rate`/`passrate`/`acc`/`accuracy` (a number in [0, 1]).
+- Chat rows (LLaMA-Factory / ShareGPT): `messages` (`role`/`content`) or `conversations`
+  (`from`/`value`): the first user turn is the question, assistant turns are traces, and a
+  missing answer is the content of the last `\\boxed{}` of the first assistant turn.
+
+An answer that contains `\\boxed{}` (a worked solution, e.g. a MATH-style `solution` column)
+is reduced to the content of its last `\\boxed{}`.
+
+An image entry is raw bytes (parquet binary), a `{"bytes": ..., "path": ...}` dict (what HF
+`datasets` writes; bytes win), a `data:image/...;base64,` URL, a file path (relative paths are
+resolved against `image_root`, else the data file's directory) or a bare base64 string. A single
+entry instead of a list is one image. Images are stored encoded, as read; `check_images` decodes
+each once with PIL to reject unreadable files early.
+
+Errors name the file and the place: `path, line N` (JSONL, 1-based), `path, entry N` (a JSON
+array, 0-based) or `path, row N` (parquet, 0-based). With `on_error="skip"` bad rows are skipped
+and counted by reason in `ReadStats`; a missing or unreadable data file always raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import glob
+import io
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import PIL.Image
+
+# Field -> accepted column names, first match wins. "a.b" looks up key b of a dict column a.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "question": ("question", "problem", "prompt", "query"),
+    "answer": ("answer", "solution", "ground_truth", "gt_answer", "final_answer",
+               "reward_model.ground_truth"),
+    "images": ("images", "image", "image_paths", "image_path"),
+    "id": ("id", "global_id", "qid", "uid", "problem_id", "question_id"),
+    "traces": ("traces", "trace", "responses", "response", "reasoning", "teacher_response",
+               "cot", "output"),
+    "source": ("source", "data_source", "dataset"),
+    "pass_rate": ("pass_rate", "passrate", "acc", "accuracy"),
+    "difficulty": ("difficulty",),
+    "messages": ("messages", "conversations"),
+}  # fmt: skip
+
+# Reasons a row is rejected (keys of ReadStats.skipped).
+MALFORMED_JSON = "malformed_json"
+MISSING_QUESTION = "missing_question"
+MISSING_ANSWER = "missing_answer"
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+BAD_FIELD = "bad_field"
+
+_MAX_LOGGED_ERRORS = 10
+_EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One problem with its images, as every stage sees it.
+
+    Attributes:
+      id: unique within a data set; "<file name>:<line or row>" when the row has none.
+      question: the problem text; `<image>` markers, if any, place the images (processor).
+      answer: the reference answer, checked with math-verify against the last `\\boxed{}`.
+      images: encoded image files (PNG, JPEG, ...), in prompt order.
+      source: the data source, e.g. "geoqa"; AdaCS takes length medians per source.
+      traces: teacher reasoning traces (AdaCS curation picks one per problem).
+      pass_rate: fraction of correct samples in [0, 1] (AdaCS, METHOD.md 3.1), if known.
+      difficulty: 1 (easiest) to 5, for the synthetic task only.
+    """
+
+    id: str
+    question: str
+    answer: str
+    images: tuple[bytes, ...] = ()
+    source: str = ""
+    traces: tuple[str, ...] = ()
+    pass_rate: float | None = None
+    difficulty: int | None = None
+
+    def __post_init__(self):
+        # Lists are accepted for convenience; stored as tuples so Examples stay hashable.
+        if not isinstance(self.images, tuple):
+            object.__setattr__(self, "images", tuple(self.images))
+        if not isinstance(self.traces, tuple):
+            object.__setattr__(self, "traces", tuple(self.traces))
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What a read saw: rows read, examples kept, rows skipped by reason."""
+
+    files: int = 0
+    rows: int = 0
+    examples: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge(self, other: ReadStats) -> ReadStats:
+        self.files += other.files
+        self.rows += other.rows
+        self.examples += other.examples
+        for reason, count in other.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        room = _MAX_LOGGED_ERRORS - len(self.first_errors)
+        self.first_errors.extend(other.first_errors[: max(room, 0)])
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class DataError(ValueError):
+    """A data file or one of its rows cannot be used; the message names the file and line."""
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _RowError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Public readers
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_examples(
+    path: str | os.PathLike,
+    *,
+    on_error: str = "raise",
+    columns: Mapping[str, str] | None = None,
+    image_root: str | os.PathLike | None = None,
+    check_images: bool = True,
+    stats: ReadStats | None = None,
+) -> Iterator[Example]:
+    """Yields the Examples of one .jsonl, .json or .parquet file, in file order.
+
+    Args:
+      path: the data file.
+      on_error: "raise" stops at the first bad row with a `DataError` naming the file and line;
+        "skip" skips it and counts it in `stats.skipped` under its reason.
+      columns: field -> column name, overriding `COLUMNS` for that field (e.g.
+        `{"pass_rate": "PassRate_7BBase"}`).
+      image_root: directory relative image paths are resolved against (default: the data file's
+        directory).
+      check_images: decode every image once with PIL; an undecodable one is a bad row.
+      stats: updated in place while iterating.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    lookup = _column_lookup(columns)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _EXTENSIONS:
+        raise DataError(
+            f"unsupported data file type {ext or '(none)'!r}: {path}; expected one of "
+            f"{', '.join(_EXTENSIONS)}"
+        )
+    stats = ReadStats() if stats is None else stats
+    stats.files += 1
+    base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(path)
+    rows = _parquet_rows(path) if ext == ".parquet" else _json_rows(path)
+    for where, default_id, row in rows:
+        stats.rows += 1
+        try:
+            if isinstance(row, _RowError):
+                raise row
+            example = _to_example(row, default_id, lookup, base_dir, check_images)
+        except _RowError as e:
+            message = f"{path}, {where}: {e}"
+            if on_error == "raise":
+                raise DataError(message, reason=e.reason) from None
+            stats.skipped[e.reason] = stats.skipped.get(e.reason, 0) + 1
+            if len(stats.first_errors) < _MAX_LOGGED_ERRORS:
+                stats.first_errors.append(message)
+            continue
+        stats.examples += 1
+        yield example
+
+
+def read_examples(
+    path: str | os.PathLike,
+    *,
+    on_error: str = "raise",
+    columns: Mapping[str, str] | None = None,
+    image_root: str | os.PathLike | None = None,
+    check_images: bool = True,
+) -> tuple[list[Example], ReadStats]:
+    """All Examples of one data file and the read statistics (see `iter_examples`)."""
+    stats = ReadStats()
+    examples = list(
+        iter_examples(
+            path,
+            on_error=on_error,
+            columns=columns,
+            image_root=image_root,
+            check_images=check_images,
+            stats=stats,
+        )
+    )
+    return examples, stats
+
+
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Files named by a path, a glob pattern or a list of either, each pattern sorted.
+
+    Raises:
+      DataError: a pattern matches no file.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    files: list[str] = []
+    for pattern in paths:
+        pattern = os.fspath(pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+            if not matches:
+                raise DataError(f"no data file matches {pattern}")
+            files.extend(matches)
+        else:
+            files.append(pattern)
+    return files
+
+
+def read_many(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    on_error: str = "raise",
+    columns: Mapping[str, str] | None = None,
+    image_root: str | os.PathLike | None = None,
+    check_images: bool = True,
+) -> tuple[list[Example], ReadStats]:
+    """The Examples of several files (paths, globs or a list), concatenated in order."""
+    stats = ReadStats()
+    examples: list[Example] = []
+    for path in expand_paths(paths):
+        examples.extend(
+            iter_examples(
+                path,
+                on_error=on_error,
+                columns=columns,
+                image_root=image_root,
+                check_images=check_images,
+                stats=stats,
+            )
+        )
+    return examples, stats
+
+
+def write_jsonl(examples: Sequence[Example], path: str | os.PathLike) -> str:
+    """Writes Examples as JSONL that `read_examples` reads back equal (images as base64).
+
+    The file is written next to its destination and renamed, so a crash leaves no half file.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for ex in examples:
+            row = dataclasses.asdict(ex)
+            row["images"] = [base64.b64encode(b).decode("ascii") for b in ex.images]
+            row["traces"] = list(ex.traces)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# File formats: each yields (where, default id, row dict or _RowError)
+# ---------------------------------------------------------------------------------------------
+
+
+def _json_rows(path: str) -> Iterator[tuple[str, str, Any]]:
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if path.lower().endswith(".json") and head.startswith(b"["):
+        try:
+            with open(path, encoding="utf-8") as f:
+                items = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: malformed JSON: {e}", reason=MALFORMED_JSON) from None
+        for i, item in enumerate(items):
+            yield f"entry {i}", f"{name}:{i}", _as_object(item)
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                item = _RowError(MALFORMED_JSON, f"malformed JSON: {e}")
+            yield f"line {number}", f"{name}:{number}", _as_object(item)
+
+
+def _as_object(item: Any) -> Any:
+    if isinstance(item, dict | _RowError):
+        return item
+    return _RowError(MALFORMED_JSON, f"expected a JSON object, got {type(item).__name__}")
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[str, str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow is a test dependency
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from e
+    name = os.path.basename(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"cannot read parquet file {path}: {e}") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            yield f"row {index}", f"{name}:{index}", row
+            index += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Row -> Example
+# ---------------------------------------------------------------------------------------------
+
+
+def _column_lookup(columns: Mapping[str, str] | None) -> dict[str, tuple[str, ...]]:
+    lookup = dict(COLUMNS)
+    for field, column in (columns or {}).items():
+        if field not in COLUMNS:
+            raise ValueError(
+                f"unknown field {field!r} in columns; known fields: {', '.join(sorted(COLUMNS))}"
+            )
+        lookup[field] = (column,)
+    return lookup
+
+
+def _get(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
+    for name in names:
+        head, _, tail = name.partition(".")
+        value = row.get(head)
+        if tail and isinstance(value, Mapping):
+            value = value.get(tail)
+        elif tail:
+            value = None
+        if value is not None and not (isinstance(value, str | list | tuple) and not value):
+            return value
+    return None
+
+
+def _to_example(
+    row: Mapping[str, Any],
+    default_id: str,
+    lookup: Mapping[str, tuple[str, ...]],
+    base_dir: str,
+    check_images: bool,
+) -> Example:
+    turns = _chat_turns(_get(row, lookup["messages"]))
+    question = _question_text(_get(row, lookup["question"]))
+    if question is None and turns:
+        question = next((text for role, text in turns if role == "user"), None)
+    if not question or not question.strip():
+        raise _RowError(
+            MISSING_QUESTION, f"row has no question (columns {', '.join(lookup['question'])})"
+        )
+    traces = _traces(_get(row, lookup["traces"]))
+    if not traces and turns:
+        traces = tuple(text for role, text in turns if role == "assistant" and text.strip())
+    answer = _answer_text(_get(row, lookup["answer"]))
+    if answer is not None and _BOXED.search(answer):  # a worked solution: keep its result
+        answer = _last_boxed(answer) or answer
+    if answer is None and traces:
+        answer = _last_boxed(traces[0])
+    if answer is None or not answer.strip():
+        raise _RowError(
+            MISSING_ANSWER, f"row has no answer (columns {', '.join(lookup['answer'])})"
+        )
+    images = _images(_get(row, lookup["images"]), base_dir, check_images)
+    raw_id = _get(row, lookup["id"])
+    source = _get(row, lookup["source"])
+    return Example(
+        id=default_id if raw_id is None else str(raw_id),
+        question=question,
+        answer=answer.strip(),
+        images=images,
+        source="" if source is None else str(source),
+        traces=traces,
+        pass_rate=_pass_rate(_get(row, lookup["pass_rate"])),
+        difficulty=_difficulty(_get(row, lookup["difficulty"])),
+    )
+
+
+def _chat_turns(value: Any) -> list[tuple[str, str]]:
+    """[(role, text)] of a chat list; roles normalised to user / assistant / system."""
+    if not isinstance(value, list | tuple):
+        return []
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    turns = []
+    for turn in value:
+        if not isinstance(turn, Mapping):
+            continue
+        role = roles.get(str(turn.get("role", turn.get("from", ""))).lower(), "system")
+        text = _content_text(turn.get("content", turn.get("value")))
+        if text is not None:
+            turns.append((role, text))
+    return turns
+
+
+def _content_text(content: Any) -> str | None:
+    """Text of a chat turn; OpenAI-style part lists put an `<image>` marker per image part."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list | tuple):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, Mapping) and part.get("type") in ("image", "image_url"):
+                parts.append("<image>")
+        return "".join(parts)
+    return None
+
+
+def _question_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple):  # verl-style prompt: a chat list
+        return next((text for role, text in _chat_turns(value) if role == "user"), None)
+    return None
+
+
+def _answer_text(value: Any) -> str | None:
+    if isinstance(value, bool):
+        raise _RowError(BAD_FIELD, f"answer must be a string or a number, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple) and len(value) == 1:
+        return _answer_text(value[0])
+    if value is None or isinstance(value, str):
+        return value
+    raise _RowError(BAD_FIELD, f"answer must be a string or a number, got {type(value).__name__}")
+
+
+def _traces(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple) and all(isinstance(t, str) or t is None for t in value):
+        return tuple(t for t in value if t)
+    raise _RowError(BAD_FIELD, "traces must be a string or a list of strings")
+
+
+def _pass_rate(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise _RowError(BAD_FIELD, f"pass rate {value!r} is not a number") from None
+    if rate != rate:  # NaN: unknown
+        return None
+    if not 0.0 <= rate <= 1.0:
+        raise _RowError(BAD_FIELD, f"pass rate {rate} is outside [0, 1]")
+    return rate
+
+
+def _difficulty(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _RowError(BAD_FIELD, f"difficulty {value!r} is not an integer") from None
+
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (braces balanced), or None."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    depth, start = 1, starts[-1]
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+_BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
+
+
+def _images(value: Any, base_dir: str, check: bool) -> tuple[bytes, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list | tuple) else [value]
+    images = []
+    for item in items:
+        if item is None:
+            continue
+        data, name = _image_bytes(item, base_dir)
+        if check:
+            _check_image(data, name)
+        images.append(data)
+    return tuple(images)
+
+
+def _image_bytes(item: Any, base_dir: str) -> tuple[bytes, str]:
+    """(encoded bytes, a name for messages) of one image entry."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item), "<bytes>"
+    if isinstance(item, Mapping):
+        if item.get("bytes"):
+            data = item["bytes"]
+            if isinstance(data, str):
+                return _decode_base64(data, "<base64>"), "<base64>"
+            return bytes(data), str(item.get("path") or "<bytes>")
+        if item.get("path"):
+            return _read_image_file(str(item["path"]), base_dir)
+        raise _RowError(MISSING_IMAGE, "image entry has neither bytes nor a path")
+    if isinstance(item, str):
+        if item.startswith("data:"):
+            return _decode_base64(item.partition(",")[2], "<data URL>"), "<data URL>"
+        full = item if os.path.isabs(item) else os.path.join(base_dir, item)
+        # A file name has a "." (not a base64 character); base64 text is not a file.
+        if not os.path.exists(full) and len(item) >= 16 and _BASE64.match(item):
+            return _decode_base64(item, "<base64>"), "<base64>"
+        return _read_image_file(item, base_dir)
+    raise _RowError(BAD_FIELD, f"unsupported image entry of type {type(item).__name__}")
+
+
+def _read_image_file(path: str, base_dir: str) -> tuple[bytes, str]:
+    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    try:
+        with open(full, "rb") as f:
+            return f.read(), full
+    except FileNotFoundError:
+        raise _RowError(MISSING_IMAGE, f"image file {full} does not exist") from None
+    except OSError as e:
+        raise _RowError(UNREADABLE_IMAGE, f"cannot read image file {full}: {e}") from None
+
+
+def _decode_base64(text: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise _RowError(UNREADABLE_IMAGE, f"image {name} is not valid base64: {e}") from None
+
+
+def _check_image(data: bytes, name: str) -> None:
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise _RowError(UNREADABLE_IMAGE, f"image {name} cannot be decoded: {e}") from None

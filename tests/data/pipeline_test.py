@@ -1,0 +1,163 @@
+"""Example sources and PromptStream: resume, sharding, epochs (ares_jax/data/pipeline.py)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ares_jax.data import pipeline, records, synthetic
+from ares_jax.data.pipeline import FilesSpec, PromptStream, SyntheticSpec, TfdsSpec
+from ares_jax.data.records import Example
+from ares_jax.data.tfds_builder import build_tfds
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def ids(examples):
+    return [ex.id for ex in examples]
+
+
+def text_source(n):
+    return [Example(f"e{i}", f"q{i}", str(i)) for i in range(n)]
+
+
+def test_resume_continues_exactly():
+    source = pipeline.example_source(SyntheticSpec(n=9, seed=1))
+    stream = PromptStream(source, seed=5, shard_index=0, shard_count=1)
+    first = stream.next_batch(7)
+    state = json.loads(json.dumps(stream.get_state()))
+    a = stream.next_batch(5)  # crosses into epoch 1
+
+    resumed = PromptStream(source, seed=5, shard_index=0, shard_count=1)
+    resumed.set_state(state)
+    b = resumed.next_batch(5)
+    assert a == b
+    assert [ex.images for ex in a] == [ex.images for ex in b]
+    assert len(first) == 7 and stream.position == 12 and stream.epoch == 1
+
+    fresh = PromptStream(source, seed=5, shard_index=0, shard_count=1)
+    assert ids(fresh.next_batch(12)) == ids(first + a)
+
+
+def test_resume_in_another_process():
+    stream = PromptStream(text_source(10), seed=2, shard_index=1, shard_count=3)
+    stream.next_batch(4)
+    state = json.dumps(stream.get_state())
+    expected = ids(stream.next_batch(6))
+    script = textwrap.dedent(
+        f"""
+        import json
+        from ares_jax.data.pipeline import PromptStream
+        from ares_jax.data.records import Example
+        source = [Example(f"e{{i}}", f"q{{i}}", str(i)) for i in range(10)]
+        stream = PromptStream(source, seed=2, shard_index=1, shard_count=3)
+        stream.set_state({state!r})
+        print(" ".join(ex.id for ex in stream.next_batch(6)))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.split() == expected
+
+
+@pytest.mark.parametrize("size, count", [(10, 2), (11, 2), (11, 3)])
+def test_shards_are_disjoint_and_cover_each_epoch(size, count):
+    source = text_source(size)
+    for epoch in range(3):
+        seen = []
+        for index in range(count):
+            stream = PromptStream(source, seed=9, shard_index=index, shard_count=count)
+            per_epoch = stream.epoch_size
+            assert per_epoch in (size // count, size // count + 1)
+            stream.next_batch(epoch * per_epoch)
+            seen.append(ids(stream.next_batch(per_epoch)))
+        flat = [i for shard in seen for i in shard]
+        assert len(flat) == len(set(flat)) == size
+        assert set(flat) == {f"e{i}" for i in range(size)}
+
+
+def test_each_epoch_is_a_new_permutation():
+    stream = PromptStream(text_source(20), seed=0, shard_index=0, shard_count=1)
+    epochs = [ids(stream.next_batch(20)) for _ in range(3)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    other_seed = PromptStream(text_source(20), seed=1, shard_index=0, shard_count=1)
+    assert ids(other_seed.next_batch(20)) != epochs[0]
+
+
+def test_no_shuffle_and_epoch_limit():
+    stream = PromptStream(
+        text_source(5), seed=0, shuffle=False, num_epochs=2, shard_index=1, shard_count=2
+    )
+    assert ids(stream.next_batch(3)) == ["e1", "e3", "e1"]
+    assert ids(stream.next_batch(3)) == ["e3"]
+    assert stream.next_batch(3) == []
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert ids(list(PromptStream(text_source(3), seed=0, shuffle=False, num_epochs=1))) == [
+        "e0",
+        "e1",
+        "e2",
+    ]
+
+
+def test_default_shard_is_this_process():
+    stream = PromptStream(text_source(4), seed=0)
+    state = stream.get_state()
+    assert (state["shard_index"], state["shard_count"]) == (0, 1)
+
+
+def test_set_state_rejects_another_stream():
+    state = PromptStream(text_source(8), seed=1, shard_index=0, shard_count=2).get_state()
+    with pytest.raises(ValueError, match="seed=1.*seed=2"):
+        PromptStream(text_source(8), seed=2, shard_index=0, shard_count=2).set_state(state)
+    with pytest.raises(ValueError, match="source_size=8.*source_size=9"):
+        PromptStream(text_source(9), seed=1, shard_index=0, shard_count=2).set_state(state)
+    with pytest.raises(ValueError, match="shard_index"):
+        PromptStream(text_source(8), seed=1, shard_index=1, shard_count=2).set_state(state)
+
+
+def test_stream_argument_errors():
+    with pytest.raises(ValueError, match="empty"):
+        PromptStream([], seed=0)
+    with pytest.raises(ValueError, match="leave a shard empty"):
+        PromptStream(text_source(2), seed=0, shard_index=0, shard_count=3)
+    with pytest.raises(ValueError, match="seed"):
+        PromptStream(text_source(2), seed=-1)
+
+
+def test_example_source_kinds(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "q", "answer": "1"}\n{"question": "q2"}\n')
+    source = pipeline.example_source({"kind": "files", "paths": str(path), "on_error": "skip"})
+    assert len(source) == 1 and source[0].answer == "1"
+    assert source.read_stats.skipped == {"missing_answer": 1}
+    with pytest.raises(records.DataError, match=r"d\.jsonl, line 2"):
+        pipeline.example_source(FilesSpec(paths=(str(path),)))
+
+    synth = pipeline.example_source(
+        {"kind": "synthetic", "n": 4, "seed": 3, "split": "val", "difficulties": [5]}
+    )
+    assert synth[0] == synthetic.make_examples(4, seed=3, split="val", difficulties=(5,))[0]
+
+    build = build_tfds("src", synthetic.make_examples(5, seed=0), tmp_path / "tfds")
+    from_dir = pipeline.example_source(FilesSpec(paths=(build.path,)))
+    shard = f"{build.path}/ares_examples-train.array_record-00000-of-00001"
+    from_shard = pipeline.example_source(FilesSpec(paths=(shard,)))
+    by_name = pipeline.example_source(TfdsSpec(path="src", data_dir=str(tmp_path / "tfds")))
+    assert from_dir[4] == from_shard[4] == by_name[4] == synthetic.make_examples(5, seed=0)[4]
+    stream = PromptStream(from_dir, seed=0, num_epochs=1)
+    assert sorted(ids(stream.next_batch(10))) == sorted(ids(synthetic.make_examples(5, seed=0)))
+
+
+def test_source_spec_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown key.*nn.*data kind 'synthetic'"):
+        pipeline.source_spec({"kind": "synthetic", "nn": 3})
+    with pytest.raises(ValueError, match="data kind must be one of files, synthetic, tfds"):
+        pipeline.source_spec({"kind": "csv"})
+    spec = pipeline.source_spec({"kind": "files", "paths": ["a", "b"], "columns": {"id": "key"}})
+    assert spec == FilesSpec(paths=("a", "b"), columns=(("id", "key"),))

@@ -1,0 +1,148 @@
+"""The embedded synthetic task (ares_jax/data/synthetic.py)."""
+
+import collections
+import io
+import re
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from ares_jax.data import synthetic
+
+
+def recount(problem: synthetic.Problem) -> int:
+    """The answer by brute force from the generator's object list, without synthetic.evaluate."""
+    value = 0
+    for step in problem.steps:
+        if step.op == "multiply":
+            value = value * step.factor
+            continue
+        n = 0
+        for shape in problem.shapes:
+            color_ok = step.query.color is None or shape.color == step.query.color
+            kind_ok = step.query.kind is None or shape.kind == step.query.kind
+            n += color_ok and kind_ok
+        value = {"start": n, "add": value + n, "subtract": value - n}[step.op]
+    return value
+
+
+def test_same_seed_same_bytes_and_prefix_property():
+    a = synthetic.make_examples(15, seed=7)
+    b = synthetic.make_examples(15, seed=7)
+    assert a == b
+    assert [ex.images[0] for ex in a] == [ex.images[0] for ex in b]
+    assert synthetic.make_examples(6, seed=7) == a[:6]
+    c = synthetic.make_examples(15, seed=8)
+    assert sum(x.images[0] != y.images[0] for x, y in zip(a, c, strict=True)) >= 12
+    source = synthetic.SyntheticExamples(15, seed=7)
+    assert source[9] == a[9] and source[-1] == a[-1]
+    with pytest.raises(IndexError):
+        source[15]
+
+
+def test_difficulty_distribution():
+    examples = synthetic.make_examples(50, seed=0)
+    assert collections.Counter(ex.difficulty for ex in examples) == {d: 10 for d in range(1, 6)}
+    examples = synthetic.make_examples(9, seed=0, difficulties=(2, 4))
+    assert [ex.difficulty for ex in examples] == [2, 4] * 4 + [2]
+    with pytest.raises(ValueError, match="subset of 1..5"):
+        synthetic.make_examples(3, seed=0, difficulties=(0, 6))
+
+
+def test_answers_equal_brute_force_recount():
+    problems = synthetic.make_problems(200, seed=3)
+    examples = synthetic.make_examples(200, seed=3)
+    for problem, example in zip(problems, examples, strict=True):
+        assert example.answer == str(recount(problem))
+        assert int(example.answer) == problem.answer
+        assert example.id == problem.id and example.question == problem.question
+
+
+def test_sizes_grow_with_difficulty():
+    problems = synthetic.make_problems(250, seed=1)
+    by_level = collections.defaultdict(list)
+    for p in problems:
+        assert len(p.steps) == p.difficulty
+        assert p.steps[0].op == "start"
+        by_level[p.difficulty].append(len(p.shapes))
+        cells = [(s.row, s.col) for s in p.shapes]
+        assert len(set(cells)) == len(cells)
+    bounds = {1: (2, 3), 2: (3, 5), 3: (5, 7), 4: (7, 9), 5: (9, 12)}
+    for d, counts in by_level.items():
+        assert bounds[d][0] <= min(counts) and max(counts) <= bounds[d][1]
+    means = [np.mean(by_level[d]) for d in range(1, 6)]
+    assert means == sorted(means) and len(set(means)) == 5
+
+
+def test_question_names_every_counted_set():
+    for p in synthetic.make_problems(50, seed=2):
+        for step in p.steps:
+            if step.op == "multiply":
+                assert f"Multiply the result by {step.factor}." in p.question
+            else:
+                assert step.query.phrase() in p.question
+    assert synthetic.make_problems(1, seed=0)[0].question.startswith("How many ")
+
+
+def test_image_shows_the_generated_objects():
+    problems = synthetic.make_problems(20, seed=4)
+    examples = synthetic.make_examples(20, seed=4)
+    for problem, example in zip(problems, examples, strict=True):
+        image = np.asarray(PIL.Image.open(io.BytesIO(example.images[0])).convert("RGB"))
+        assert image.shape == (112, 112, 3)
+        cell = 112 // synthetic.GRID
+        occupied = {(s.row, s.col): s for s in problem.shapes}
+        for row in range(synthetic.GRID):
+            for col in range(synthetic.GRID):
+                center = image[row * cell + cell // 2, col * cell + cell // 2]
+                shape = occupied.get((row, col))
+                expected = synthetic.COLORS[shape.color] if shape else synthetic.BACKGROUND
+                assert tuple(center) == expected
+        # Circles leave the cell corner region white, squares fill it.
+        for s in problem.shapes:
+            near_corner = image[s.row * cell + 5, s.col * cell + 5]
+            is_colored = tuple(near_corner) == synthetic.COLORS[s.color]
+            assert is_colored == (s.kind == "square")
+    big = synthetic.make_examples(1, seed=4, image_size=224)[0]
+    assert PIL.Image.open(io.BytesIO(big.images[0])).size == (224, 224)
+
+
+def test_traces_are_correct_and_grow_with_difficulty():
+    examples = synthetic.make_examples(150, seed=5)
+    lengths = collections.defaultdict(list)
+    for ex in examples:
+        assert len(ex.traces) == len(synthetic.TRACE_STYLES) == 3
+        for trace in ex.traces:
+            assert re.fullmatch(r"<think> .+ </think> The answer is \\boxed\{(-?\d+)\}\.", trace)
+            assert trace.endswith(f"\\boxed{{{ex.answer}}}.")
+        terse, normal, verbose = (len(t) for t in ex.traces)
+        assert terse < normal < verbose
+        lengths[ex.difficulty].append([terse, normal, verbose])
+    means = np.array([np.mean(lengths[d], axis=0) for d in range(1, 6)])  # [level, style]
+    assert np.all(np.diff(means, axis=0) > 0), means
+
+
+def test_wrong_trace_is_last_and_wrong():
+    for ex in synthetic.make_examples(30, seed=6, wrong_trace=True):
+        assert len(ex.traces) == 4
+        boxed = re.search(r"\\boxed\{(-?\d+)\}", ex.traces[-1]).group(1)
+        assert boxed != ex.answer
+        assert all(t.endswith(f"\\boxed{{{ex.answer}}}.") for t in ex.traces[:3])
+
+
+def test_splits_are_disjoint():
+    def content(p):
+        return (p.difficulty, p.shapes, p.steps)
+
+    sets = {
+        split: {content(p) for p in synthetic.make_problems(300, seed=0, split=split)}
+        for split in synthetic.SPLITS
+    }
+    assert not sets["train"] & sets["val"]
+    assert not sets["train"] & sets["test"]
+    assert not sets["val"] & sets["test"]
+    ids = [p.id for p in synthetic.make_problems(3, seed=0, split="val")]
+    assert ids == ["synthetic-val-s0-0", "synthetic-val-s0-1", "synthetic-val-s0-2"]
+    with pytest.raises(ValueError, match="split must be one of"):
+        synthetic.make_examples(1, seed=0, split="dev")
