@@ -86,3 +86,16 @@ def sample(key: jax.Array, z: jax.Array, *, greedy: bool) -> tuple[jax.Array, ja
         tokens = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logp
+
+
+def topk_entropies(z: jax.Array, k: int, temperature: float) -> tuple[jax.Array, jax.Array]:
+    """The released code's entropy estimates from the top-k log-probs of softmax(z / T).
+
+    Returns (tail-corrected, raw truncated), each [N] float32 (ops.entropy.topk_entropy).
+    """
+    from ares_jax.ops.entropy import topk_entropy
+
+    t = temperature if temperature > 0 else 1.0
+    zt = z / t if t != 1.0 else z
+    top = jax.lax.top_k(zt, k)[0] - jax.nn.logsumexp(zt, axis=-1, keepdims=True)
+    return topk_entropy(top, tail=True), topk_entropy(top, tail=False)

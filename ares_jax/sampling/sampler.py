@@ -84,6 +84,9 @@ class SamplingParams:
     pad_token_id: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()  # e.g. ((image_token_id, -100.0),)
     vocab_limit: int | None = None  # ids >= this are never sampled (padded embedding rows)
+    # > 0: also estimate each position's entropy from its top-k log-probs, as the released code
+    # does from its inference engine (ops.entropy.topk_entropy; METHOD.md 2.1).
+    topk_entropy: int = 0
     branching: BranchingParams = BranchingParams()
 
     def __post_init__(self):
@@ -98,6 +101,8 @@ class SamplingParams:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             problems.append(f"top_k={self.top_k} must be >= 0")
+        if self.topk_entropy < 0:
+            problems.append(f"topk_entropy={self.topk_entropy} must be >= 0")
         if problems:
             raise ValueError("SamplingParams: " + "; ".join(problems) + ".")
 
@@ -117,6 +122,9 @@ class GenerateOutput(NamedTuple):
     logp: np.ndarray  # [N, T] float32: log-prob under softmax(z / T), 0 past the end
     sampling_logp: np.ndarray  # [N, T] float32: log-prob under the truncated distribution
     entropy: np.ndarray  # [N, T] float32 nats: entropy of softmax(z / T), 0 past the end
+    argmax_tokens: np.ndarray  # [N, T] int32: the most likely token at each position
+    topk_entropy_tail: np.ndarray  # [N, T] top-k estimate with the tail bucket (0 if off)
+    topk_entropy_raw: np.ndarray  # [N, T] top-k estimate without it (0 if off)
     mask: np.ndarray  # [N, T] bool: generated positions
     lengths: np.ndarray  # [N] int32 generated tokens, the stop token included
     stop_reason: np.ndarray  # [N] int32: STOP, LENGTH or INACTIVE (an unused spare row)
@@ -133,6 +141,9 @@ class _Loop(NamedTuple):
     logp: jax.Array
     slogp: jax.Array
     entropy: jax.Array
+    argmax: jax.Array
+    topk_tail: jax.Array
+    topk_raw: jax.Array
     done: jax.Array  # [N] bool: stopped, or not active
     reason: jax.Array
     lengths: jax.Array
@@ -191,6 +202,10 @@ def _sample_step(model, hidden, state: _Loop, sp: SamplingParams, bias):
         greedy=sp.greedy,
     )
     logp, entropy = L.token_stats(z, tokens, sp.temperature)
+    argmax = jnp.argmax(z, axis=-1).astype(jnp.int32)
+    topk_tail = topk_raw = jnp.zeros_like(entropy)
+    if sp.topk_entropy:
+        topk_tail, topk_raw = L.topk_entropies(z, sp.topk_entropy, sp.temperature)
     live = ~state.done
     s = state.step
     put = lambda buf, x, fill: buf.at[:, s].set(jnp.where(live, x, fill))  # noqa: E731
@@ -202,6 +217,9 @@ def _sample_step(model, hidden, state: _Loop, sp: SamplingParams, bias):
         logp=put(state.logp, logp, 0.0),
         slogp=put(state.slogp, slogp, 0.0),
         entropy=put(state.entropy, entropy, 0.0),
+        argmax=put(state.argmax, argmax, sp.pad_token_id),
+        topk_tail=put(state.topk_tail, topk_tail, 0.0),
+        topk_raw=put(state.topk_raw, topk_raw, 0.0),
         lengths=state.lengths + live.astype(jnp.int32),
         done=state.done | stopped | at_end,
         reason=reason,
@@ -255,6 +273,9 @@ def _branch(state: _Loop, sp: SamplingParams, tau) -> _Loop:
             logp=take(state.logp),
             slogp=take(state.slogp),
             entropy=take(state.entropy),
+            argmax=take(state.argmax),
+            topk_tail=take(state.topk_tail),
+            topk_raw=take(state.topk_raw),
             lengths=take(state.lengths),
             done=jnp.where(is_child, False, state.done),
             reason=jnp.where(is_child, LENGTH, state.reason),
@@ -283,6 +304,9 @@ def _decode(graphdef, params, cache: KVCache, hidden, sp: SamplingParams, key, t
         logp=zeros_f,
         slogp=zeros_f,
         entropy=zeros_f,
+        argmax=jnp.full((n_rows, t), sp.pad_token_id, jnp.int32),
+        topk_tail=zeros_f,
+        topk_raw=zeros_f,
         done=~active,
         reason=jnp.where(active, LENGTH, INACTIVE).astype(jnp.int32),
         lengths=jnp.zeros((n_rows,), jnp.int32),
@@ -371,7 +395,16 @@ def generate(
         (state.tokens, state.logp, state.slogp, state.entropy, state.lengths, state.reason)
     )
     tokens, logp, slogp, entropy, lengths, reason = out
-    active, parent, fork_step = jax.device_get((state.active, state.parent, state.fork_step))
+    active, parent, fork_step, argmax, topk_tail, topk_raw = jax.device_get(
+        (
+            state.active,
+            state.parent,
+            state.fork_step,
+            state.argmax,
+            state.topk_tail,
+            state.topk_raw,
+        )
+    )
     t = sampling.max_new_tokens
     mask = np.arange(t)[None, :] < lengths[:, None]
     return GenerateOutput(
@@ -379,6 +412,9 @@ def generate(
         logp=logp,
         sampling_logp=slogp,
         entropy=entropy,
+        argmax_tokens=argmax,
+        topk_entropy_tail=topk_tail,
+        topk_entropy_raw=topk_raw,
         mask=mask,
         lengths=lengths,
         stop_reason=reason,

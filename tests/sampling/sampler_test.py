@@ -282,3 +282,22 @@ def test_greedy_equals_transformers_generate_with_images(tmp_path):
     )
     assert len(set(ref[0].tolist())) > 3
     np.testing.assert_array_equal(out.tokens[:, : ref.shape[1]], ref)
+
+
+def test_argmax_and_topk_entropy_outputs(tiny):
+    inputs = _text_prompts()
+    sp = SamplingParams(n=2, max_new_tokens=6, temperature=1.0, topk_entropy=10)
+    out = generate(tiny, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0))
+    greedy = generate(
+        tiny,
+        inputs=inputs,
+        sampling=SamplingParams(n=1, max_new_tokens=1, temperature=0.0),
+        key=jax.random.PRNGKey(0),
+    )
+    assert (out.argmax_tokens[::2, 0] == greedy.tokens[:, 0]).all()  # same first-step logits
+    m = out.mask
+    # Top-10 estimates: the tail term only adds, and with 10 of ~600 tokens kept the raw
+    # truncated sum is below the exact entropy.
+    assert (out.topk_entropy_raw[m] <= out.topk_entropy_tail[m] + 1e-6).all()
+    assert (out.topk_entropy_raw[m] < out.entropy[m]).all()
+    assert (out.topk_entropy_raw[~m] == 0).all()
