@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging as std_logging
 import re
 import sys
 
@@ -115,7 +116,15 @@ def main(argv: list[str]) -> None:
         _die(f"--workdir is required to run stage {stage!r}.")
     else:
         print(f"# stage {stage!r}: running {target}.")
-        module.run(config, workdir)
+        # The project's own progress lines at INFO; libraries (orbax, tfds) only warn.
+        logging.set_verbosity(logging.WARNING)
+        std_logging.getLogger("ares_jax").setLevel(std_logging.INFO)
+        from ares_jax.data.records import DataError
+
+        try:
+            module.run(config, workdir)
+        except (DataError, FileNotFoundError) as e:  # bad data or a missing file: one sentence
+            _die(str(e))
 
 
 if __name__ == "__main__":

@@ -41,11 +41,27 @@ from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.ops.entropy import token_logprobs_and_entropy
 
 PRESETS = {
-    "cpu": dict(model="small", batch=2, seq=256, images=4, image_size=224, dtype="float32",
-                chunk=128, remat=False),
-    "gpu": dict(model="3b", batch=8, seq=2048, images=16, image_size=448, dtype="bfloat16",
-                chunk=256, remat=True),
-}  # fmt: skip
+    "cpu": dict(
+        model="small",
+        batch=2,
+        seq=256,
+        images=4,
+        image_size=224,
+        dtype="float32",
+        chunk=128,
+        remat=False,
+    ),
+    "gpu": dict(
+        model="3b",
+        batch=8,
+        seq=2048,
+        images=16,
+        image_size=448,
+        dtype="bfloat16",
+        chunk=256,
+        remat=True,
+    ),
+}
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size preset.")
 _MODEL = flags.DEFINE_string("model", None, "Model preset (tiny, small, 3b, 7b).")
@@ -120,10 +136,12 @@ def _pixels(cfg, n, size):
     from ares_jax.models.qwen2_5_vl.processor import preprocess_image
 
     pix, grids = zip(
-        *[preprocess_image(im, min_pixels=size * size, max_pixels=size * size)
-          for im in _images(n, size)],
+        *[
+            preprocess_image(im, min_pixels=size * size, max_pixels=size * size)
+            for im in _images(n, size)
+        ],
         strict=True,
-    )  # fmt: skip
+    )
     return np.concatenate(pix), np.asarray(grids)
 
 
@@ -237,8 +255,16 @@ def _card():
 def main(argv):
     del argv
     p = dict(PRESETS[_PRESET.value])
-    overrides = dict(model=_MODEL, batch=_BATCH, seq=_SEQ, images=_IMAGES,
-                     image_size=_IMAGE_SIZE, dtype=_DTYPE, chunk=_CHUNK, remat=_REMAT)  # fmt: skip
+    overrides = dict(
+        model=_MODEL,
+        batch=_BATCH,
+        seq=_SEQ,
+        images=_IMAGES,
+        image_size=_IMAGE_SIZE,
+        dtype=_DTYPE,
+        chunk=_CHUNK,
+        remat=_REMAT,
+    )
     for key, flag in overrides.items():
         if flag.value is not None:
             p[key] = flag.value

@@ -165,8 +165,14 @@ def main(argv):
     total, prefill = ours(cfg, p, dtype, _ITERS.value)
     decode = max(total - prefill, 1e-9)
     bandwidth = _bandwidth()
-    floor_step = _floor_bytes(cfg, 2 if p["dtype"] == "bfloat16" else 4, **{
-        k: p[k] for k in ("batch", "prompt", "new")}) / bandwidth  # fmt: skip
+    floor_step = (
+        _floor_bytes(
+            cfg,
+            2 if p["dtype"] == "bfloat16" else 4,
+            **{k: p[k] for k in ("batch", "prompt", "new")},
+        )
+        / bandwidth
+    )
     lines = [
         f"model {p['model']} ({p['dtype']}), {p['batch']} prompts x {p['prompt']} tokens, "
         f"{p['new']} new tokens, sampling; {_card()}; jax {jax.__version__}",

@@ -60,7 +60,7 @@ def _base() -> ml_collections.ConfigDict:
         # METHOD.md 6: the vision tower is trainable during RL (freeze_vision_tower: false).
         # AdaCS (METHOD.md 3.3) trains the LLM only; that is configs/adacs.py's default.
         freeze_vision=False,
-        attention="xla",  # 'xla' (einsum, everywhere) | 'cudnn' (GPU) | 'splash' (TPU)
+        attention="xla",  # 'xla' (XLA's fused attention, everywhere) | 'cudnn' (GPU flash)
     )
 
     # --- Data (METHOD.md 4.1).
@@ -78,10 +78,10 @@ def _base() -> ml_collections.ConfigDict:
         min_pixels=3136,
         max_pixels=12544,
         max_prompt_len=256,  # tokens, text + image placeholders; paper 4096
-        prompt_len_buckets=(128, 256),  # prompts pad to the smallest bucket; last = max_prompt_len
+        prompt_len_buckets=(192, 256),  # prompts pad to the smallest bucket; last = max_prompt_len
         drop_overlong_prompts=True,  # False: an over-long prompt is an error naming the record
         shuffle_seed=0,
-        num_workers=0,  # grain worker processes; 0 = in-process
+        on_error="raise",  # a bad record: 'raise' (names file and line) | 'skip' (counted)
     )
 
     # --- Rollout (METHOD.md 4.1, 4.3).
@@ -97,15 +97,17 @@ def _base() -> ml_collections.ConfigDict:
         # last bucket must equal max_response_len.
         length_buckets=(32, 64),
         prompts_per_iter=16,  # paper 512; refilled by the online filter (filter.*)
-        decode_batch_size=128,  # sequences decoded at once (bounds the KV cache)
+        decode_batch_size=128,  # rows decoded at once (bounds the KV cache); whole prompts
         image_token_logit_bias=-100.0,  # released vLLM setting: never sample image placeholders
         # METHOD.md 4.3 / 9.5: the paper branches extra trajectories where the window entropy
         # exceeds tau; the released code has no branching (plain n independent samples). The paper
-        # gives no budget or allocation rule; the two numbers are the sampler's placeholders.
+        # gives no rule; ours (ares_jax/sampling/sampler.py): a row whose mean entropy over its
+        # last entropy.window tokens reaches tau forks one continuation into a spare row of its
+        # prompt, at most `budget` per prompt, a row at most once per `cooldown` steps.
         branching=dict(
             enabled=False,
-            branch_budget=8,  # extra trajectories per prompt at most
-            max_branches_per_prompt=4,  # branch points per prompt at most
+            budget=4,  # extra rows per prompt that forks may fill (they join the group)
+            cooldown=4,  # steps between two forks of one row
         ),
     )
 
@@ -142,20 +144,15 @@ def _base() -> ml_collections.ConfigDict:
         topk=10,
     )
 
-    # --- Difficulty buckets (METHOD.md 4.2): easy if acc >= 2/3, medium if >= 1/3, else hard
-    # (for n=8: >= 6, 3..5, <= 2 correct).
-    c.bucket = dict(
-        easy_min_acc=2.0 / 3.0,
-        medium_min_acc=1.0 / 3.0,
-        bootstrap=False,  # the code's optional pre-training bucket pass; off in all its configs
-    )
+    # Difficulty buckets (METHOD.md 4.2) are the released code's: easy if at least 2/3 of a
+    # group is correct, medium if at least 1/3, else hard (for n=8: >= 6, 3..5, <= 2 correct),
+    # recomputed every iteration; its optional pre-training bucket pass is off in all its configs.
 
     # --- Reward (METHOD.md 4.1, 4.4). Per-bucket tuples are (easy, medium, hard).
     c.reward = dict(
         # METHOD.md 4.4 / 9.6: 'code' = piecewise Huber/sigmoid shaping (4.4.2, matches App. I, M);
         # 'paper' = the closed-form Lagrangian penalty of 4.4.1; 'none' = accuracy only (ablation).
         variant="code",
-        verifier="math_verify",  # last \boxed{} vs the answer: 'math_verify' | 'string' (exact)
         accuracy_weight=1.0,
         format_weight=0.0,  # AEPO adds no format reward (the GRPO ablation used 0.9 acc + 0.1)
         alpha_init=0.5,  # alpha_d, adaptive entropy weight per bucket
@@ -163,7 +160,6 @@ def _base() -> ml_collections.ConfigDict:
         alpha_min=0.0,
         alpha_max=2.0,
         target_scale=(1.0, 1.0, 1.0),  # N*_d = round(scale_d * bucket mean of per-prompt mean N)
-        round_target=True,
         margin_frac=(0.15, 0.25, 0.35),
         huber_kappa=(2.0, 3.0, 4.0),
         sigmoid_temp=(2.0, 2.5, 3.0),
@@ -241,7 +237,7 @@ def _base() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         schedule="constant",  # 'constant' | 'cosine'
         warmup_steps=0,
-        state_dtype="float32",  # Adam moments; the launch script used a bf16 AdamW variant
+        state_dtype="float32",  # Adam's first moment; the released launcher used a bf16 AdamW
     )
 
     # --- Training loop (METHOD.md 4.7, 4.11).
@@ -254,6 +250,7 @@ def _base() -> ml_collections.ConfigDict:
         # 'sampler' = taken from the sampler (same parameters here, saves one forward pass).
         old_logp_source="learner",
         max_nonfinite_steps=0,  # non-finite loss/grad steps tolerated before stopping (0 = none)
+        score_workers=0,  # processes grading answers with math-verify; 0 = in this process
         logprob_chunk_size=64,  # sequence chunk of the log-prob/entropy kernel
         logprob_vocab_chunk_size=config_dict.placeholder(int),  # None = whole vocabulary
     )
@@ -279,8 +276,8 @@ def _base() -> ml_collections.ConfigDict:
 
     # --- Mesh (ares_jax/parallel): -1 takes the remaining devices. `rules` are logical-axis
     # overrides merged over ares_jax.parallel.rules.DEFAULT_RULES, as (name, axes) pairs, e.g.
-    # (('kv_heads', None), ('batch', ('data', 'fsdp'))); `sampler_rules` likewise for decoding.
-    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=(), sampler_rules=())
+    # (('kv_heads', None), ('batch', ('data', 'fsdp'))). The sampler uses the same table.
+    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=())
     return c
 
 
@@ -290,8 +287,8 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
         synthetic_train_size=32,
         synthetic_val_size=8,
         max_pixels=3136,
-        max_prompt_len=128,
-        prompt_len_buckets=(128,),
+        max_prompt_len=256,
+        prompt_len_buckets=(256,),
     )
     c.rollout.update(
         n=4, max_response_len=16, length_buckets=(16,), prompts_per_iter=2, decode_batch_size=8
@@ -309,7 +306,6 @@ def _paper(c: ml_collections.ConfigDict, size: str) -> None:
         max_pixels=4194304,
         max_prompt_len=4096,
         prompt_len_buckets=(1024, 2048, 4096),
-        num_workers=8,
     )
     c.rollout.update(
         max_response_len=16384,  # METHOD.md 9.12: final config/paper; released example 8192
@@ -353,7 +349,7 @@ SCHEMA = {
     "model.preset": common.one_of("tiny", "small", "3b", "7b"),
     "model.dtype": common.one_of("float32", "bfloat16"),
     "model.param_dtype": common.one_of("float32", "bfloat16"),
-    "model.attention": common.one_of("xla", "cudnn", "splash"),
+    "model.attention": common.one_of("xla", "cudnn"),
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),
     "data.synthetic_val_size": (_int, _pos),
@@ -361,7 +357,7 @@ SCHEMA = {
     "data.max_pixels": (_int, _pos),
     "data.max_prompt_len": (_int, _pos),
     "data.prompt_len_buckets": common.ascending_ints(),
-    "data.num_workers": (_int, _nonneg),
+    "data.on_error": common.one_of("raise", "skip"),
     "rollout.n": (_int, common.in_range(2, None)),
     "rollout.temperature": _pos,
     "rollout.top_p": common.in_range(0.0, 1.0, lo_open=True),
@@ -370,8 +366,8 @@ SCHEMA = {
     "rollout.length_buckets": common.ascending_ints(),
     "rollout.prompts_per_iter": (_int, _pos),
     "rollout.decode_batch_size": (_int, _pos),
-    "rollout.branching.branch_budget": (_int, _nonneg),
-    "rollout.branching.max_branches_per_prompt": (_int, _nonneg),
+    "rollout.branching.budget": (_int, _nonneg),
+    "rollout.branching.cooldown": (_int, _nonneg),
     "entropy.window": (_int, _pos),
     "entropy.window_offset": common.one_of(0, 1),
     "entropy.percentile": common.in_range(0.0, 100.0),
@@ -382,10 +378,7 @@ SCHEMA = {
     "entropy.trigger_token": common.one_of("sampled", "argmax"),
     "entropy.estimator": common.one_of("exact", "topk_tail", "topk_code"),
     "entropy.topk": (_int, _pos),
-    "bucket.easy_min_acc": _unit,
-    "bucket.medium_min_acc": _unit,
     "reward.variant": common.one_of("code", "paper", "none"),
-    "reward.verifier": common.one_of("math_verify", "string"),
     "reward.accuracy_weight": _nonneg,
     "reward.format_weight": _nonneg,
     "reward.alpha_lr": _nonneg,
@@ -438,6 +431,7 @@ SCHEMA = {
     "train.ppo_epochs": (_int, _pos),
     "train.old_logp_source": common.one_of("learner", "sampler"),
     "train.max_nonfinite_steps": (_int, _nonneg),
+    "train.score_workers": (_int, _nonneg),
     "train.logprob_chunk_size": (_int, _pos),
     "train.logprob_vocab_chunk_size": common.optional(common.is_type(int)),
     "eval.every_steps": (_int, _nonneg),  # 0 = no periodic evaluation
@@ -490,7 +484,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     # Orders.
     _check_order(c, "data.min_pixels", None, "data.max_pixels")
-    _check_order(c, "bucket.medium_min_acc", None, "bucket.easy_min_acc")
     _check_order(c, "reward.alpha_min", "reward.alpha_init", "reward.alpha_max")
     _check_order(c, "kl.beta_min", "kl.beta_init", "kl.beta_max")
     _check_order(c, "kl.kappa_min", "kl.kappa_init", "kl.kappa_max")
@@ -546,7 +539,7 @@ def _validate_mesh(c: ml_collections.ConfigDict) -> None:
     # Imported here: configs stay importable without jax; the table lives in ares_jax.parallel.
     from ares_jax.parallel import rules
 
-    for key in ("mesh.rules", "mesh.sampler_rules"):
+    for key in ("mesh.rules",):
         try:
             rules.merge_rules(common.get_path(c, key))
         except (TypeError, ValueError) as e:

@@ -257,10 +257,23 @@ def train_step(
 
 
 def make_optimizer(
-    *, lr: float, weight_decay: float, b1: float, b2: float, eps: float, grad_clip: float,
-    schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1,
-) -> optax.GradientTransformation:  # fmt: skip
-    """AdamW with global-norm clipping (METHOD.md 6: lr 1e-6, wd 1e-2, clip 1.0, constant)."""
+    *,
+    lr: float,
+    weight_decay: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    grad_clip: float,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int = 1,
+    state_dtype=None,
+) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (METHOD.md 6: lr 1e-6, wd 1e-2, clip 1.0, constant).
+
+    `state_dtype` stores Adam's first moment in that dtype (bfloat16 halves its memory); the
+    second moment stays in the parameters' dtype.
+    """
     if schedule == "constant":
         lr_fn = optax.constant_schedule(lr)
         if warmup_steps:
@@ -274,5 +287,5 @@ def make_optimizer(
         raise ValueError(f"optim.schedule={schedule!r} is not one of 'constant', 'cosine'.")
     return optax.chain(
         optax.clip_by_global_norm(grad_clip),
-        optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=state_dtype),
     )

@@ -47,17 +47,31 @@ import PIL.Image
 # Field -> accepted column names, first match wins. "a.b" looks up key b of a dict column a.
 COLUMNS: dict[str, tuple[str, ...]] = {
     "question": ("question", "problem", "prompt", "query"),
-    "answer": ("answer", "solution", "ground_truth", "gt_answer", "final_answer",
-               "reward_model.ground_truth"),
+    "answer": (
+        "answer",
+        "solution",
+        "ground_truth",
+        "gt_answer",
+        "final_answer",
+        "reward_model.ground_truth",
+    ),
     "images": ("images", "image", "image_paths", "image_path"),
     "id": ("id", "global_id", "qid", "uid", "problem_id", "question_id"),
-    "traces": ("traces", "trace", "responses", "response", "reasoning", "teacher_response",
-               "cot", "output"),
+    "traces": (
+        "traces",
+        "trace",
+        "responses",
+        "response",
+        "reasoning",
+        "teacher_response",
+        "cot",
+        "output",
+    ),
     "source": ("source", "data_source", "dataset"),
     "pass_rate": ("pass_rate", "passrate", "acc", "accuracy"),
     "difficulty": ("difficulty",),
     "messages": ("messages", "conversations"),
-}  # fmt: skip
+}
 
 # Reasons a row is rejected (keys of ReadStats.skipped).
 MALFORMED_JSON = "malformed_json"

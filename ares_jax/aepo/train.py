@@ -1,0 +1,525 @@
+"""AEPO, the RL stage of ARES: `run(config, workdir)` (METHOD.md 4.11).
+
+  python -m ares_jax.main --config=configs/aepo.py[:PRESET] --workdir=DIR
+
+Each iteration:
+  1. rollout: prompts are sampled and answers checked; the phase computes buckets, HWE counts,
+     the entropy reward, the online filter and the advantages (aepo/rollout.py);
+  2. the learner recomputes the old-policy log-probs, or reuses the sampler's by config (the gap
+     is logged either way), and computes the reference log-probs from the frozen initial policy;
+  3. the rollout is split into mini-batches of `train.prompts_per_step` prompts, one optimizer step
+     each, with exact gradient accumulation over micro-batches (aepo/learner.py);
+  4. the paper's kappa controller, if selected, is updated; the released beta controller runs
+     inside the update;
+  5. metrics, periodic validation, checkpoints.
+Resume order, logged at start: a checkpoint in the workdir, then config.checkpoint.resume, then the
+model's initial weights (model.path or the preset's random init). SIGTERM saves and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ares_jax import checkpoint as ckpt
+from ares_jax import evaluate as ev
+from ares_jax import metrics as mt
+from ares_jax.aepo import batch as B
+from ares_jax.aepo import learner as Lr
+from ares_jax.aepo import rollout as RO
+from ares_jax.data import pipeline
+from ares_jax.models.qwen2_5_vl import config as model_config
+from ares_jax.models.qwen2_5_vl import params as model_params
+from ares_jax.models.qwen2_5_vl import tokenizer as tok
+from ares_jax.ops import hwe as H
+from ares_jax.ops import kl as K
+from ares_jax.ops import policy_loss as PL
+from ares_jax.parallel.mesh import make_mesh
+from ares_jax.rewards import buckets as BK
+from ares_jax.rewards import entropy_shaping as ES
+from ares_jax.rewards import triggers as TR
+from ares_jax.sampling import BranchingParams, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config -> settings (the config stops here, STYLE.md 5 rule 5)
+# ---------------------------------------------------------------------------------------------
+
+
+def _sampling(c, cfg, tokenizer, *, n, temperature, max_new) -> SamplingParams:
+    stops = tuple(
+        sorted({cfg.eos_token_id, tok.special_ids(tokenizer).endoftext, tokenizer.eos_token_id})
+    )
+    br = c.rollout.branching
+    return SamplingParams(
+        n=n,
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=c.rollout.top_p,
+        top_k=c.rollout.top_k,
+        stop_token_ids=stops,
+        pad_token_id=cfg.pad_token_id,
+        logit_bias=((cfg.image_token_id, float(c.rollout.image_token_logit_bias)),),
+        vocab_limit=len(tokenizer),
+        topk_entropy=c.entropy.topk if c.entropy.estimator != "exact" else 0,
+        branching=BranchingParams(
+            enabled=bool(br.enabled),
+            budget=int(br.budget),
+            window=int(c.entropy.window),
+            cooldown=int(br.cooldown),
+        ),
+    )
+
+
+def _rollout_settings(c, sampling: SamplingParams) -> RO.RolloutSettings:
+    r = c.reward
+    return RO.RolloutSettings(
+        sampling=sampling,
+        prompts_per_iter=c.rollout.prompts_per_iter,
+        template=c.data.prompt_template,
+        min_pixels=c.data.min_pixels,
+        max_pixels=c.data.max_pixels,
+        prompt_len_buckets=tuple(c.data.prompt_len_buckets),
+        window=c.entropy.window,
+        window_offset=c.entropy.window_offset,
+        percentile=c.entropy.percentile,
+        threshold=c.entropy.threshold,
+        threshold_ema=c.entropy.threshold_ema,
+        hwe_count=c.entropy.hwe_count,
+        trigger_token=c.entropy.trigger_token,
+        estimator=c.entropy.estimator,
+        reward_variant=r.variant,
+        shaping=ES.ShapingParams(
+            margin_frac=tuple(r.margin_frac),
+            huber_kappa=tuple(r.huber_kappa),
+            sigmoid_temp=tuple(r.sigmoid_temp),
+            cap_scale=tuple(r.cap_scale),
+            wrong_gain=tuple(r.wrong_gain),
+            eps=r.paper_eps,
+        ),
+        alpha_lr=r.alpha_lr,
+        alpha_min=r.alpha_min,
+        alpha_max=r.alpha_max,
+        target_scale=tuple(r.target_scale),
+        accuracy_weight=r.accuracy_weight,
+        format_weight=r.format_weight,
+        reward_timing_quirk=r.reward_timing_quirk,
+        filter_enabled=c.filter.enabled,
+        filter_low=c.filter.low,
+        filter_high=c.filter.high,
+        max_tries=c.filter.max_tries,
+        advantage_scale=c.advantage.scale,
+        advantage_eps=c.advantage.eps,
+        score_workers=c.train.score_workers,
+        decode_batch_size=c.rollout.decode_batch_size,
+    )
+
+
+def _learner_settings(c, prompt_len: int) -> Lr.LearnerSettings:
+    k = c.kl
+    return Lr.LearnerSettings(
+        prompt_len=prompt_len,
+        temperature=c.rollout.temperature or 1.0,
+        chunk_size=c.train.logprob_chunk_size,
+        vocab_chunk_size=c.train.logprob_vocab_chunk_size,
+        clip_low=c.loss.clip_low,
+        clip_high=c.loss.clip_high,
+        dual_clip=c.loss.dual_clip,
+        logratio_clamp=c.loss.logratio_clamp,
+        agg=c.loss.agg,
+        kl_estimator=k.estimator,
+        kl_coef=k.coef,
+        kl_controller=k.controller,
+        beta_params=K.BetaControllerParams(
+            target=tuple(k.target),
+            ema_decay=k.ema_decay,
+            deadzone=k.deadzone,
+            interval=k.update_interval,
+            lr=k.beta_lr,
+            err_clip=k.err_clip,
+            beta_min=k.beta_min,
+            beta_max=k.beta_max,
+            beta_init=k.beta_init,
+        ),
+        bucket_coef=tuple(k.bucket_coef),
+        rho=k.rho,
+        second_chance=k.second_chance.enabled,
+        second_chance_factor=k.second_chance.factor,
+        second_chance_soft_cost_min=k.second_chance.soft_cost_min,
+        second_chance_easy_only=k.second_chance.easy_only,
+        second_chance_incorrect_only=k.second_chance.incorrect_only,
+    )
+
+
+def _kappa_params(k) -> K.KappaControllerParams:
+    return K.KappaControllerParams(
+        alpha=k.kappa_lr,
+        delta=tuple(k.delta),
+        kappa_min=k.kappa_min,
+        kappa_max=k.kappa_max,
+        kappa_init=k.kappa_init,
+    )
+
+
+def _source(c, split: str):
+    d = c.data
+    if d.source == "synthetic":
+        n = d.synthetic_train_size if split == "train" else d.synthetic_val_size
+        return pipeline.example_source(pipeline.SyntheticSpec(n=n, seed=c.seed, split=split))
+    files = d.train_files if split == "train" else d.val_files
+    if files is None:
+        return None
+    paths = tuple(files.split(",")) if isinstance(files, str) else tuple(files)
+    return pipeline.example_source(pipeline.FilesSpec(paths=paths, on_error=d.on_error))
+
+
+def _bucket_up(n: int, buckets) -> int:
+    fitting = [b for b in sorted(buckets) if b >= n]
+    return fitting[0] if fitting else max(buckets)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def run(config, workdir: str) -> dict[str, float]:
+    """Runs AEPO to `config.train.steps` iterations; returns the last evaluation metrics."""
+    c = config
+    workdir_path = Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # --- Mesh, model, tokenizer ----------------------------------------------------------------
+    mesh = make_mesh(dict(c.mesh.shape))
+    dtype, param_dtype = _DTYPES[c.model.dtype], _DTYPES[c.model.param_dtype]
+    model_kwargs = dict(
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scan_layers=c.model.scan_layers,
+        remat=c.model.remat,
+        attention_impl=c.model.attention,
+    )
+    rules = tuple(tuple(r) for r in c.mesh.rules) or None
+    if c.model.path:
+        model = model_params.from_pretrained(c.model.path, mesh=mesh, rules=rules, **model_kwargs)
+        tokenizer = tok.load_tokenizer(c.model.path)
+    else:
+        cfg = model_config.preset(c.model.preset)
+        model = model_params.init_model(cfg, seed=c.seed, mesh=mesh, rules=rules, **model_kwargs)
+        tokenizer = tok.build_tokenizer()
+    cfg = model.cfg
+    graphdef, trainable, frozen = Lr.split_params(model, freeze_vision=c.model.freeze_vision)
+    reference = (jax.tree.map(jnp.copy, trainable), frozen)  # the frozen initial policy
+    del model
+
+    # --- Settings ----------------------------------------------------------------------------
+    t_max = c.rollout.max_response_len
+    sampling = _sampling(
+        c, cfg, tokenizer, n=c.rollout.n, temperature=c.rollout.temperature, max_new=t_max
+    )
+    rs = _rollout_settings(c, sampling)
+    prompt_len = max(c.data.prompt_len_buckets)
+    ls = _learner_settings(c, prompt_len)
+    table = TR.trigger_table(
+        tokenizer, TR.load_trigger_words(c.entropy.trigger_words), vocab_size=cfg.text.vocab_size
+    )
+    rows_per_prompt = sampling.rows_per_prompt
+    mb = c.train.micro_batch_size
+    rows_per_step = c.train.prompts_per_step * rows_per_prompt
+    num_micro = -(-rows_per_step // mb)
+    optimizer = Lr.make_optimizer(
+        lr=c.optim.lr,
+        weight_decay=c.optim.weight_decay,
+        b1=c.optim.b1,
+        b2=c.optim.b2,
+        eps=c.optim.eps,
+        grad_clip=c.optim.grad_clip,
+        schedule=c.optim.schedule,
+        warmup_steps=c.optim.warmup_steps,
+        total_steps=c.train.steps * max(1, c.rollout.prompts_per_iter // c.train.prompts_per_step),
+        state_dtype=_DTYPES[c.optim.state_dtype],
+    )
+
+    # --- Data ----------------------------------------------------------------------------------
+    stream = pipeline.PromptStream(_source(c, "train"), seed=c.data.shuffle_seed)
+    val_source = _source(c, "val")
+    val_examples = []
+    if val_source is not None:
+        count = len(val_source)
+        if c.eval.max_examples:
+            count = min(count, c.eval.max_examples)
+        val_examples = [val_source[i] for i in range(count)]
+
+    # --- State and restore ---------------------------------------------------------------------
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = Lr.TrainState(
+        trainable=trainable,
+        # Initialised under jit so the moments take the parameters' shardings.
+        opt_state=jax.jit(optimizer.init)(trainable),
+        beta=jax.device_put(K.init_beta_state(ls.beta_params), replicated),
+        kappa=jax.device_put(K.init_kappa(_kappa_params(c.kl)), replicated),
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    )
+    rollout_state = RO.RolloutState(
+        threshold=H.init_threshold(),
+        targets=BK.init_bucket_targets(alpha_init=c.reward.alpha_init),
+    )
+    key = jax.random.PRNGKey(c.seed)
+    checkpointer = ckpt.Checkpointer(
+        workdir_path / "checkpoints",
+        every_steps=c.checkpoint.every_steps,
+        keep=c.checkpoint.keep,
+        async_save=c.checkpoint.async_save,
+    )
+    writer = mt.MetricWriter(workdir_path, tensorboard=c.log.tensorboard)
+    writer.write_config(c.to_dict())
+    source = ckpt.resolve_init(workdir_path / "checkpoints", resume=c.checkpoint.resume)
+    start = 0
+    if source.kind in ("workdir", "resume"):
+        reader = (
+            checkpointer
+            if source.kind == "workdir"
+            else ckpt.Checkpointer(source.path, every_steps=1, keep=1, read_only=True)
+        )
+        restored = reader.restore({"train": state, "rollout": rollout_state, "key": key})
+        state, rollout_state, key = (
+            restored.state["train"],
+            restored.state["rollout"],
+            restored.state["key"],
+        )
+        stream.set_state(restored.extra["data"])
+        start = restored.step
+        log.info(
+            "AEPO: resumed from %s checkpoint at step %d (%s).", source.kind, start, source.path
+        )
+        writer.truncate_after(start)
+    else:
+        log.info("AEPO: starting from %s.", c.model.path or f"random init ({c.model.preset})")
+        writer.truncate_after(-1)
+    # Fresh buffers for every leaf (initial states may share one zeros buffer between fields,
+    # which a donating step cannot take twice), every leaf on the mesh (what the step returns,
+    # so the second step does not compile again).
+    state = jax.tree.map(
+        lambda x: (
+            jnp.copy(x)
+            if isinstance(x.sharding, jax.sharding.NamedSharding)
+            else jax.device_put(x, replicated)
+        ),
+        state,
+    )
+    uninstall = ckpt.install_preemption_handler()
+    guard = mt.NonFiniteGuard(c.train.max_nonfinite_steps)
+
+    # --- Jitted steps ---------------------------------------------------------------------------
+    logprob_fn = jax.jit(Lr.logprob_pass, static_argnums=(0, 5))
+    step_fn = jax.jit(
+        Lr.train_step, static_argnums=0, static_argnames=("optimizer", "s"), donate_argnums=(1,)
+    )
+    val_sampling = _sampling(
+        c,
+        cfg,
+        tokenizer,
+        n=c.eval.n,
+        temperature=c.eval.temperature,
+        max_new=c.eval.max_response_len,
+    )
+    val_sampling = dataclasses.replace(
+        val_sampling, top_p=c.eval.top_p, branching=BranchingParams()
+    )
+
+    def validate(step: int) -> dict[str, float]:
+        if not val_examples:
+            return {}
+        full_graphdef, params_now = nnx.split(Lr.merge(graphdef, state.trainable, frozen))
+        result = ev.evaluate(
+            full_graphdef,
+            params_now,
+            val_examples,
+            tokenizer,
+            cfg,
+            sampling=val_sampling,
+            template=c.data.prompt_template,
+            min_pixels=c.data.min_pixels,
+            max_pixels=c.data.max_pixels,
+            prompt_len_buckets=tuple(c.data.prompt_len_buckets),
+            batch_size=min(len(val_examples), c.rollout.prompts_per_iter),
+            key=jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), step),
+            mesh=mesh,
+        )
+        validate.last = result
+        return result.metrics
+
+    validate.last = None
+
+    # --- Validation before training (seeds tau, METHOD.md 2.3 item 3) -------------------------
+    last_eval: dict[str, float] = {}
+    if start == 0 and c.eval.val_before_train and val_examples:
+        last_eval = validate(0)
+        writer.write(0, last_eval)
+        if c.entropy.threshold == "code" and c.entropy.threshold_init == "validation":
+            r = validate.last
+            seed_tau = H.seed_threshold(
+                jnp.asarray(r.entropy),
+                jnp.asarray(r.mask),
+                q=c.entropy.percentile,
+                window=c.entropy.window,
+                offset=c.entropy.window_offset,
+            )
+            rollout_state = rollout_state._replace(threshold=H.init_threshold(float(seed_tau)))
+            log.info("AEPO: tau seeded by validation: %.4f", float(seed_tau))
+
+    # --- Loop ------------------------------------------------------------------------------------
+    progress = mt.Progress(c.train.steps, desc="AEPO", initial=start)
+    for step in range(start + 1, c.train.steps + 1):
+        t_step = time.perf_counter()
+        full_graphdef, params_now = nnx.split(Lr.merge(graphdef, state.trainable, frozen))
+        rollout = RO.collect(
+            stream,
+            full_graphdef,
+            params_now,
+            tokenizer,
+            cfg,
+            rs,
+            rollout_state,
+            table,
+            jax.random.fold_in(key, step),
+            tau_fallback=c.entropy.threshold_fallback,
+            mesh=mesh,
+        )
+        rollout_state = rollout.state
+        metrics = dict(rollout.metrics)
+
+        # Learner batches: mini-batches of prompts_per_step prompts.
+        t_learn = time.perf_counter()
+        rows = rollout.rows
+        t_bucket = _bucket_up(int(rows.mask.sum(1).max()), c.rollout.length_buckets)
+        rows = dataclasses.replace(
+            rows,
+            tokens=rows.tokens[:, :t_bucket],
+            mask=rows.mask[:, :t_bucket],
+            window_mask=rows.window_mask[:, :t_bucket],
+        )
+        sampler_logp = rollout.sampler_logp[:, :t_bucket]
+        prompts = rollout.prompts
+        pad_prompt = prompt_len - prompts.ids.shape[1]
+        if pad_prompt > 0:  # the learner's static prompt length
+            prompts = _left_pad_prompts(prompts, pad_prompt)
+        n_prompts = prompts.size
+        frames = _pow2(max(1, B.frames_needed(prompts, rows, mb))) if prompts.has_images else None
+        gaps, kappa_obs = [], []
+        for first in range(0, n_prompts, c.train.prompts_per_step):
+            sel = np.flatnonzero(
+                (rows.prompt >= first) & (rows.prompt < first + c.train.prompts_per_step)
+            )
+            part = rows.select(sel)
+            lb = B.learner_batch(
+                prompts, part, cfg, micro_batch_size=mb, num_micro=num_micro, num_frames=frames
+            )
+            lb = jax.tree.map(jnp.asarray, lb)
+            old_sampler = np.zeros(lb.old_logp.shape, np.float32).reshape(-1, t_bucket)
+            old_sampler[: len(sel)] = sampler_logp[sel]
+            old_sampler = jnp.asarray(old_sampler.reshape(lb.old_logp.shape))
+            old, _ = logprob_fn(graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls)
+            gaps.append(
+                float(
+                    jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
+                    / jnp.maximum(jnp.sum(lb.mask), 1)
+                )
+            )
+            if c.train.old_logp_source == "sampler":
+                old = old_sampler
+            ref = jnp.zeros_like(old)
+            if ls.kl_coef > 0:
+                ref, _ = logprob_fn(graphdef, reference[0], reference[1], lb.inputs, lb.tokens, ls)
+            lb = lb._replace(old_logp=old, ref_logp=ref)
+            denom = PL.loss_denominator(lb.mask.reshape(-1, t_bucket), agg=ls.agg)
+            for _ in range(c.train.ppo_epochs):
+                state, train_metrics = step_fn(
+                    graphdef, state, frozen, lb, denom, optimizer=optimizer, s=ls
+                )
+            if c.kl.controller == "paper":
+                kld = K.kl_divergence(old, ref, c.kl.estimator)
+                kappa_obs.append(
+                    (
+                        K.control_kl(kld, lb.mask, lb.window_mask).reshape(-1),
+                        lb.bucket.reshape(-1),
+                        lb.row_valid.reshape(-1),
+                    )
+                )
+        if kappa_obs:
+            ctrl, bucket, valid = (jnp.concatenate(x) for x in zip(*kappa_obs, strict=True))
+            new_kappa = K.update_kappa(
+                state.kappa, ctrl, bucket, params=_kappa_params(c.kl), valid=valid
+            )
+            state = state._replace(kappa=new_kappa)
+        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        metrics.update(train_metrics)
+        metrics["rollout/logp_gap_sampler_learner"] = float(np.mean(gaps))
+        for d, name in enumerate(BK.BUCKET_NAMES):
+            metrics[f"kl/beta/{name}"] = float(state.beta.beta[d])
+            metrics[f"kl/kappa/{name}"] = float(state.kappa[d])
+        metrics["time/learn_s"] = time.perf_counter() - t_learn
+        metrics["time/step_s"] = time.perf_counter() - t_step
+        metrics["train/tokens_per_s"] = float(rows.mask.sum()) / metrics["time/step_s"]
+
+        if not guard.check(
+            step,
+            {"train/loss": metrics["train/loss"], "train/grad_norm": metrics["train/grad_norm"]},
+        ):
+            log.warning("AEPO step %d: non-finite loss or gradient; the update was skipped.", step)
+        if c.eval.every_steps and step % c.eval.every_steps == 0 and val_examples:
+            last_eval = validate(step)
+            metrics.update(last_eval)
+        if step % c.log.every_steps == 0 or step == c.train.steps:
+            writer.write(step, metrics)
+        progress.update(
+            1, acc=f"{metrics['rollout/accuracy']:.2f}", loss=f"{metrics['train/loss']:.3f}"
+        )
+
+        full = {"train": state, "rollout": rollout_state, "key": key}
+        extra = {"data": stream.get_state()}
+        preempted = ckpt.preempted()
+        checkpointer.save(step, full, extra, force=preempted or step == c.train.steps)
+        if preempted:
+            log.warning("AEPO: preempted at step %d; checkpoint saved, exiting.", step)
+            break
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    uninstall()
+
+    # --- Export ----------------------------------------------------------------------------------
+    if not ckpt.preempted():
+        export = workdir_path / "export"
+        policy = Lr.merge(graphdef, state.trainable, frozen)
+        if is_main:
+            model_params.save_pretrained(policy, export, dtype=c.model.param_dtype)
+            tokenizer.save_pretrained(export)
+            log.info("AEPO: policy exported to %s", export)
+    writer.close()
+    return last_eval
+
+
+def _left_pad_prompts(prompts: B.Prompts, pad: int) -> B.Prompts:
+    return dataclasses.replace(
+        prompts,
+        ids=np.pad(prompts.ids, ((0, 0), (pad, 0))),
+        mask=np.pad(prompts.mask, ((0, 0), (pad, 0))),
+        positions=np.pad(prompts.positions, ((0, 0), (0, 0), (pad, 0))),
+    )
