@@ -257,7 +257,16 @@ def run(config, workdir: str) -> dict[str, float]:
     )
 
     # --- Data ----------------------------------------------------------------------------------
-    stream = pipeline.PromptStream(_source(c, "train"), seed=c.data.shuffle_seed)
+    train_source = _source(c, "train")
+    stats = getattr(train_source, "read_stats", None)
+    if stats is not None and stats.num_skipped:
+        log.warning(
+            "AEPO: skipped %d bad training records: %s (first: %s)",
+            stats.num_skipped,
+            dict(stats.skipped),
+            stats.first_errors[:1],
+        )
+    stream = pipeline.PromptStream(train_source, seed=c.data.shuffle_seed)
     val_source = _source(c, "val")
     val_examples = []
     if val_source is not None:
