@@ -76,6 +76,7 @@ def evaluate(
             sampling=sampling,
             key=jax.random.fold_in(key, start),
             mesh=mesh,
+            cache_len=max(prompt_len_buckets) + sampling.max_new_tokens,
         )
         keep = out.prompt_index < size
         texts = [

@@ -251,6 +251,7 @@ def _base() -> ml_collections.ConfigDict:
         old_logp_source="learner",
         max_nonfinite_steps=0,  # non-finite loss/grad steps tolerated before stopping (0 = none)
         score_workers=0,  # processes grading answers with math-verify; 0 = in this process
+        export=True,  # write the final policy as a Hugging Face checkpoint to WORKDIR/export
         logprob_chunk_size=64,  # sequence chunk of the log-prob/entropy kernel
         logprob_vocab_chunk_size=config_dict.placeholder(int),  # None = whole vocabulary
     )

@@ -363,6 +363,7 @@ def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSetting
             key=jax.random.fold_in(key, first),
             branch_threshold=tau,
             mesh=mesh,
+            cache_len=max(s.prompt_len_buckets) + sp.max_new_tokens,
         )
         real = min(per_call, prompts.size - first) * sp.rows_per_prompt
         offset = sum(o.tokens.shape[0] for o in outs)

@@ -292,7 +292,7 @@ def run(config, workdir: str) -> dict[str, float]:
     key = jax.random.PRNGKey(c.seed)
     checkpointer = ckpt.Checkpointer(
         workdir_path / "checkpoints",
-        every_steps=c.checkpoint.every_steps,
+        every_steps=c.checkpoint.every_steps or c.train.steps,  # 0: only at the end
         keep=c.checkpoint.keep,
         async_save=c.checkpoint.async_save,
     )
@@ -514,7 +514,7 @@ def run(config, workdir: str) -> dict[str, float]:
     uninstall()
 
     # --- Export ----------------------------------------------------------------------------------
-    if not ckpt.preempted():
+    if c.train.export and not ckpt.preempted():
         export = workdir_path / "export"
         policy = Lr.merge(graphdef, state.trainable, frozen)
         if is_main:

@@ -352,6 +352,7 @@ def generate(
     key: jax.Array,
     branch_threshold: float | jax.Array | None = None,
     mesh=None,
+    cache_len: int | None = None,
 ) -> GenerateOutput:
     """Samples `sampling.n` continuations of each prompt (plus branches, if enabled).
 
@@ -364,6 +365,9 @@ def generate(
       key: a PRNG key; the same key gives the same tokens.
       branch_threshold: tau of the branching rule (required when branching is enabled).
       mesh: shard the rows over this mesh (batch axes of `ares_jax.parallel.rules`).
+      cache_len: KV cache slots (default: prompt length + max_new_tokens). Passing the largest
+        prompt bucket + max_new_tokens keeps the decode loop's shapes, and so its compilation,
+        the same for every prompt bucket; only the prefill compiles per bucket.
 
     Returns:
       GenerateOutput of NumPy arrays, B * rows_per_prompt rows, prompt by prompt.
@@ -377,7 +381,11 @@ def generate(
         raise ValueError("generate: branching is enabled but branch_threshold (tau) is None.")
     tau = jnp.asarray(np.inf if branch_threshold is None else branch_threshold, jnp.float32)
     b, prompt_len = np.shape(inputs.input_ids)
-    cache_len = prompt_len + sampling.max_new_tokens
+    needed = prompt_len + sampling.max_new_tokens
+    if cache_len is None:
+        cache_len = needed
+    elif cache_len < needed:
+        raise ValueError(f"generate: cache_len={cache_len} < prompt length + max_new_tokens.")
     inputs = jax.tree.map(jnp.asarray, inputs)
     if mesh is not None:
         batch_sharding = lambda x, axes: jax.device_put(  # noqa: E731
