@@ -5,6 +5,8 @@
 per data source (benchmark file) and per difficulty level: the layout of the paper's Table 4
 (METHOD.md 7.3). It also returns the rollouts' entropies, from which the AEPO stage seeds its
 threshold (METHOD.md 2.3 item 3).
+
+  python -m ares_jax.evaluate --model=CKPT_DIR --data=mathvista.jsonl,gsm8k.jsonl
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from ares_jax.aepo.batch import encode_prompts, sampler_inputs
 from ares_jax.rewards import answers
@@ -141,3 +144,97 @@ def table4(results: dict[str, EvalResult], by: str = "difficulty") -> str:
 
 def _sort_key(k: str):
     return (0, int(k)) if k.isdigit() else (1, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m ares_jax.evaluate --model=CKPT_DIR --data=a.jsonl,b.jsonl
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv):
+    from pathlib import Path
+
+    from absl import flags
+
+    from ares_jax.data import pipeline
+    from ares_jax.models.qwen2_5_vl import params as model_params
+    from ares_jax.models.qwen2_5_vl import processor
+    from ares_jax.models.qwen2_5_vl import tokenizer as tok
+    from ares_jax.models.qwen2_5_vl.processor import THINK_BOXED_SUFFIX
+    from ares_jax.parallel.mesh import make_mesh
+
+    del argv
+    f = flags.FLAGS
+    mesh = make_mesh()
+    model = model_params.from_pretrained(
+        f.model, dtype=jax.numpy.bfloat16 if f.bf16 else jax.numpy.float32, mesh=mesh
+    )
+    tokenizer = tok.load_tokenizer(f.model)
+    try:
+        settings = processor.load_image_settings(f.model)
+        min_pixels, max_pixels = settings.min_pixels, settings.max_pixels
+    except FileNotFoundError:
+        min_pixels, max_pixels = f.min_pixels, f.max_pixels
+    examples = []
+    for path in f.data.split(","):
+        src = pipeline.example_source(pipeline.FilesSpec(paths=(path,)))
+        stem = Path(path).stem
+        examples += [
+            dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
+        ]
+    cfg = model.cfg
+    stops = tuple(sorted({cfg.eos_token_id, tok.special_ids(tokenizer).endoftext}))
+    sampling = SamplingParams(
+        n=f.n,
+        max_new_tokens=f.max_new_tokens,
+        temperature=f.temperature,
+        top_p=f.top_p,
+        stop_token_ids=stops,
+        pad_token_id=cfg.pad_token_id,
+        logit_bias=((cfg.image_token_id, -100.0),),
+        vocab_limit=len(tokenizer),
+    )
+    graphdef, params = nnx.split(model)
+    result = evaluate(
+        graphdef,
+        params,
+        examples,
+        tokenizer,
+        cfg,
+        sampling=sampling,
+        template=THINK_BOXED_SUFFIX,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        prompt_len_buckets=(f.prompt_len,),
+        batch_size=f.batch_size,
+        key=jax.random.PRNGKey(f.seed),
+        mesh=mesh,
+    )
+    name = Path(f.model).name
+    print(table4({name: result}, by="source"))
+    print()
+    print(table4({name: result}, by="difficulty"))
+    if f.output:
+        import json
+
+        Path(f.output).write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("model", None, "Hugging Face checkpoint directory (with tokenizer).")
+    flags.DEFINE_string("data", None, "Comma-separated JSONL/parquet files, one per benchmark.")
+    flags.DEFINE_float("temperature", 0.5, "Sampling temperature (0 = greedy).")
+    flags.DEFINE_float("top_p", 0.99, "Nucleus sampling.")
+    flags.DEFINE_integer("n", 1, "Samples per problem.")
+    flags.DEFINE_integer("max_new_tokens", 1024, "Response length limit.")
+    flags.DEFINE_integer("prompt_len", 4096, "Prompts are padded to this many tokens.")
+    flags.DEFINE_integer("batch_size", 16, "Problems per generate call.")
+    flags.DEFINE_integer("min_pixels", 262144, "Used when the checkpoint has no image processor.")
+    flags.DEFINE_integer("max_pixels", 4194304, "Used when the checkpoint has no image processor.")
+    flags.DEFINE_bool("bf16", True, "Compute in bfloat16.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string("output", None, "Write the metrics as JSON here.")
+    flags.mark_flags_as_required(["model", "data"])
+    app.run(main)

@@ -120,10 +120,11 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
         std_logging.getLogger("ares_jax").setLevel(std_logging.INFO)
         from ares_jax.data.records import DataError
+        from ares_jax.metrics import NonFiniteError
 
         try:
             module.run(config, workdir)
-        except (DataError, FileNotFoundError) as e:  # bad data or a missing file: one sentence
+        except (DataError, FileNotFoundError, NonFiniteError) as e:  # one sentence, no traceback
             _die(str(e))
 
 

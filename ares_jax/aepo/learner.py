@@ -181,7 +181,10 @@ def _loss(trainable, frozen, graphdef, mb: LearnerBatch, beta: K.BetaState, kapp
         agg=s.agg,
         logratio_clamp=s.logratio_clamp,
     )
-    kl_sum = jnp.sum(jnp.where(mask, kld, 0.0)) if kld is not None else jnp.zeros(())
+    # Per-bucket sums of the KL to the reference and their token counts, [2, 3].
+    onehot = jax.nn.one_hot(mb.bucket, 3, dtype=jnp.float32)  # [mb, 3]
+    kl_tok = jnp.where(mask, kld, 0.0) if kld is not None else jnp.zeros(mask.shape)
+    kl_sum = jnp.stack([kl_tok.sum(1) @ onehot, mask.sum(1).astype(jnp.float32) @ onehot])
     entropy_sum = jnp.sum(jnp.where(mask, entropy, 0.0))
     return terms.loss_sum, (terms, beta, kl_sum, entropy_sum)
 
@@ -249,7 +252,11 @@ def train_step(
         "train/clip_frac_low": terms.clip_low_sum / tokens,
         "train/dual_clip_frac": terms.dual_clip_sum / tokens,
         "train/ppo_kl": terms.ppo_kl_sum / tokens,
-        "kl/ref_mean": kl_sum / tokens,
+        "kl/ref_mean": jnp.sum(kl_sum[0]) / tokens,
+        **{
+            f"kl/ref_mean/{name}": kl_sum[0, d] / jnp.maximum(kl_sum[1, d], 1.0)
+            for d, name in enumerate(("easy", "medium", "hard"))
+        },
         "train/entropy_mean": entropy_sum / tokens,
     }
     new_state = TrainState(trainable, opt_state, beta, state.kappa, state.step + 1)

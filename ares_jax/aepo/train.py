@@ -184,6 +184,31 @@ def _source(c, split: str):
     return pipeline.example_source(pipeline.FilesSpec(paths=paths, on_error=d.on_error))
 
 
+def _val_examples(c) -> list:
+    """Validation problems; from files, each file is one benchmark (its stem names the source
+    where the records carry none), so evaluation reports accuracy per file."""
+    if c.data.source == "synthetic":
+        source = _source(c, "val")
+        examples = [source[i] for i in range(len(source))]
+    elif c.data.val_files is None:
+        return []
+    else:
+        files = c.data.val_files
+        paths = files.split(",") if isinstance(files, str) else list(files)
+        examples = []
+        for path in paths:
+            src = pipeline.example_source(
+                pipeline.FilesSpec(paths=(path,), on_error=c.data.on_error)
+            )
+            stem = Path(path).stem
+            examples += [
+                dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
+            ]
+    if c.eval.max_examples:
+        examples = examples[: c.eval.max_examples]
+    return examples
+
+
 def _bucket_up(n: int, buckets) -> int:
     fitting = [b for b in sorted(buckets) if b >= n]
     return fitting[0] if fitting else max(buckets)
@@ -267,13 +292,7 @@ def run(config, workdir: str) -> dict[str, float]:
             stats.first_errors[:1],
         )
     stream = pipeline.PromptStream(train_source, seed=c.data.shuffle_seed)
-    val_source = _source(c, "val")
-    val_examples = []
-    if val_source is not None:
-        count = len(val_source)
-        if c.eval.max_examples:
-            count = min(count, c.eval.max_examples)
-        val_examples = [val_source[i] for i in range(count)]
+    val_examples = _val_examples(c)
 
     # --- State and restore ---------------------------------------------------------------------
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
