@@ -31,25 +31,22 @@ from flax import nnx
 from ares_jax import checkpoint as ckpt
 from ares_jax import evaluate as ev
 from ares_jax import metrics as mt
+from ares_jax import runtime
 from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.aepo import rollout as RO
 from ares_jax.data import pipeline
-from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl import tokenizer as tok
 from ares_jax.ops import hwe as H
 from ares_jax.ops import kl as K
 from ares_jax.ops import policy_loss as PL
-from ares_jax.parallel.mesh import make_mesh
 from ares_jax.rewards import buckets as BK
 from ares_jax.rewards import entropy_shaping as ES
 from ares_jax.rewards import triggers as TR
 from ares_jax.sampling import BranchingParams, SamplingParams
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,15 +206,6 @@ def _val_examples(c) -> list:
     return examples
 
 
-def _bucket_up(n: int, buckets) -> int:
-    fitting = [b for b in sorted(buckets) if b >= n]
-    return fitting[0] if fitting else max(buckets)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -231,23 +219,7 @@ def run(config, workdir: str) -> dict[str, float]:
     is_main = jax.process_index() == 0
 
     # --- Mesh, model, tokenizer ----------------------------------------------------------------
-    mesh = make_mesh(dict(c.mesh.shape))
-    dtype, param_dtype = _DTYPES[c.model.dtype], _DTYPES[c.model.param_dtype]
-    model_kwargs = dict(
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scan_layers=c.model.scan_layers,
-        remat=c.model.remat,
-        attention_impl=c.model.attention,
-    )
-    rules = tuple(tuple(r) for r in c.mesh.rules) or None
-    if c.model.path:
-        model = model_params.from_pretrained(c.model.path, mesh=mesh, rules=rules, **model_kwargs)
-        tokenizer = tok.load_tokenizer(c.model.path)
-    else:
-        cfg = model_config.preset(c.model.preset)
-        model = model_params.init_model(cfg, seed=c.seed, mesh=mesh, rules=rules, **model_kwargs)
-        tokenizer = tok.build_tokenizer()
+    mesh, model, tokenizer = runtime.load_policy(c)
     cfg = model.cfg
     graphdef, trainable, frozen = Lr.split_params(model, freeze_vision=c.model.freeze_vision)
     reference = (jax.tree.map(jnp.copy, trainable), frozen)  # the frozen initial policy
@@ -278,7 +250,7 @@ def run(config, workdir: str) -> dict[str, float]:
         schedule=c.optim.schedule,
         warmup_steps=c.optim.warmup_steps,
         total_steps=c.train.steps * max(1, c.rollout.prompts_per_iter // c.train.prompts_per_step),
-        state_dtype=_DTYPES[c.optim.state_dtype],
+        state_dtype=runtime.DTYPES[c.optim.state_dtype],
     )
 
     # --- Data ----------------------------------------------------------------------------------
@@ -295,14 +267,13 @@ def run(config, workdir: str) -> dict[str, float]:
     val_examples = _val_examples(c)
 
     # --- State and restore ---------------------------------------------------------------------
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = Lr.TrainState(
         trainable=trainable,
         # Initialised under jit so the moments take the parameters' shardings.
         opt_state=jax.jit(optimizer.init)(trainable),
-        beta=jax.device_put(K.init_beta_state(ls.beta_params), replicated),
-        kappa=jax.device_put(K.init_kappa(_kappa_params(c.kl)), replicated),
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        beta=K.init_beta_state(ls.beta_params),
+        kappa=K.init_kappa(_kappa_params(c.kl)),
+        step=jnp.zeros((), jnp.int32),
     )
     rollout_state = RO.RolloutState(
         threshold=H.init_threshold(),
@@ -317,40 +288,17 @@ def run(config, workdir: str) -> dict[str, float]:
     )
     writer = mt.MetricWriter(workdir_path, tensorboard=c.log.tensorboard)
     writer.write_config(c.to_dict())
-    source = ckpt.resolve_init(workdir_path / "checkpoints", resume=c.checkpoint.resume)
-    start = 0
-    if source.kind in ("workdir", "resume"):
-        reader = (
-            checkpointer
-            if source.kind == "workdir"
-            else ckpt.Checkpointer(source.path, every_steps=1, keep=1, read_only=True)
-        )
-        restored = reader.restore({"train": state, "rollout": rollout_state, "key": key})
-        state, rollout_state, key = (
-            restored.state["train"],
-            restored.state["rollout"],
-            restored.state["key"],
-        )
-        stream.set_state(restored.extra["data"])
-        start = restored.step
-        log.info(
-            "AEPO: resumed from %s checkpoint at step %d (%s).", source.kind, start, source.path
-        )
-        writer.truncate_after(start)
-    else:
-        log.info("AEPO: starting from %s.", c.model.path or f"random init ({c.model.preset})")
-        writer.truncate_after(-1)
-    # Fresh buffers for every leaf (initial states may share one zeros buffer between fields,
-    # which a donating step cannot take twice), every leaf on the mesh (what the step returns,
-    # so the second step does not compile again).
-    state = jax.tree.map(
-        lambda x: (
-            jnp.copy(x)
-            if isinstance(x.sharding, jax.sharding.NamedSharding)
-            else jax.device_put(x, replicated)
-        ),
-        state,
+    restored, extra, start = runtime.restore_or_start(
+        workdir_path,
+        c,
+        checkpointer,
+        writer,
+        {"train": state, "rollout": rollout_state, "key": key},
     )
+    state, rollout_state, key = restored["train"], restored["rollout"], restored["key"]
+    if extra:
+        stream.set_state(extra["data"])
+    state = runtime.place_state(state, mesh)
     uninstall = ckpt.install_preemption_handler()
     guard = mt.NonFiniteGuard(c.train.max_nonfinite_steps)
 
@@ -436,7 +384,7 @@ def run(config, workdir: str) -> dict[str, float]:
         # Learner batches: mini-batches of prompts_per_step prompts.
         t_learn = time.perf_counter()
         rows = rollout.rows
-        t_bucket = _bucket_up(int(rows.mask.sum(1).max()), c.rollout.length_buckets)
+        t_bucket = runtime.bucket_up(int(rows.mask.sum(1).max()), c.rollout.length_buckets)
         rows = dataclasses.replace(
             rows,
             tokens=rows.tokens[:, :t_bucket],
@@ -444,12 +392,11 @@ def run(config, workdir: str) -> dict[str, float]:
             window_mask=rows.window_mask[:, :t_bucket],
         )
         sampler_logp = rollout.sampler_logp[:, :t_bucket]
-        prompts = rollout.prompts
-        pad_prompt = prompt_len - prompts.ids.shape[1]
-        if pad_prompt > 0:  # the learner's static prompt length
-            prompts = _left_pad_prompts(prompts, pad_prompt)
+        prompts = runtime.left_pad_prompts(rollout.prompts, prompt_len)
         n_prompts = prompts.size
-        frames = _pow2(max(1, B.frames_needed(prompts, rows, mb))) if prompts.has_images else None
+        frames = None
+        if prompts.has_images:
+            frames = runtime.pow2(max(1, B.frames_needed(prompts, rows, mb)))
         gaps, kappa_obs = [], []
         for first in range(0, n_prompts, c.train.prompts_per_step):
             sel = np.flatnonzero(
@@ -542,12 +489,3 @@ def run(config, workdir: str) -> dict[str, float]:
             log.info("AEPO: policy exported to %s", export)
     writer.close()
     return last_eval
-
-
-def _left_pad_prompts(prompts: B.Prompts, pad: int) -> B.Prompts:
-    return dataclasses.replace(
-        prompts,
-        ids=np.pad(prompts.ids, ((0, 0), (pad, 0))),
-        mask=np.pad(prompts.mask, ((0, 0), (pad, 0))),
-        positions=np.pad(prompts.positions, ((0, 0), (0, 0), (pad, 0))),
-    )
