@@ -84,8 +84,9 @@ def place_state(state, mesh):
     return jax.tree.map(place, state)
 
 
-def restore_or_start(workdir: Path, c, checkpointer: ckpt.Checkpointer, writer: mt.MetricWriter,
-                     target: dict) -> tuple[dict, dict, int]:  # fmt: skip
+def restore_or_start(
+    workdir: Path, c, checkpointer: ckpt.Checkpointer, writer: mt.MetricWriter, target: dict
+) -> tuple[dict, dict, int]:
     """The resume order: a checkpoint in the workdir, then `config.checkpoint.resume`, else the
     start. Returns (state, extra, step); metric rows after the restored step are dropped."""
     source = ckpt.resolve_init(workdir / "checkpoints", resume=c.checkpoint.resume)
@@ -101,8 +102,13 @@ def restore_or_start(workdir: Path, c, checkpointer: ckpt.Checkpointer, writer: 
         else ckpt.Checkpointer(source.path, every_steps=1, keep=1, read_only=True)
     )
     restored = reader.restore(target)
-    log.info("%s: resumed from %s checkpoint at step %d (%s).", c.stage, source.kind,
-             restored.step, source.path)  # fmt: skip
+    log.info(
+        "%s: resumed from %s checkpoint at step %d (%s).",
+        c.stage,
+        source.kind,
+        restored.step,
+        source.path,
+    )
     writer.truncate_after(restored.step)
     return restored.state, restored.extra, restored.step
 

@@ -87,13 +87,12 @@ def test_sigkill_then_resume_equals_uninterrupted(smoke_run, tmp_path):
     )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill once step 1 is written (and its checkpoint saved)
-        if metrics.exists() and any(r["step"] == 1 for r in read_metrics(metrics)):
+    while time.time() < deadline:
+        if (tmp_path / "checkpoints" / "1").is_dir():  # step 1's checkpoint is complete
             break
         if proc.poll() is not None:
             pytest.fail("the run ended before it could be killed")
         time.sleep(0.2)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = _run(tmp_path, "--config.train.steps=3")
