@@ -1,6 +1,5 @@
 """Tests for ares_jax/main.py, run as a subprocess the way a user runs it."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -23,20 +22,25 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _stage_exists() -> bool:
-    try:
-        return importlib.util.find_spec("ares_jax.aepo.train") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def test_smoke_prints_config_and_stage(tmp_path):
-    r = run_main("--config=configs/aepo.py:smoke", f"--workdir={tmp_path}")
+    # --dry_run: the stage itself runs end to end in tests/aepo/train_test.py.
+    r = run_main("--config=configs/aepo.py:smoke", f"--workdir={tmp_path}", "--dry_run")
     assert r.returncode == 0, r.stderr
     assert "stage: aepo" in r.stdout and "clip_high: 0.3" in r.stdout
     assert "# stage 'aepo':" in r.stdout and "ares_jax.aepo.train.run(config" in r.stdout
-    if not _stage_exists():
-        assert "does not exist yet" in r.stdout
+    assert "--dry_run" in r.stdout
+
+
+def test_adacs_config_validates_and_names_bad_keys(tmp_path):
+    r = run_main("--config=configs/adacs.py:smoke", f"--workdir={tmp_path}", "--dry_run")
+    assert r.returncode == 0, r.stderr
+    assert "stage: adacs" in r.stdout and "ares_jax.adacs.train.run(config" in r.stdout
+    r = run_main("--config=configs/adacs.py", "--config.sft.schedule=linear", "--dry_run")
+    assert r.returncode == 2 and "config.sft.schedule='linear' must be one of" in r.stderr
+    r = run_main("--config=configs/adacs.py", "--config.sft.micro_batch_size=5", "--dry_run")
+    assert r.returncode == 2 and "sft.micro_batch_size" in r.stderr
+    r = run_main("--config=configs/adacs.py:paper_7b", "--dry_run")
+    assert r.returncode == 2 and "model.path" in r.stderr
 
 
 def test_dry_run_runs_nothing():
