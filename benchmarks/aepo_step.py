@@ -15,8 +15,6 @@ benchmarks/sampler.py and benchmarks/model.py.
 
 from __future__ import annotations
 
-import datetime
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from absl import app, flags
 
 from ares_jax.aepo import train
 from ares_jax.metrics import read_metrics
+from benchmarks import report
 from configs import aepo
 
 PRESETS = {
@@ -68,12 +67,10 @@ def main(argv):
         train.run(_config(p), workdir)
         row = [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["step"] == 3][0]
     devices = jax.device_count()
-    card = jax.devices()[0]
-    card = getattr(card, "device_kind", card.platform)
     tokens = row["rollout/response_len"] * row["rollout/responses"]
     lines = [
         f"model {p['model']} ({p['dtype']}), {p['prompts']} prompts x {p['n']} samples, up to "
-        f"{p['new']} new tokens; {devices} x {card}; jax {jax.__version__}",
+        f"{p['new']} new tokens; {report.card()}; jax {jax.__version__}",
         "",
         "| phase | seconds |",
         "|---|---|",
@@ -90,15 +87,7 @@ def main(argv):
     text = "\n".join(lines)
     print(text)
     if _RECORD.value:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        entry = (
-            f"\n## aepo_step, {datetime.date.today()}, git {commit}\n\n"
-            f"Command: `python -m benchmarks.aepo_step --preset={_PRESET.value}`\n\n{text}\n"
-        )
-        with Path(__file__).with_name("RESULTS.md").open("a") as f:
-            f.write(entry)
+        print(f"appended to {report.record('aepo_step', _PRESET.value, text)}")
 
 
 if __name__ == "__main__":

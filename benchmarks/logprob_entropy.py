@@ -21,11 +21,7 @@ each (forward logits, d hidden, d unembed); ours does 4 (the backward recomputes
 
 from __future__ import annotations
 
-import datetime
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from ares_jax.ops.entropy import dense_logprobs_and_entropy, token_logprobs_and_entropy
+from benchmarks import report
 
 PRESETS = {
     "cpu": dict(batch=2, seq=512, width=256, vocab=32768, dtype="float32", chunk=128, vchunk=0),
@@ -111,22 +108,6 @@ def _torch_variant(h, w, y, iters):
     return dict(name=f"torch {torch.__version__} ({device})", seconds=seconds, temp=None, peak=peak)
 
 
-def _gib(x):
-    return "n/a" if x is None else f"{x / 2**30:.3f} GiB"
-
-
-def _card() -> str:
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        try:
-            import os
-
-            return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        except Exception:  # noqa: BLE001
-            return "CPU"
-    return getattr(dev, "device_kind", dev.platform)
-
-
 def main(argv):
     del argv
     cfg = dict(PRESETS[_PRESET.value])
@@ -163,7 +144,7 @@ def main(argv):
         if peer is not None:
             rows.append(peer)
     flops_dense = 3 * 2 * b * t * d * v
-    header = f"B={b} T={t} D={d} V={v} {cfg['dtype']}; {_card()}; jax {jax.__version__}"
+    header = f"B={b} T={t} D={d} V={v} {cfg['dtype']}; {report.card()}; jax {jax.__version__}"
     lines = [
         header,
         "",
@@ -173,7 +154,8 @@ def main(argv):
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['seconds'] * 1e3:.1f} | {b * t / r['seconds']:,.0f} | "
-            f"{flops_dense / r['seconds'] / 1e12:.3f} | {_gib(r['temp'])} | {_gib(r['peak'])} |"
+            f"{flops_dense / r['seconds'] / 1e12:.3f} | {report.gib(r['temp'])} | "
+            f"{report.gib(r['peak'])} |"
         )
     ours_row, dense_row = rows[0], rows[1]
     lines.append("")
@@ -186,18 +168,7 @@ def main(argv):
     text = "\n".join(lines)
     print(text)
     if _RECORD.value:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        command = f"python -m benchmarks.logprob_entropy --preset={_PRESET.value}"
-        entry = (
-            f"\n## logprob_entropy, {datetime.date.today()}, git {commit}\n\n"
-            f"Command: `{command}`\n\n{text}\n"
-        )
-        path = Path(__file__).with_name("RESULTS.md")
-        with path.open("a") as f:
-            f.write(entry)
-        print(f"appended to {path}")
+        print(f"appended to {report.record('logprob_entropy', _PRESET.value, text)}")
 
 
 if __name__ == "__main__":

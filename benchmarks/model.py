@@ -23,10 +23,7 @@ parameters of the text model, T tokens), plus 4 x 2 T D V for the head.
 
 from __future__ import annotations
 
-import datetime
-import subprocess
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +36,7 @@ from ares_jax.models.qwen2_5_vl import inputs as model_inputs
 from ares_jax.models.qwen2_5_vl import params
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.ops.entropy import token_logprobs_and_entropy
+from benchmarks import report
 
 PRESETS = {
     "cpu": dict(
@@ -91,10 +89,6 @@ def _timed(fn, *args, iters):
 def _device_peak():
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
-
-
-def _gib(x):
-    return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,16 +236,6 @@ def peer_vision(cfg, n, size, dtype, iters):
 # ---------------------------------------------------------------------------------------------
 
 
-def _card():
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        import os
-        import platform
-
-        return f"CPU {platform.machine()}, {os.cpu_count()} cores"
-    return getattr(dev, "device_kind", dev.platform)
-
-
 def main(argv):
     del argv
     p = dict(PRESETS[_PRESET.value])
@@ -282,7 +266,7 @@ def main(argv):
     flops = 6 * n_text * tokens + 4 * 2 * tokens * t_cfg.hidden_size * t_cfg.vocab_size
     lines = [
         f"model {p['model']} ({p['dtype']}), text B={b} T={t}, remat={p['remat']}, "
-        f"attention={_ATTN.value}; {_card()}; jax {jax.__version__}",
+        f"attention={_ATTN.value}; {report.card()}; jax {jax.__version__}",
         "",
         "| work | implementation | time | throughput | TFLOP/s | memory |",
         "|---|---|---|---|---|---|",
@@ -291,7 +275,8 @@ def main(argv):
     lines.append(
         f"| text fwd+bwd, logp+entropy | ares_jax | {ours['seconds'] * 1e3:.0f} ms | "
         f"{tokens / ours['seconds']:,.0f} tok/s | {flops / ours['seconds'] / 1e12:.2f} | "
-        f"XLA {_gib(ours['xla'])} (temp {_gib(ours['temp'])}), device peak {_gib(ours['peak'])} |"
+        f"XLA {report.gib(ours['xla'])} (temp {report.gib(ours['temp'])}), "
+        f"device peak {report.gib(ours['peak'])} |"
     )
     peer = None
     if _TORCH.value:
@@ -304,7 +289,7 @@ def main(argv):
             lines.append(
                 f"| text fwd+bwd, logp+entropy | transformers ({peer['device']}) | "
                 f"{peer['seconds'] * 1e3:.0f} ms | {tokens / peer['seconds']:,.0f} tok/s | "
-                f"{flops / peer['seconds'] / 1e12:.2f} | peak {_gib(peer['peak'])} |"
+                f"{flops / peer['seconds'] / 1e12:.2f} | peak {report.gib(peer['peak'])} |"
             )
     if not _SKIP_VISION.value:
         n, size = p["images"], p["image_size"]
@@ -327,15 +312,7 @@ def main(argv):
     text = "\n".join(lines)
     print(text)
     if _RECORD.value:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        entry = (
-            f"\n## model, {datetime.date.today()}, git {commit}\n\n"
-            f"Command: `python -m benchmarks.model --preset={_PRESET.value}`\n\n{text}\n"
-        )
-        with Path(__file__).with_name("RESULTS.md").open("a") as f:
-            f.write(entry)
+        print(f"appended to {report.record('model', _PRESET.value, text)}")
 
 
 if __name__ == "__main__":

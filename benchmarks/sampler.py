@@ -17,10 +17,7 @@ floor * T / (our decode time).
 
 from __future__ import annotations
 
-import datetime
-import subprocess
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +29,7 @@ from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import params
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.sampling import SamplingParams, generate
+from benchmarks import report
 
 PRESETS = {
     "cpu": dict(model="small", batch=8, prompt=64, new=64, dtype="float32"),
@@ -141,16 +139,6 @@ def peer(cfg, p, iters):
     return (time.perf_counter() - start) / iters, f"transformers {transformers.__version__}"
 
 
-def _card():
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        import os
-        import platform
-
-        return f"CPU {platform.machine()}, {os.cpu_count()} cores"
-    return getattr(dev, "device_kind", dev.platform)
-
-
 def main(argv):
     del argv
     p = dict(PRESETS[_PRESET.value])
@@ -175,7 +163,7 @@ def main(argv):
     )
     lines = [
         f"model {p['model']} ({p['dtype']}), {p['batch']} prompts x {p['prompt']} tokens, "
-        f"{p['new']} new tokens, sampling; {_card()}; jax {jax.__version__}",
+        f"{p['new']} new tokens, sampling; {report.card()}; jax {jax.__version__}",
         "",
         "| implementation | total time | new tokens/s | decode ms/step |",
         "|---|---|---|---|",
@@ -202,15 +190,7 @@ def main(argv):
     text = "\n".join(lines)
     print(text)
     if _RECORD.value:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        entry = (
-            f"\n## sampler, {datetime.date.today()}, git {commit}\n\n"
-            f"Command: `python -m benchmarks.sampler --preset={_PRESET.value}`\n\n{text}\n"
-        )
-        with Path(__file__).with_name("RESULTS.md").open("a") as f:
-            f.write(entry)
+        print(f"appended to {report.record('sampler', _PRESET.value, text)}")
 
 
 if __name__ == "__main__":
