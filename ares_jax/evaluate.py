@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ares_jax.aepo.batch import encode_prompts, sampler_inputs
+from ares_jax.aepo.batch import encode_examples, sampler_inputs
 from ares_jax.rewards import answers
 from ares_jax.sampling import SamplingParams, generate
 
@@ -62,9 +62,8 @@ def evaluate(
         size = len(chunk)
         if size < batch_size:  # pad the last batch to the static size; padding rows are dropped
             chunk = chunk + [chunk[-1]] * (batch_size - size)
-        prompts = encode_prompts(
-            [e.question for e in chunk],
-            [e.images for e in chunk],
+        prompts = encode_examples(
+            chunk,
             tokenizer,
             cfg,
             template=template,

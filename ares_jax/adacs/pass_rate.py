@@ -68,7 +68,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ares_jax.aepo.batch import encode_prompts, sampler_inputs
+from ares_jax.aepo.batch import encode_examples, sampler_inputs
 from ares_jax.data import records
 from ares_jax.data.records import Example
 from ares_jax.rewards import answers
@@ -435,9 +435,8 @@ def estimate_pass_rates(
                 continue
             size = len(batch)
             chunk = batch + [batch[-1]] * (batch_size - size)  # static shapes; padding dropped
-            prompts = encode_prompts(
-                [e.question for e in chunk],
-                [e.images for e in chunk],
+            prompts = encode_examples(
+                chunk,
                 tokenizer,
                 cfg,
                 template=template,

@@ -223,9 +223,8 @@ def run(config, workdir: str) -> dict[str, float]:
         batch = stream.next_batch(c.sft.global_batch)
         if not batch:
             break
-        prompts = B.encode_prompts(
-            [e.question for e in batch],
-            [e.images for e in batch],
+        prompts = B.encode_examples(
+            batch,
             tokenizer,
             cfg,
             template=c.data.prompt_template,

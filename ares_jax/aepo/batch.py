@@ -92,6 +92,13 @@ def encode_prompts(
     )
 
 
+def encode_examples(examples: Sequence, tokenizer, cfg: Qwen2_5_VLConfig, **kwargs) -> Prompts:
+    """`encode_prompts` of data-set Examples (their questions and images)."""
+    return encode_prompts(
+        [e.question for e in examples], [e.images for e in examples], tokenizer, cfg, **kwargs
+    )
+
+
 def _vision(prompts: Prompts, which: Sequence[int], cfg, num_frames, windows_per_frame):
     """VisionInputs for the images of prompts `which`, in that order, and each prompt's first
     feature row."""

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ares_jax.aepo.batch import Prompts, Rows, encode_prompts, sampler_inputs
+from ares_jax.aepo.batch import Prompts, Rows, encode_examples, sampler_inputs
 from ares_jax.ops import advantages as ADV
 from ares_jax.ops import hwe as H
 from ares_jax.rewards import answers
@@ -216,9 +216,8 @@ def collect(
         examples = stream.next_batch(s.prompts_per_iter)
         if not examples:
             break
-        prompts = encode_prompts(
-            [e.question for e in examples],
-            [e.images for e in examples],
+        prompts = encode_examples(
+            examples,
             tokenizer,
             cfg,
             template=s.template,

@@ -112,44 +112,11 @@ def test_rope_index_errors():
 
 @pytest.fixture(scope="module")
 def hf_model():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=512,
-            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=0,
-        ),
-        vision_config=dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=14,
-            temporal_patch_size=2,
-            spatial_merge_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1],
-            tokens_per_second=2,
-        ),
-        image_token_id=IMG,
-        video_token_id=251,
-        vision_start_token_id=VS,
-        vision_end_token_id=VE,
-    )
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.hf_tiny import hf_model as tiny
+
+    return tiny()
 
 
 @pytest.mark.requires_torch
