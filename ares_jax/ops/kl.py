@@ -218,11 +218,10 @@ class BetaState(NamedTuple):
 
 def init_beta_state(params: BetaControllerParams = DEFAULT_BETA_PARAMS) -> BetaState:
     """Initial state: no KL seen, error 0, beta = params.beta_init, count 0."""
-    zeros = jnp.zeros((NUM_BUCKETS,), jnp.float32)
-    return BetaState(
-        kl_ema=zeros,
+    return BetaState(  # one buffer per field: a donating step takes each field once
+        kl_ema=jnp.zeros((NUM_BUCKETS,), jnp.float32),
         has_kl=jnp.zeros((NUM_BUCKETS,), jnp.bool_),
-        err_ema=zeros,
+        err_ema=jnp.zeros((NUM_BUCKETS,), jnp.float32),
         beta=jnp.full((NUM_BUCKETS,), params.beta_init, jnp.float32),
         count=jnp.zeros((), jnp.int32),
     )
