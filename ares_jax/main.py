@@ -26,7 +26,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: checkpoints, 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate and print the config, run nothing.")
 flags.mark_flag_as_required("config")
 
-STAGES = {"aepo": "ares_jax.aepo.train", "adacs": "ares_jax.adacs.train"}
+STAGES = {
+    "aepo": "ares_jax.aepo.train",
+    "adacs": "ares_jax.adacs.train",
+    "pipeline": "ares_jax.pipeline",
+}
 
 
 def _die(message: str) -> None:

@@ -77,6 +77,7 @@ def _base() -> ml_collections.ConfigDict:
     )
     # METHOD.md 3.2 and 10.2 (the paper leaves tolerance and quotas open; these are ours).
     c.curation = dict(
+        enabled=True,  # False: no pass rates, no curation; SFT on every problem (a warm-up)
         tolerance=0.25,  # |len - target| <= tolerance * target; 0 = no limit
         per_bracket=0,  # problems per pass-rate bracket; 0 = the smallest non-empty bracket
         per_source=False,  # quotas per (source, bracket) instead of per bracket
@@ -86,6 +87,7 @@ def _base() -> ml_collections.ConfigDict:
     # METHOD.md 3.3: lr 2e-5, 2 epochs, batch 256, 32k sequences (scheduler not stated).
     c.sft = dict(
         epochs=2,
+        max_steps=0,  # stop after this many optimizer steps; 0 = the epochs decide
         global_batch=32,  # sequences per optimizer step; paper 256
         micro_batch_size=16,
         lr=1e-4,  # paper 2e-5; the small embedded model learns in minutes with more
@@ -213,6 +215,7 @@ SCHEMA = {
     "curation.tolerance": _nonneg,
     "curation.per_bracket": (_int, _nonneg),
     "sft.epochs": (_int, _pos),
+    "sft.max_steps": (_int, _nonneg),
     "sft.global_batch": (_int, _pos),
     "sft.micro_batch_size": (_int, _pos),
     "sft.lr": _pos,

@@ -15,6 +15,7 @@ The stage runs in three steps, each resumable:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from ares_jax.data import pipeline, records, synthetic
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl import tokenizer as tok
 from ares_jax.ops import kl as K
+from ares_jax.rewards import answers
 from ares_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,46 @@ def _response_tokens(traces, tokenizer, eos: int, max_len: int):
     return tokens, mask, sum(len(r) < len(i) + 1 for r, i in zip(rows, ids, strict=True))
 
 
+def _curate(c, problems, tokenizer, work: Path, is_main: bool) -> list[records.Example]:
+    settings = C.CurationSettings(
+        tolerance=c.curation.tolerance or None,
+        per_bracket=c.curation.per_bracket or None,
+        per_source=c.curation.per_source,
+        require_correct=c.curation.require_correct,
+        vanilla=c.curation.vanilla,
+        seed=c.seed,
+    )
+    curated = C.curate(problems, settings, length_fn=C.token_length_fn(tokenizer))
+    if is_main:
+        report.write_report(curated, work / "curation")
+        records.write_jsonl(curated.selected, work / "curation" / "curated.jsonl")
+    if not curated.selected:
+        raise ValueError(
+            "AdaCS curation selected no problem: no correct teacher trace within "
+            f"curation.tolerance={c.curation.tolerance} of its target ({curated.reasons()})."
+        )
+    log.info(
+        "AdaCS: curated %d of %d problems (%s)",
+        len(curated.selected),
+        len(problems),
+        curated.reasons(),
+    )
+    return curated.selected
+
+
+def _any_correct_trace(problems, seed: int) -> list[records.Example]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in problems:
+        good = [t for t in p.traces if answers.is_correct(t, p.answer)]
+        if good:
+            trace = good[int(rng.integers(len(good)))]
+            out.append(dataclasses.replace(p, traces=(trace,), pass_rate=p.pass_rate or 0.0))
+    if not out:
+        raise ValueError("AdaCS: no problem has a correct teacher trace to fine-tune on.")
+    return out
+
+
 def run(config, workdir: str) -> dict[str, float]:
     """Runs pass rates, curation and SFT; returns the final evaluation metrics."""
     c = config
@@ -89,7 +131,7 @@ def run(config, workdir: str) -> dict[str, float]:
 
     # --- 1. Pass rates --------------------------------------------------------------------------
     problems = _problems(c, "train")
-    missing = [p for p in problems if p.pass_rate is None]
+    missing = [p for p in problems if p.pass_rate is None] if c.curation.enabled else []
     if missing and not c.pass_rate.enabled:
         raise ValueError(
             f"{len(missing)} problems have no pass rate (e.g. {missing[0].id!r}) and "
@@ -141,31 +183,19 @@ def run(config, workdir: str) -> dict[str, float]:
             del rater
 
     # --- 2. Curation -------------------------------------------------------------------------
-    settings = C.CurationSettings(
-        tolerance=c.curation.tolerance or None,
-        per_bracket=c.curation.per_bracket or None,
-        per_source=c.curation.per_source,
-        require_correct=c.curation.require_correct,
-        vanilla=c.curation.vanilla,
-        seed=c.seed,
-    )
-    curated = C.curate(problems, settings, length_fn=C.token_length_fn(tokenizer))
-    if is_main:
-        report.write_report(curated, work / "curation")
-        records.write_jsonl(curated.selected, work / "curation" / "curated.jsonl")
-    data = curated.selected
-    if not data:
-        raise ValueError(
-            "AdaCS curation selected no problem: no correct teacher trace within "
-            f"curation.tolerance={c.curation.tolerance} of its target ({curated.reasons()})."
-        )
-    log.info("AdaCS: curated %d of %d problems (%s)", len(data), len(problems), curated.reasons())
+    if c.curation.enabled:
+        data = _curate(c, problems, tokenizer, work, is_main)
+    else:  # plain SFT (a warm-up): every problem with one of its correct traces, drawn by seed
+        data = _any_correct_trace(problems, c.seed)
+        log.info("AdaCS: curation off; fine-tuning on %d problems", len(data))
 
     # --- 3. Fine-tuning: state, data, restore ------------------------------------------------
     graphdef, trainable, frozen = Lr.split_params(model, freeze_vision=c.model.freeze_vision)
     reference = (jax.tree.map(jnp.copy, trainable), frozen) if c.sft.kl_coef > 0 else None
     del model
     steps = math.ceil(len(data) * c.sft.epochs / c.sft.global_batch)
+    if c.sft.max_steps:
+        steps = min(steps, c.sft.max_steps)
     optimizer = Lr.make_optimizer(
         lr=c.sft.lr,
         weight_decay=c.sft.weight_decay,
