@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
 log = logging.getLogger(__name__)
@@ -249,13 +250,19 @@ def _latest_step_in(directory: str | os.PathLike) -> int | None:
     path = epath.Path(directory)
     if not path.exists():
         return None
-    manager = ocp.CheckpointManager(
-        path, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-    )
+    # A read-only manager only to read the latest step; Orbax warns that it is read-only.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        return manager.latest_step()
+        manager = ocp.CheckpointManager(
+            path, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+        )
+        try:
+            return manager.latest_step()
+        finally:
+            manager.close()
     finally:
-        manager.close()
+        absl_logging.set_verbosity(verbosity)
 
 
 def resolve_init(
