@@ -34,6 +34,27 @@ class EvalResult:
     groups: dict[str, dict[str, tuple[float, float, int]]]  # by -> key -> (acc, len, count)
 
 
+def policy_sampling(
+    cfg, tokenizer, *, n: int = 1, max_new_tokens: int, temperature: float, top_p: float = 1.0
+) -> SamplingParams:
+    """Sampling as the policy is queried outside AEPO's rollout: stop at <|im_end|> or
+    <|endoftext|>, never sample the image placeholder (-100 bias, as the released code does) or
+    an id past the tokenizer's vocabulary."""
+    from ares_jax.models.qwen2_5_vl import tokenizer as tok
+
+    stops = tuple(sorted({int(cfg.eos_token_id), tok.special_ids(tokenizer).endoftext}))
+    return SamplingParams(
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop_token_ids=stops,
+        pad_token_id=cfg.pad_token_id,
+        logit_bias=((cfg.image_token_id, -100.0),),
+        vocab_limit=len(tokenizer),
+    )
+
+
 def _difficulty(e) -> str:
     return "all" if e.difficulty is None else str(e.difficulty)
 
@@ -182,16 +203,13 @@ def main(argv):
             dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
         ]
     cfg = model.cfg
-    stops = tuple(sorted({cfg.eos_token_id, tok.special_ids(tokenizer).endoftext}))
-    sampling = SamplingParams(
+    sampling = policy_sampling(
+        cfg,
+        tokenizer,
         n=f.n,
         max_new_tokens=f.max_new_tokens,
         temperature=f.temperature,
         top_p=f.top_p,
-        stop_token_ids=stops,
-        pad_token_id=cfg.pad_token_id,
-        logit_bias=((cfg.image_token_id, -100.0),),
-        vocab_limit=len(tokenizer),
     )
     graphdef, params = nnx.split(model)
     result = evaluate(

@@ -23,9 +23,7 @@ from ares_jax.adacs import train as adacs_train
 from ares_jax.aepo import train as aepo_train
 from ares_jax.data import synthetic
 from ares_jax.metrics import read_metrics
-from ares_jax.models.qwen2_5_vl import tokenizer as tok
 from ares_jax.rewards.buckets import BUCKET_NAMES
-from ares_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +41,8 @@ def _evaluate(c, export: Path, examples) -> ev.EvalResult:
     policy = runtime.load_policy(_from(a, export))
     cfg, tokenizer = policy.model.cfg, policy.tokenizer
     graphdef, params = nnx.split(policy.model)
-    stops = tuple(sorted({cfg.eos_token_id, tok.special_ids(tokenizer).endoftext}))
-    sampling = SamplingParams(
-        n=1,
-        max_new_tokens=c.eval.max_response_len,
-        temperature=c.eval.temperature,
-        stop_token_ids=stops,
-        pad_token_id=cfg.pad_token_id,
-        logit_bias=((cfg.image_token_id, -100.0),),
-        vocab_limit=len(tokenizer),
+    sampling = ev.policy_sampling(
+        cfg, tokenizer, max_new_tokens=c.eval.max_response_len, temperature=c.eval.temperature
     )
     return ev.evaluate(
         graphdef,

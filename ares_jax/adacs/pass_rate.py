@@ -160,20 +160,17 @@ def default_sampling(
     temperature: float = 1.0,
     top_p: float = 1.0,
 ) -> SamplingParams:
-    """Plain sampling for pass rates: temperature 1, no truncation, stop at <|im_end|> or
-    <|endoftext|>, the image placeholder token suppressed (as evaluation does)."""
-    from ares_jax.models.qwen2_5_vl import tokenizer as tok
+    """Plain sampling for pass rates: temperature 1, no truncation, stops and suppressed ids as
+    evaluation has them (`evaluate.policy_sampling`)."""
+    from ares_jax.evaluate import policy_sampling
 
-    stops = tuple(sorted({int(cfg.eos_token_id), tok.special_ids(tokenizer).endoftext}))
-    return SamplingParams(
+    return policy_sampling(
+        cfg,
+        tokenizer,
         n=samples,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        stop_token_ids=stops,
-        pad_token_id=cfg.pad_token_id,
-        logit_bias=((cfg.image_token_id, -100.0),),
-        vocab_limit=len(tokenizer),
     )
 
 

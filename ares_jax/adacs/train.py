@@ -37,10 +37,8 @@ from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.data import pipeline, records, synthetic
 from ares_jax.models.qwen2_5_vl import params as model_params
-from ares_jax.models.qwen2_5_vl import tokenizer as tok
 from ares_jax.ops import kl as K
 from ares_jax.rewards import answers
-from ares_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -341,16 +339,12 @@ def run(config, workdir: str) -> dict[str, float]:
     if c.eval.max_examples:
         val = val[: c.eval.max_examples]
     if val:
-        stops = tuple(sorted({eos, tok.special_ids(tokenizer).endoftext}))
-        sampling = SamplingParams(
-            n=1,
+        sampling = ev.policy_sampling(
+            cfg,
+            tokenizer,
             max_new_tokens=c.eval.max_response_len,
             temperature=c.eval.temperature,
             top_p=c.eval.top_p,
-            stop_token_ids=stops,
-            pad_token_id=cfg.pad_token_id,
-            logit_bias=((cfg.image_token_id, -100.0),),
-            vocab_limit=len(tokenizer),
         )
         evaluation = ev.evaluate(
             full_graphdef,
