@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ares_jax.aepo.batch import encode_examples, sampler_inputs
+from ares_jax.parallel import multihost
 from ares_jax.rewards import answers
 from ares_jax.sampling import SamplingParams, generate
 
@@ -52,6 +53,23 @@ def policy_sampling(
         pad_token_id=cfg.pad_token_id,
         logit_bias=((cfg.image_token_id, -100.0),),
         vocab_limit=len(tokenizer),
+    )
+
+
+def grade(responses: Sequence[str], golds: Sequence[str], *, workers: int = 0):
+    """`answers.score_responses` with the grading spread over the processes (response i on
+    process i mod P); every process gets all N scores, so the host side of the step stays the
+    same everywhere even where math-verify would time out on one host and not on another."""
+
+    def part(pairs):
+        s = answers.score_responses([r for r, _ in pairs], [g for _, g in pairs], workers=workers)
+        return list(zip(s.correct.tolist(), s.format_ok.tolist(), s.extracted, strict=True))
+
+    rows = multihost.spread(part, list(zip(responses, golds, strict=True)))
+    return answers.AnswerScores(
+        correct=np.array([r[0] for r in rows], dtype=bool),
+        format_ok=np.array([r[1] for r in rows], dtype=bool),
+        extracted=[r[2] for r in rows],
     )
 
 
@@ -107,7 +125,7 @@ def evaluate(
             for r in np.flatnonzero(keep)
         ]
         golds = [chunk[p].answer for p in out.prompt_index[keep]]
-        scores = answers.score_responses(texts, golds)
+        scores = grade(texts, golds)
         correct.append(scores.correct)
         lengths.append(out.lengths[keep])
         entropy.append(out.entropy[keep])

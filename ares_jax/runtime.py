@@ -23,6 +23,7 @@ from ares_jax.aepo import batch as B
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl import tokenizer as tok
+from ares_jax.parallel import multihost
 from ares_jax.parallel.mesh import make_mesh
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,11 @@ def place_state(state, mesh):
 
     Initial states may share one zeros buffer between fields, which a donating step cannot take
     twice, and leaves created outside jit sit on one device: either would cost a second
-    compilation of the step.
+    compilation of the step. With several processes a leaf on one device exists once per process,
+    which neither a step over the whole mesh nor an Orbax save accepts; here it becomes one
+    replicated global array (its value is the same on every process).
     """
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    replicated = multihost.replicated(mesh)
     seen: set[int] = set()
 
     def place(x):
@@ -74,10 +77,11 @@ def place_state(state, mesh):
             if not pointers & seen:
                 seen.update(pointers)
                 return x
+            # A new buffer on every device, with the same sharding (on device: with several
+            # processes the value is not all here).
+            x = jax.jit(jnp.copy, out_shardings=sharding)(x)
         else:
-            sharding = replicated
-        # Through host memory: a new buffer on every device, shared with no other leaf.
-        x = jax.device_put(np.array(x), sharding)
+            x = multihost.put(np.array(x), replicated)
         seen.update(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
         return x
 

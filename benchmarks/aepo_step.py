@@ -36,7 +36,7 @@ _RECORD = flags.DEFINE_bool("record", False, "Append the table to benchmarks/RES
 
 
 def _config(p):
-    c = aepo.get_config("")
+    c = aepo.get_config("stage")
     with c.unlocked():
         c.model.preset = p["model"]
         c.model.dtype = c.model.param_dtype = p["dtype"]

@@ -22,6 +22,9 @@ Presets (the text after the colon):
               python -m ares_jax.main --config=configs/adacs.py:paper_7b --workdir=DIR \
                 --config.model.path=CKPT_DIR --config.data.train_files=COLDSTART.parquet
   paper_3b  The same for Qwen2.5-VL-3B.
+
+A topology after the preset sets the mesh for that machine (configs/topologies.py):
+  python -m ares_jax.main --config=configs/adacs.py:preset=paper_7b,topology=8xh100 --workdir=DIR
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
+from configs import common, topologies
 from configs.aepo import PROMPT_SUFFIX
 
 PRESETS = ("", "smoke", "paper_3b", "paper_7b")
@@ -121,7 +124,8 @@ def _base() -> ml_collections.ConfigDict:
         every_steps=10, keep=3, resume=config_dict.placeholder(str), async_save=True
     )
     c.log = dict(every_steps=1, tensorboard=True)
-    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=())
+    # configs/aepo.py documents the mesh block; `topology` is set by the preset argument.
+    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=(), topology="")
     return c
 
 
@@ -174,7 +178,7 @@ def _paper(c: ml_collections.ConfigDict, size: str) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the locked AdaCS config for the preset named in `arg` (module docstring)."""
-    args = common.parse_arg(arg, preset="")
+    args = common.parse_arg(arg, preset="", topology="")
     if args.preset not in PRESETS:
         known = ", ".join(repr(p) for p in PRESETS[1:])
         raise ValueError(
@@ -185,6 +189,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         _smoke(c)
     elif args.preset.startswith("paper_"):
         _paper(c, args.preset.removeprefix("paper_"))
+    if args.topology:
+        topologies.apply(c, args.topology)
     return c.lock()
 
 
@@ -253,6 +259,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             common.fail(buckets, f"the last bucket must equal {limit}.")
     if c.data.min_pixels > c.data.max_pixels:
         common.fail("data.min_pixels", "must not exceed data.max_pixels.")
+    topologies.check(c)
     big = c.model.preset in ("3b", "7b")
     common.check_path(c, "model.path", required=big, why=f"for model.preset={c.model.preset!r}")
     common.check_path(c, "pass_rate.model_path", required=False)

@@ -6,12 +6,20 @@ choices. Only `main.py` and the stage's `run` read this ConfigDict.
 
 Presets (the text after the colon; `preset=NAME` or just `NAME`):
 
-  (none)    The embedded CPU default: the small Qwen2.5-VL-architecture model on the project's
-            synthetic task, 8 rollouts per prompt, short responses; the whole stage on a laptop
-            CPU in minutes.
-              python -m ares_jax.main --config=configs/aepo.py --workdir=/tmp/aepo
-  smoke     Tiny model, 2 steps, seconds; for CI.
+  (none)    The embedded default: the whole ARES pipeline (configs/pipeline.py) on one CPU in
+            minutes: a warm-up fine-tune of the random small model gives the base model, then
+            AdaCS (pass rates, length-targeted curation, fine-tuning), then AEPO (this stage),
+            then the base, AdaCS and AEPO models on held-out problems (a Table-4 report, plots).
+              python -m ares_jax.main --config=configs/aepo.py --workdir=/tmp/ares
+            Keys live in the blocks warmup., adacs., aepo. and eval.:
+              --config.aepo.optim.lr=3e-5
+  stage     The AEPO stage alone on the embedded task (the small model from random weights, or
+            model.path): 8 rollouts per prompt, short responses.
+              python -m ares_jax.main --config=configs/aepo.py:stage --workdir=/tmp/aepo
+  smoke     The AEPO stage with the tiny model, 2 steps, seconds; for CI.
               python -m ares_jax.main --config=configs/aepo.py:smoke --workdir=/tmp/aepo_smoke
+  pipeline_smoke
+            The whole pipeline at the smoke sizes, about a minute; for CI.
   paper_7b  The paper's setting for Qwen2.5-VL-7B (METHOD.md 6): 512 prompts x 8 rollouts per
             iteration, 4 optimizer steps of 128 prompts, 16k responses, lr 1e-6, ~250 steps.
             Needs the AdaCS checkpoint and ViRL39K-style data files:
@@ -19,6 +27,11 @@ Presets (the text after the colon; `preset=NAME` or just `NAME`):
                 --config.model.path=CKPT_DIR --config.data.train_files=TRAIN.jsonl \
                 --config.data.val_files=VAL.jsonl
   paper_3b  The same for Qwen2.5-VL-3B (the paper does not say whether 3B used other settings).
+
+A topology (configs/topologies.py: v5p-8, v5p-64, v6e-16, 8xh100, 2x8xh100, Nx8xh100) comes after
+the preset and sets the mesh for that machine; `python -m ares_jax.plan` tells whether it fits:
+  python -m ares_jax.main --config=configs/aepo.py:preset=paper_3b,topology=v5p-8 --workdir=DIR ...
+  python -m ares_jax.plan --config=configs/aepo.py:preset=paper_7b,topology=2x8xh100
 
 `--config.KEY=VALUE` overrides come on top; the config is locked, so an unknown key fails at
 start-up. Paths left None that a preset needs (model.path, data.*_files) are reported by `validate`.
@@ -29,9 +42,10 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
+from configs import common, topologies
 
-PRESETS = ("", "smoke", "paper_3b", "paper_7b")
+PRESETS = ("", "stage", "smoke", "pipeline_smoke", "paper_3b", "paper_7b")
+PIPELINE_PRESETS = {"": "", "pipeline_smoke": "smoke"}  # preset -> configs/pipeline.py preset
 
 # The released prompt suffix (METHOD.md 4.1, examples/format_prompt/math.jinja): appended to the
 # question text after one space; images are inserted at <image> markers by the chat template.
@@ -278,7 +292,9 @@ def _base() -> ml_collections.ConfigDict:
     # --- Mesh (ares_jax/parallel): -1 takes the remaining devices. `rules` are logical-axis
     # overrides merged over ares_jax.parallel.rules.DEFAULT_RULES, as (name, axes) pairs, e.g.
     # (('kv_heads', None), ('batch', ('data', 'fsdp'))). The sampler uses the same table.
-    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=())
+    # `topology` names the machine (configs/topologies.py); set through the preset argument
+    # (`:preset=paper_3b,topology=v5p-8`), it also sets `shape` and `rules`. '' = none named.
+    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=(), topology="")
     return c
 
 
@@ -321,18 +337,35 @@ def _paper(c: ml_collections.ConfigDict, size: str) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the locked AEPO config for the preset named in `arg` (see the module docstring)."""
-    args = common.parse_arg(arg, preset="")
+    """Returns the locked config for the preset named in `arg` (see the module docstring): the
+    whole pipeline (configs/pipeline.py) for '' and 'pipeline_smoke', the AEPO stage otherwise."""
+    args = common.parse_arg(arg, preset="", topology="")
     if args.preset not in PRESETS:
         known = ", ".join(repr(p) for p in PRESETS[1:])
         raise ValueError(
             f"configs/aepo.py: unknown preset {args.preset!r}; known: {known} (or none)."
         )
+    if args.preset in PIPELINE_PRESETS:
+        if args.topology:
+            raise ValueError(
+                "configs/aepo.py: topology applies to the stage presets (stage, smoke, paper_3b, "
+                f"paper_7b), not to the embedded pipeline preset {args.preset!r}."
+            )
+        from configs import pipeline  # configs/pipeline.py builds on this module
+
+        return pipeline.get_config(PIPELINE_PRESETS[args.preset])
+    return stage_config(args.preset, topology=args.topology)
+
+
+def stage_config(preset: str = "", *, topology: str = "") -> ml_collections.ConfigDict:
+    """The locked AEPO stage config: the embedded CPU sizes for '' or 'stage', or a preset's."""
     c = _base()
-    if args.preset == "smoke":
+    if preset == "smoke":
         _smoke(c)
-    elif args.preset.startswith("paper_"):
-        _paper(c, args.preset.removeprefix("paper_"))
+    elif preset.startswith("paper_"):
+        _paper(c, preset.removeprefix("paper_"))
+    if topology:
+        topologies.apply(c, topology)
     return c.lock()
 
 
@@ -456,11 +489,17 @@ def _check_order(c, lo_key: str, mid_key: str | None, hi_key: str) -> None:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Checks enum switches, ranges, cross-field rules and required paths.
+    """Checks enum switches, ranges, cross-field rules and required paths (of each stage's block
+    for the pipeline presets).
 
     Raises:
       ValueError: one sentence naming the first offending dotted key.
     """
+    if c.get("stage") == "pipeline":
+        from configs import pipeline
+
+        pipeline.validate(c)
+        return
     common.validate(c, SCHEMA)
 
     # Sizes that must divide.
@@ -545,3 +584,4 @@ def _validate_mesh(c: ml_collections.ConfigDict) -> None:
             rules.merge_rules(common.get_path(c, key))
         except (TypeError, ValueError) as e:
             common.fail(key, str(e))
+    topologies.check(c)

@@ -31,19 +31,63 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage = "pipeline"
     c.seed = 0
     c.warmup = adacs.get_config(sub).copy_and_resolve_references()
-    c.warmup.curation.enabled = False
-    c.warmup.sft.max_steps = 4 if sub else 60
-    c.warmup.sft.epochs = 8
-    c.warmup.eval.max_examples = 4 if sub else 32
-    c.warmup.seed = 1  # problems of the warm-up differ from AdaCS's
     c.adacs = adacs.get_config(sub).copy_and_resolve_references()
-    c.aepo = aepo.get_config(sub).copy_and_resolve_references()
+    c.aepo = aepo.stage_config(sub).copy_and_resolve_references()
     c.eval = dict(
-        test_size=8 if sub else 128,  # held-out problems of the synthetic test split
+        test_size=8 if sub else 400,  # held-out problems of the synthetic test split
         temperature=0.0,  # greedy
         max_response_len=c.aepo.eval.max_response_len,
     )
+    if sub:
+        c.warmup.curation.enabled = False
+        c.warmup.sft.max_steps = 4
+        c.warmup.sft.epochs = 8
+        c.warmup.eval.max_examples = 4
+        c.warmup.seed = 1
+    else:
+        _embedded(c)
     return c.lock()
+
+
+def _embedded(c: ml_collections.ConfigDict) -> None:
+    """Sizes for one 2-core CPU in minutes. Prompts (16 image tokens, the question and the
+    released format prompt) fit 160 tokens; the longest teacher trace is about 190 tokens."""
+    for block in (c.warmup, c.adacs, c.aepo):
+        block.data.update(max_prompt_len=160, prompt_len_buckets=(160,))
+    # 1. Warm-up: the random small model learns the format and to count from the teacher's traces
+    # (one correct trace per problem, drawn at random). The vision tower keeps its random weights
+    # in every stage before AEPO: trained from scratch in the warm-up, its output collapses to one
+    # vector for every cell, and the count can no longer be read.
+    w = c.warmup
+    w.seed = 1  # problems of the warm-up differ from AdaCS's
+    w.curation.enabled = False
+    w.data.synthetic_train_size = 3520
+    w.checkpoint.every_steps = 100
+    w.sft.update(
+        epochs=1, max_steps=220, global_batch=16, micro_batch_size=16, lr=2e-3, warmup_steps=20
+    )
+    w.eval.max_examples = 16
+    # 2. AdaCS: pass rates of the base model (4 samples per problem), length-targeted curation,
+    # fine-tuning.
+    a = c.adacs
+    a.data.synthetic_train_size = 256
+    a.pass_rate.update(samples=4, batch_size=64, max_new_tokens=192)
+    # Each problem keeps its teacher trace closest to its target length, in every bracket.
+    a.curation.update(tolerance=0.0, per_bracket=256)
+    a.sft.update(epochs=4, max_steps=100, global_batch=16, micro_batch_size=16, lr=1e-3)
+    a.eval.max_examples = 16
+    # 3. AEPO from the AdaCS model; the random vision tower stays frozen here too.
+    r = c.aepo
+    r.model.freeze_vision = True
+    r.rollout.update(max_response_len=192, length_buckets=(96, 192))
+    r.filter.max_tries = 3
+    r.train.update(steps=20)
+    r.optim.update(lr=5e-5)
+    r.eval.update(every_steps=0, max_examples=32, max_response_len=192)
+    c.eval.max_response_len = 192
+    for block in (c.warmup, c.adacs):
+        block.sft.update(max_response_len=192, length_buckets=(96, 192))
+        block.eval.max_response_len = 192
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

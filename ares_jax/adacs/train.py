@@ -38,6 +38,7 @@ from ares_jax.aepo import learner as Lr
 from ares_jax.data import pipeline, records, synthetic
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.ops import kl as K
+from ares_jax.parallel import multihost
 from ares_jax.rewards import answers
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def run(config, workdir: str) -> dict[str, float]:
 
     # --- Model and tokenizer -----------------------------------------------------------------
     mesh, model, tokenizer = runtime.load_policy(c)
+    rules = tuple(tuple(r) for r in c.mesh.rules) or None
     cfg = model.cfg
     eos = cfg.eos_token_id
     writer = mt.MetricWriter(work, tensorboard=c.log.tensorboard)
@@ -208,7 +210,9 @@ def run(config, workdir: str) -> dict[str, float]:
     )
     state = Lr.TrainState(
         trainable,
-        jax.jit(optimizer.init)(trainable),
+        jax.jit(optimizer.init, out_shardings=Lr.opt_state_shardings(optimizer, trainable))(
+            trainable
+        ),
         K.init_beta_state(),
         K.init_kappa(),
         jnp.zeros((), jnp.int32),
@@ -221,11 +225,11 @@ def run(config, workdir: str) -> dict[str, float]:
         async_save=c.checkpoint.async_save,
     )
     restored, extra, start = runtime.restore_or_start(
-        work, c, checkpointer, writer, {"train": state}
+        work, c, checkpointer, writer, {"train": runtime.place_state(state, mesh)}
     )
     state = runtime.place_state(restored["train"], mesh)
     if extra:
-        stream.set_state(extra["data"])
+        stream.set_global_state(extra["data"])
     uninstall = ckpt.install_preemption_handler()
     guard = mt.NonFiniteGuard(c.sft.max_nonfinite_steps)
     prompt_len = max(buckets)
@@ -248,7 +252,7 @@ def run(config, workdir: str) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
-        batch = stream.next_batch(c.sft.global_batch)
+        batch = stream.next_global_batch(c.sft.global_batch)  # the same on every process
         if not batch:
             break
         prompts = B.encode_examples(
@@ -281,28 +285,23 @@ def run(config, workdir: str) -> dict[str, float]:
         frames = (
             runtime.pow2(max(1, B.frames_needed(prompts, rows, mb))) if prompts.has_images else None
         )
-        lb = jax.tree.map(
-            jnp.asarray,
-            B.learner_batch(
-                prompts, rows, cfg, micro_batch_size=mb, num_micro=num_micro, num_frames=frames
-            ),
+        lb = B.learner_batch(
+            prompts, rows, cfg, micro_batch_size=mb, num_micro=num_micro, num_frames=frames
         )
         brackets = np.asarray([C.bracket_of(e.pass_rate) for e in batch])
         kl_w = np.zeros(num_micro * mb, np.float32)
         kl_w[:n] = weights[brackets]
-        if reference is not None:
-            ref, _ = ref_fn(graphdef, reference[0], reference[1], lb.inputs, lb.tokens, s)
-            lb = lb._replace(ref_logp=ref)
-        state, m = step_fn(
-            graphdef,
-            state,
-            frozen,
-            lb,
-            jnp.asarray(kl_w.reshape(num_micro, mb)),
-            optimizer=optimizer,
-            s=s,
+        shardings = B.learner_shardings(lb, mesh, rules)
+        lb, kl_w = multihost.put(
+            (lb, kl_w.reshape(num_micro, mb)), (shardings, shardings.advantages)
         )
-        metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+        if reference is not None:
+            with jax.set_mesh(mesh):  # the model's sharding constraints need the mesh
+                ref, _ = ref_fn(graphdef, reference[0], reference[1], lb.inputs, lb.tokens, s)
+            lb = lb._replace(ref_logp=ref)
+        with jax.set_mesh(mesh):
+            state, m = step_fn(graphdef, state, frozen, lb, kl_w, optimizer=optimizer, s=s)
+        metrics = {k: float(v) for k, v in multihost.fetch(m).items()}
         metrics.update(
             {
                 "data/epoch": float(stream.epoch),
@@ -319,7 +318,10 @@ def run(config, workdir: str) -> dict[str, float]:
         progress.update(1, loss=f"{metrics['train/loss']:.3f}")
         preempted = ckpt.preempted()
         checkpointer.save(
-            step, {"train": state}, {"data": stream.get_state()}, force=preempted or step == steps
+            step,
+            {"train": state},
+            {"data": stream.get_global_state()},
+            force=preempted or step == steps,
         )
         if preempted:
             log.warning("AdaCS: preempted at step %d; checkpoint saved, exiting.", step)
@@ -363,9 +365,10 @@ def run(config, workdir: str) -> dict[str, float]:
         )
         result = evaluation.metrics
         writer.write(steps, result)
+    policy = Lr.merge(graphdef, state.trainable, frozen)
+    # Every process gathers (a collective); process 0 writes.
+    model_params.save_pretrained(policy, work / "export", dtype=c.model.param_dtype)
     if is_main:
-        policy = Lr.merge(graphdef, state.trainable, frozen)
-        model_params.save_pretrained(policy, work / "export", dtype=c.model.param_dtype)
         tokenizer.save_pretrained(work / "export")
         log.info("AdaCS: fine-tuned model exported to %s", work / "export")
     writer.close()

@@ -20,6 +20,7 @@ from ares_jax.models.qwen2_5_vl import inputs as model_inputs
 from ares_jax.models.qwen2_5_vl import positions, processor
 from ares_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
+from ares_jax.parallel import rules as R
 
 
 @dataclasses.dataclass
@@ -250,3 +251,23 @@ def learner_batch(
         old_logp=zeros,
         ref_logp=zeros.copy(),
     )
+
+
+def learner_shardings(batch: LearnerBatch, mesh, rules=None) -> LearnerBatch:
+    """Shardings that put a host `LearnerBatch` on `mesh` (with `parallel.multihost.put`): each
+    micro-batch's rows over the `batch` axes, everything else whole."""
+    rows = (None, R.BATCH)
+    axes = LearnerBatch(
+        inputs=model_inputs.logical_axes(batch.inputs, leading=1),
+        tokens=(*rows, None),
+        mask=(*rows, None),
+        advantages=rows,
+        bucket=rows,
+        correct=rows,
+        soft_cost=rows,
+        window_mask=(*rows, None),
+        row_valid=rows,
+        old_logp=(*rows, None),
+        ref_logp=(*rows, None),
+    )
+    return R.tree_shardings(mesh, axes, batch, rules)

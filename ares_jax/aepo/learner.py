@@ -263,6 +263,26 @@ def train_step(
     return new_state, metrics
 
 
+def opt_state_shardings(optimizer: optax.GradientTransformation, trainable):
+    """Shardings of `optimizer.init(trainable)`: each moment its parameter's, counters whole.
+
+    Pass them as `jax.jit(optimizer.init, out_shardings=...)`: jitted alone, `init` returns
+    zeros that depend on no input's sharding, which XLA puts on one device, and placing that state
+    on the mesh then copies the whole of it to every device. `trainable` holds arrays or
+    ShapeDtypeStructs with NamedShardings.
+    """
+    shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    mesh = next(s.mesh for s in jax.tree.leaves(shardings))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        jax.eval_shape(optimizer.init, trainable),
+        shardings,
+        transform_non_params=lambda _: whole,
+    )
+
+
 def make_optimizer(
     *,
     lr: float,

@@ -16,6 +16,9 @@ released ordering instead: the filter and the advantage see a reward computed wi
 fields (easy, target 0, alpha 0.5), METHOD.md 4.4.2.
 
 Host NumPy drives the phase; the arithmetic is the jitted kernels of `ops/` and `rewards/`.
+With several processes every process runs the phase on the same global batch of prompts
+(`PromptStream.next_global_batch`), gets every sampled row back, and grades its share of them
+(`evaluate.grade`), so all of them hold the same rollout and state.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import jax
 import numpy as np
 
 from ares_jax.aepo.batch import Prompts, Rows, encode_examples, sampler_inputs
+from ares_jax.evaluate import grade
 from ares_jax.ops import advantages as ADV
 from ares_jax.ops import hwe as H
-from ares_jax.rewards import answers
 from ares_jax.rewards import buckets as BK
 from ares_jax.rewards import entropy_shaping as ES
 from ares_jax.rewards import triggers as TR
@@ -213,7 +216,7 @@ def collect(
     n_kept = 0
     while n_kept < s.prompts_per_iter and tries < s.max_tries:
         tries += 1
-        examples = stream.next_batch(s.prompts_per_iter)
+        examples = stream.next_global_batch(s.prompts_per_iter)
         if not examples:
             break
         prompts = encode_examples(
@@ -237,7 +240,7 @@ def collect(
             for r in range(out.tokens.shape[0])
         ]
         golds = [examples[p].answer for p in out.prompt_index]
-        scores = answers.score_responses(texts, golds, workers=s.score_workers)
+        scores = grade(texts, golds, workers=s.score_workers)
         score_seconds += time.perf_counter() - s0
         correct = scores.correct & out.active
         ent_threshold, ent_count = _entropies(out, s.estimator)

@@ -14,6 +14,15 @@ Each iteration:
   5. metrics, periodic validation, checkpoints.
 Resume order, logged at start: a checkpoint in the workdir, then config.checkpoint.resume, then the
 model's initial weights (model.path or the preset's random init). SIGTERM saves and exits.
+
+Several processes (one per host, `parallel/distributed.py`) run this same function on one mesh
+over all their devices. Each reads its share of every global batch and the shares are exchanged
+(`PromptStream.next_global_batch`), so the host side of a step (grading, buckets, filter,
+advantages, batch assembly) runs on the same data everywhere and is checked to agree; host arrays
+enter the mesh through `parallel.multihost.put` and come back through `multihost.fetch`. Every
+process takes part in checkpoint saves and restores (Orbax writes each array's shards from the
+process that holds them) and in the export's gathers; only process 0 writes config.json, metrics,
+TensorBoard events and the exported files.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from ares_jax.models.qwen2_5_vl import tokenizer as tok
 from ares_jax.ops import hwe as H
 from ares_jax.ops import kl as K
 from ares_jax.ops import policy_loss as PL
+from ares_jax.parallel import multihost
 from ares_jax.rewards import buckets as BK
 from ares_jax.rewards import entropy_shaping as ES
 from ares_jax.rewards import triggers as TR
@@ -206,6 +216,11 @@ def _val_examples(c) -> list:
     return examples
 
 
+def _host_independent(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics every process must agree on: all but timings and rates."""
+    return {k: v for k, v in metrics.items() if not k.startswith("time/") and "per_s" not in k}
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +232,15 @@ def run(config, workdir: str) -> dict[str, float]:
     workdir_path = Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    if c.rollout.prompts_per_iter % jax.process_count():
+        raise ValueError(
+            f"config.rollout.prompts_per_iter={c.rollout.prompts_per_iter} must be a multiple of "
+            f"the {jax.process_count()} processes, which read equal shares of each batch."
+        )
 
     # --- Mesh, model, tokenizer ----------------------------------------------------------------
     mesh, model, tokenizer = runtime.load_policy(c)
+    rules = tuple(tuple(r) for r in c.mesh.rules) or None
     cfg = model.cfg
     graphdef, trainable, frozen = Lr.split_params(model, freeze_vision=c.model.freeze_vision)
     reference = (jax.tree.map(jnp.copy, trainable), frozen)  # the frozen initial policy
@@ -269,12 +290,15 @@ def run(config, workdir: str) -> dict[str, float]:
     # --- State and restore ---------------------------------------------------------------------
     state = Lr.TrainState(
         trainable=trainable,
-        # Initialised under jit so the moments take the parameters' shardings.
-        opt_state=jax.jit(optimizer.init)(trainable),
+        # Each moment on its parameter's shards (jitted alone, init would put all on one device).
+        opt_state=jax.jit(
+            optimizer.init, out_shardings=Lr.opt_state_shardings(optimizer, trainable)
+        )(trainable),
         beta=K.init_beta_state(ls.beta_params),
         kappa=K.init_kappa(_kappa_params(c.kl)),
         step=jnp.zeros((), jnp.int32),
     )
+    state = runtime.place_state(state, mesh)  # all on the mesh: the restore target
     rollout_state = RO.RolloutState(
         threshold=H.init_threshold(),
         targets=BK.init_bucket_targets(alpha_init=c.reward.alpha_init),
@@ -288,17 +312,19 @@ def run(config, workdir: str) -> dict[str, float]:
     )
     writer = mt.MetricWriter(workdir_path, tensorboard=c.log.tensorboard)
     writer.write_config(c.to_dict())
+    # The rollout state and the key are host values between steps; they are checkpointed as
+    # replicated arrays on the mesh, since Orbax refuses arrays that live on one process only.
     restored, extra, start = runtime.restore_or_start(
         workdir_path,
         c,
         checkpointer,
         writer,
-        {"train": state, "rollout": rollout_state, "key": key},
+        runtime.place_state({"train": state, "rollout": rollout_state, "key": key}, mesh),
     )
-    state, rollout_state, key = restored["train"], restored["rollout"], restored["key"]
+    state = runtime.place_state(restored["train"], mesh)
+    rollout_state, key = multihost.fetch((restored["rollout"], restored["key"]))
     if extra:
-        stream.set_state(extra["data"])
-    state = runtime.place_state(state, mesh)
+        stream.set_global_state(extra["data"])
     uninstall = ckpt.install_preemption_handler()
     guard = mt.NonFiniteGuard(c.train.max_nonfinite_steps)
 
@@ -406,28 +432,33 @@ def run(config, workdir: str) -> dict[str, float]:
             lb = B.learner_batch(
                 prompts, part, cfg, micro_batch_size=mb, num_micro=num_micro, num_frames=frames
             )
-            lb = jax.tree.map(jnp.asarray, lb)
             old_sampler = np.zeros(lb.old_logp.shape, np.float32).reshape(-1, t_bucket)
             old_sampler[: len(sel)] = sampler_logp[sel]
-            old_sampler = jnp.asarray(old_sampler.reshape(lb.old_logp.shape))
-            old, _ = logprob_fn(graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls)
+            shardings = B.learner_shardings(lb, mesh, rules)
+            lb, old_sampler = multihost.put(
+                (lb, old_sampler.reshape(lb.old_logp.shape)), (shardings, shardings.old_logp)
+            )
+            with jax.set_mesh(mesh):  # the model's sharding constraints need the mesh
+                old, _ = logprob_fn(graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls)
             gaps.append(
-                float(
-                    jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
-                    / jnp.maximum(jnp.sum(lb.mask), 1)
-                )
+                jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
+                / jnp.maximum(jnp.sum(lb.mask), 1)
             )
             if c.train.old_logp_source == "sampler":
                 old = old_sampler
             ref = jnp.zeros_like(old)
             if ls.kl_coef > 0:
-                ref, _ = logprob_fn(graphdef, reference[0], reference[1], lb.inputs, lb.tokens, ls)
+                with jax.set_mesh(mesh):
+                    ref, _ = logprob_fn(
+                        graphdef, reference[0], reference[1], lb.inputs, lb.tokens, ls
+                    )
             lb = lb._replace(old_logp=old, ref_logp=ref)
             denom = PL.loss_denominator(lb.mask.reshape(-1, t_bucket), agg=ls.agg)
             for _ in range(c.train.ppo_epochs):
-                state, train_metrics = step_fn(
-                    graphdef, state, frozen, lb, denom, optimizer=optimizer, s=ls
-                )
+                with jax.set_mesh(mesh):
+                    state, train_metrics = step_fn(
+                        graphdef, state, frozen, lb, denom, optimizer=optimizer, s=ls
+                    )
             if c.kl.controller == "paper":
                 kld = K.kl_divergence(old, ref, c.kl.estimator)
                 kappa_obs.append(
@@ -443,12 +474,14 @@ def run(config, workdir: str) -> dict[str, float]:
                 state.kappa, ctrl, bucket, params=_kappa_params(c.kl), valid=valid
             )
             state = state._replace(kappa=new_kappa)
-        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
-        metrics.update(train_metrics)
+        train_metrics, gaps, beta, kappa = multihost.fetch(
+            (train_metrics, gaps, state.beta.beta, state.kappa)
+        )
+        metrics.update({k: float(v) for k, v in train_metrics.items()})
         metrics["rollout/logp_gap_sampler_learner"] = float(np.mean(gaps))
         for d, name in enumerate(BK.BUCKET_NAMES):
-            metrics[f"kl/beta/{name}"] = float(state.beta.beta[d])
-            metrics[f"kl/kappa/{name}"] = float(state.kappa[d])
+            metrics[f"kl/beta/{name}"] = float(beta[d])
+            metrics[f"kl/kappa/{name}"] = float(kappa[d])
         metrics["time/learn_s"] = time.perf_counter() - t_learn
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics["train/tokens_per_s"] = float(rows.mask.sum()) / metrics["time/step_s"]
@@ -461,14 +494,24 @@ def run(config, workdir: str) -> dict[str, float]:
         if c.eval.every_steps and step % c.eval.every_steps == 0 and val_examples:
             last_eval = validate(step)
             metrics.update(last_eval)
+        # Every process computed these from the same data; a difference is a bug, not noise.
+        multihost.check_agreement(f"AEPO step {step}", _host_independent(metrics))
+        log.info(
+            "AEPO step %d: accuracy %.4f, reward %.6g, loss %.6g, grad norm %.6g",
+            step,
+            metrics["rollout/accuracy"],
+            metrics["reward/total"],
+            metrics["train/loss"],
+            metrics["train/grad_norm"],
+        )
         if step % c.log.every_steps == 0 or step == c.train.steps:
             writer.write(step, metrics)
         progress.update(
             1, acc=f"{metrics['rollout/accuracy']:.2f}", loss=f"{metrics['train/loss']:.3f}"
         )
 
-        full = {"train": state, "rollout": rollout_state, "key": key}
-        extra = {"data": stream.get_state()}
+        full = runtime.place_state({"train": state, "rollout": rollout_state, "key": key}, mesh)
+        extra = {"data": stream.get_global_state()}
         preempted = ckpt.preempted()
         checkpointer.save(step, full, extra, force=preempted or step == c.train.steps)
         if preempted:
@@ -483,8 +526,9 @@ def run(config, workdir: str) -> dict[str, float]:
     if c.train.export and not ckpt.preempted():
         export = workdir_path / "export"
         policy = Lr.merge(graphdef, state.trainable, frozen)
+        # Every process gathers (a collective); process 0 writes.
+        model_params.save_pretrained(policy, export, dtype=c.model.param_dtype)
         if is_main:
-            model_params.save_pretrained(policy, export, dtype=c.model.param_dtype)
             tokenizer.save_pretrained(export)
             log.info("AEPO: policy exported to %s", export)
     writer.close()

@@ -13,6 +13,15 @@ h + 2S, ... of it. So within an epoch the hosts' shards are disjoint and cover t
 when the size is not a multiple of S the first (size mod S) hosts get one example more per epoch.
 The position is one integer (the next index into that dataset), so resuming is exact and costs
 nothing, in this process or another.
+
+Several processes (multi-host): the stages call `next_global_batch(k)`, which every process
+calls at the same step. Each process reads k / S examples from its own shard (only its share of
+the files and images is read and decoded there) and the processes exchange them, so every process
+holds the same global batch, in the order one process reading the whole data set would see it
+(global row j*S + h is row j of shard h) as long as the data set size is a multiple of S. The
+host side of a step then runs on the same data everywhere, and the batch goes onto the mesh with
+`ares_jax.parallel.multihost.put`. Each process checkpoints its own position (the stages save
+the list of all of them).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import jax
 
 from ares_jax.data import records, synthetic
 from ares_jax.data.records import Example, ReadStats
+from ares_jax.parallel import multihost
 
 STATE_VERSION = 1
 
@@ -186,6 +196,13 @@ def _tfds_build_of(paths: Sequence[str]) -> tuple[str, str] | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def interleave(parts: Sequence[Sequence[Example]]) -> list[Example]:
+    """One batch from the shards' batches: row j of shard h goes to position j*S + h (S = the
+    number of shards; a shorter part, at the end of an epoch-limited stream, is skipped over)."""
+    longest = max((len(p) for p in parts), default=0)
+    return [p[j] for j in range(longest) for p in parts if j < len(p)]
+
+
 class PromptStream:
     """This host's endless (or `num_epochs`-long) stream of Examples with a resumable position.
 
@@ -267,9 +284,57 @@ class PromptStream:
             batch.append(next(self))
         return batch
 
+    def next_global_batch(self, k: int) -> list[Example]:
+        """The next k Examples of the global batch, the same list on every process.
+
+        With one shard this is `next_batch(k)`. With S shards, one per process, each process
+        reads k / S Examples from its shard and the processes exchange them (a collective: every
+        process calls this at the same point); global row j*S + h is row j of shard h (module
+        docstring). An epoch-limited stream may return fewer at its end.
+
+        Raises:
+          ValueError: k is not a multiple of S, or the shards are not one per process.
+        """
+        index, count = self._identity["shard_index"], self._identity["shard_count"]
+        if count == 1:
+            return self.next_batch(k)
+        if (index, count) != (jax.process_index(), jax.process_count()):
+            raise ValueError(
+                f"next_global_batch needs one shard per process; this stream is shard {index} of "
+                f"{count} in process {jax.process_index()} of {jax.process_count()}."
+            )
+        if k % count:
+            raise ValueError(
+                f"a global batch of {k} examples does not split evenly over {count} processes; "
+                f"use a multiple of {count}."
+            )
+        return interleave(multihost.allgather_objects(self.next_batch(k // count)))
+
     def get_state(self) -> dict[str, Any]:
         """The position as a JSON-serialisable dict (plus what it is valid for)."""
         return {"version": STATE_VERSION, "next_index": self._next, **self._identity}
+
+    def get_global_state(self) -> list[dict[str, Any]]:
+        """Every process's `get_state()`, in process order, on every process (a collective);
+        what the stages checkpoint, since only process 0 writes the checkpoint's JSON part."""
+        return multihost.allgather_objects(self.get_state())
+
+    def set_global_state(self, states: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> None:
+        """Continues from a `get_global_state()` result: this process takes its own entry. A
+        single `get_state()` dict (a checkpoint of a one-process run) is accepted by one process.
+
+        Raises:
+          ValueError: the states were saved by another number of processes, or do not fit
+            this stream (`set_state`).
+        """
+        if isinstance(states, Mapping):
+            states = [states]
+        if len(states) != jax.process_count():
+            raise ValueError(
+                f"the data position was saved by {len(states)} process(es) but this run has "
+                f"{jax.process_count()}; resume with the same number of processes."
+            )
+        self.set_state(states[jax.process_index()])
 
     def set_state(self, state: Mapping[str, Any] | str) -> None:
         """Continues from a `get_state()` result (or its JSON text).

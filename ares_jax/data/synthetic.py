@@ -1,24 +1,31 @@
-"""The embedded synthetic task: count coloured shapes in a picture and combine the counts.
+"""The embedded synthetic task: count the shapes in a picture, or the empty cells around them.
 
-Each problem draws 2 to 12 shapes (circle, square, triangle; red, green, blue) on a 4 x 4 grid of
-cells and asks for a number built step by step from counts of the shapes, e.g.
+Each picture is a 4 x 4 grid of cells (28 x 28 pixels each, one merged Qwen2.5-VL vision token per
+cell); n of the cells hold a shape (circle, square or triangle in red, green or blue). A problem
+asks one of two questions:
 
-    "Start with the number of red circles. Add the number of squares. Multiply the result by 2.
-     What is the final number?"
+    "How many shapes are in the image?"                        (answer n)
+    "How many cells of the 4 x 4 grid are empty?"              (answer 16 - n: count, then subtract)
 
-Difficulty d in 1..5 sets the number of shapes and the number of steps (d steps, so d - 1
-arithmetic operations); d = 1 simply asks "How many red circles are in the image?". Answers are
-integers (possibly negative at d >= 3), checked in `\\boxed{}` form. A step-by-step teacher writes
-three correct traces per problem in the think/boxed format, `TRACE_STYLES` = terse, normal,
-verbose, whose lengths grow with the number of shapes and steps and hence with difficulty;
-`wrong_trace=True` appends a fourth, incorrect one (one miscount) that answer checking rejects.
+Difficulty d in 1..5 sets how many shapes there are, `NUM_SHAPES[d]` (1-3, 4-6, 7-9, 10-12 and
+13-15): the more shapes, the finer the count the model must make and the longer the teacher counts
+aloud. Answers are integers, checked in `\\boxed{}` form. A step-by-step teacher writes three
+correct traces per problem in the think/boxed format, `TRACE_STYLES` = terse (the count), normal
+(counting aloud) and verbose (counting aloud twice), whose lengths grow with the
+number of shapes and hence with difficulty; `wrong_trace=True` appends a fourth, incorrect one
+(one shape too many) that answer checking rejects.
+
+Why this task: a model trained from random weights in minutes on a CPU learns to read a global
+quantity of the picture (how much of it is covered), while selecting objects by colour or position
+from the question (a two-hop lookup) takes it far longer than the embedded default's budget; the
+task is sized to what such a model learns, and its difficulty is the precision of the count.
 
 Everything is a function of (seed, split, index): problem i is drawn from its own generator, so
 `SyntheticExamples` is a random-access source and a longer set extends a shorter one. Splits are
 disjoint by construction: a problem belongs to the split given by a hash of its content (train 8/10
 of the hash space, val and test 1/10 each) and a generator redraws until it lands in its split.
-Images are 112 x 112 PNG by default (4 x 4 cells of 28 pixels, one merged Qwen2.5-VL vision token
-per cell), drawn without anti-aliasing so the bytes are the same on every run.
+Images are 112 x 112 PNG by default, drawn without anti-aliasing so the bytes are the same on every
+run.
 """
 
 from __future__ import annotations
@@ -41,13 +48,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 KINDS: tuple[str, ...] = ("circle", "square", "triangle")
 GRID = 4
+CELLS = GRID * GRID
+IMAGE_SIZE = 28 * GRID  # one merged vision token (2 x 2 patches of 14 pixels) per cell
 BACKGROUND = (255, 255, 255)
 TRACE_STYLES: tuple[str, ...] = ("terse", "normal", "verbose")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DIFFICULTIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+QUESTIONS: tuple[str, ...] = ("shapes", "empty")
 
-# difficulty -> (min shapes, max shapes); steps = difficulty.
-_NUM_SHAPES = {1: (2, 3), 2: (3, 5), 3: (5, 7), 4: (7, 9), 5: (9, 12)}
+# difficulty -> (min shapes, max shapes).
+NUM_SHAPES = {1: (1, 3), 2: (4, 6), 3: (7, 9), 4: (10, 12), 5: (13, 15)}
 # Share of the 10 content-hash buckets owned by each split.
 _SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
@@ -62,84 +72,27 @@ class Shape:
 
 
 @dataclasses.dataclass(frozen=True)
-class Query:
-    """A set of shapes: a colour, a kind, or both ("red shapes", "circles", "red circles")."""
-
-    color: str | None
-    kind: str | None
-
-    def matches(self, shape: Shape) -> bool:
-        return (self.color is None or shape.color == self.color) and (
-            self.kind is None or shape.kind == self.kind
-        )
-
-    def phrase(self, n: int = 2) -> str:
-        """'red circles'; singular when n == 1 ('red circle')."""
-        noun = self.kind or "shape"
-        noun = noun if n == 1 else f"{noun}s"
-        return f"{self.color} {noun}" if self.color else noun
-
-
-def _there_are(n: int, query: Query) -> str:
-    return f"There is 1 {query.phrase(1)}" if n == 1 else f"There are {n} {query.phrase(n)}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One step: op "start" / "add" / "subtract" takes a Query, "multiply" an int factor."""
-
-    op: str
-    query: Query | None = None
-    factor: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Problem:
     id: str
     split: str
     difficulty: int
     shapes: tuple[Shape, ...]
-    steps: tuple[Step, ...]
+    asks: str  # one of QUESTIONS
 
     @property
     def answer(self) -> int:
-        return evaluate(self.shapes, self.steps)
+        return answer_for(len(self.shapes), self.asks)
 
     @property
     def question(self) -> str:
-        return question_text(self.steps)
+        if self.asks == "shapes":
+            return "How many shapes are in the image?"
+        return f"How many cells of the {GRID} x {GRID} grid are empty?"
 
 
-def count(shapes: Sequence[Shape], query: Query) -> int:
-    return sum(query.matches(s) for s in shapes)
-
-
-def evaluate(shapes: Sequence[Shape], steps: Sequence[Step], *, miscount: int = -1) -> int:
-    """The value of the steps; `miscount` = i adds one to the count of step i (a wrong trace)."""
-    value = 0
-    for i, step in enumerate(steps):
-        if step.op == "multiply":
-            value *= step.factor
-            continue
-        n = count(shapes, step.query) + (i == miscount)
-        value = n if step.op == "start" else value + n if step.op == "add" else value - n
-    return value
-
-
-def question_text(steps: Sequence[Step]) -> str:
-    if len(steps) == 1:
-        return f"How many {steps[0].query.phrase()} are in the image?"
-    sentences = []
-    for step in steps:
-        if step.op == "start":
-            sentences.append(f"Start with the number of {step.query.phrase()}.")
-        elif step.op == "add":
-            sentences.append(f"Add the number of {step.query.phrase()}.")
-        elif step.op == "subtract":
-            sentences.append(f"Subtract the number of {step.query.phrase()}.")
-        else:
-            sentences.append(f"Multiply the result by {step.factor}.")
-    return " ".join(sentences) + " What is the final number?"
+def answer_for(num_shapes: int, asks: str) -> int:
+    """The answer when the picture holds `num_shapes` shapes."""
+    return num_shapes if asks == "shapes" else CELLS - num_shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,46 +100,20 @@ def question_text(steps: Sequence[Step]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _draw(rng: np.random.Generator, difficulty: int) -> tuple[tuple[Shape, ...], tuple[Step, ...]]:
-    lo, hi = _NUM_SHAPES[difficulty]
+def _draw(rng: np.random.Generator, difficulty: int) -> tuple[tuple[Shape, ...], str]:
+    lo, hi = NUM_SHAPES[difficulty]
     n = int(rng.integers(lo, hi + 1))
-    cells = sorted(int(c) for c in rng.choice(GRID * GRID, size=n, replace=False))
-    colors, kinds = list(COLORS), list(KINDS)
+    cells = sorted(int(c) for c in rng.choice(CELLS, size=n, replace=False))
+    colors = list(COLORS)
     shapes = tuple(
-        Shape(c // GRID, c % GRID, colors[rng.integers(3)], kinds[rng.integers(3)]) for c in cells
+        Shape(c // GRID, c % GRID, colors[rng.integers(len(colors))], KINDS[rng.integers(3)])
+        for c in cells
     )
-
-    used: set[Query] = set()
-
-    def query() -> Query:
-        # Mostly about shapes that are there; sometimes a set that may be empty. A problem asks
-        # about each set at most once (27 sets exist, at most 5 are asked).
-        while True:
-            if rng.random() < 0.8:
-                s = shapes[rng.integers(len(shapes))]
-                color, kind = s.color, s.kind
-            else:
-                color, kind = colors[rng.integers(3)], kinds[rng.integers(3)]
-            form = rng.integers(3)  # 0: colour and kind, 1: colour only, 2: kind only
-            q = Query(color if form != 2 else None, kind if form != 1 else None)
-            if q not in used:
-                used.add(q)
-                return q
-
-    steps = [Step("start", query())]
-    for _ in range(1, difficulty):
-        r = rng.random()
-        if difficulty == 2 or r < 0.5:
-            steps.append(Step("add", query()))
-        elif r < 0.75:
-            steps.append(Step("subtract", query()))
-        else:
-            steps.append(Step("multiply", factor=int(rng.integers(2, 4))))
-    return shapes, tuple(steps)
+    return shapes, QUESTIONS[rng.integers(len(QUESTIONS))]
 
 
-def _content_bucket(difficulty: int, shapes: tuple[Shape, ...], steps: tuple[Step, ...]) -> int:
-    key = repr((difficulty, shapes, steps)).encode()
+def _content_bucket(difficulty: int, shapes: tuple[Shape, ...], asks: str) -> int:
+    key = repr((difficulty, shapes, asks)).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") % 10
 
 
@@ -194,18 +121,18 @@ def make_problem(index: int, *, seed: int, split: str = "train", difficulty: int
     """Problem `index` of (seed, split); a pure function of its arguments."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if difficulty not in _NUM_SHAPES:
+    if difficulty not in NUM_SHAPES:
         raise ValueError(f"difficulty must be in 1..5, got {difficulty}")
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got {seed} and {index}")
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split], index, difficulty])
     while True:
-        shapes, steps = _draw(rng, difficulty)
-        if _content_bucket(difficulty, shapes, steps) in _SPLIT_BUCKETS[split]:
-            return Problem(f"synthetic-{split}-s{seed}-{index}", split, difficulty, shapes, steps)
+        shapes, asks = _draw(rng, difficulty)
+        if _content_bucket(difficulty, shapes, asks) in _SPLIT_BUCKETS[split]:
+            return Problem(f"synthetic-{split}-s{seed}-{index}", split, difficulty, shapes, asks)
 
 
-def render(problem: Problem, *, size: int = 112) -> bytes:
+def render(problem: Problem, *, size: int = IMAGE_SIZE) -> bytes:
     """PNG bytes of the problem's picture: size x size pixels, 4 x 4 cells."""
     if size % GRID or size < 8 * GRID:
         raise ValueError(f"image size must be a multiple of {GRID} and at least {8 * GRID}")
@@ -233,95 +160,50 @@ def render(problem: Problem, *, size: int = 112) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def _where(s: Shape) -> str:
-    return f"row {s.row + 1}, column {s.col + 1}"
+def _aloud(n: int) -> str:
+    return ", ".join(str(k) for k in range(1, n + 1))
 
 
-def _arith(value: int, step: Step, n: int) -> tuple[str, int]:
-    if step.op == "add":
-        return f"{value} + {n} = {value + n}", value + n
-    if step.op == "subtract":
-        return f"{value} - {n} = {value - n}", value - n
-    return f"{value} * {step.factor} = {value * step.factor}", value * step.factor
+def _shapes(n: int) -> str:
+    return "1 shape" if n == 1 else f"{n} shapes"
 
 
-def _counts(problem: Problem, miscount: int) -> list[int | None]:
-    return [
-        None if st.op == "multiply" else count(problem.shapes, st.query) + (i == miscount)
-        for i, st in enumerate(problem.steps)
-    ]
+def _empty(n: int, *, verbose: bool) -> str:
+    grid = f"{GRID} x {GRID} = {CELLS}" if verbose else f"{CELLS}"
+    return f"The grid has {grid} cells, so {CELLS} - {n} = {CELLS - n} cells are empty."
 
 
-def _terse(problem: Problem, miscount: int = -1) -> list[str]:
-    counts, parts, value = _counts(problem, miscount), [], 0
-    for step, n in zip(problem.steps, counts, strict=True):
-        if step.op != "multiply":
-            parts.append(f"{step.query.phrase()}: {n}.")
-    for step, n in zip(problem.steps, counts, strict=True):
-        if step.op == "start":
-            value = n
-        else:
-            text, value = _arith(value, step, n)
-            parts.append(f"{text}.")
-    return parts
+def _trace(style: str, n: int, asks: str) -> str:
+    """The reasoning of `style` for a picture the teacher sees with n shapes."""
+    if style == "terse":
+        text = (
+            f"{_shapes(n)}." if asks == "shapes" else f"{_shapes(n)}, {CELLS} - {n} = {CELLS - n}."
+        )
+        return text
+    if style == "normal":
+        parts = [f"I count the shapes: {_aloud(n)}. There are {_shapes(n)}."]
+    else:
+        parts = [
+            f"I count the shapes one by one: {_aloud(n)}.",
+            f"Again, to check: {_aloud(n)}.",
+            f"So there are {_shapes(n)}.",
+        ]
+    if asks == "empty":
+        parts.append(_empty(n, verbose=style == "verbose"))
+    return " ".join(parts)
 
 
-def _normal(problem: Problem, miscount: int = -1) -> list[str]:
-    counts, parts, value = _counts(problem, miscount), ["I count the shapes asked for."], 0
-    for step, n in zip(problem.steps, counts, strict=True):
-        if step.op == "start":
-            value = n
-            parts.append(f"{_there_are(n, step.query)}, so I start with {n}.")
-        elif step.op == "multiply":
-            text, value = _arith(value, step, n)
-            parts.append(f"Multiplying by {step.factor}: {text}.")
-        else:
-            text, value = _arith(value, step, n)
-            verb = "Adding" if step.op == "add" else "Subtracting"
-            verb = f"{verb} {'it' if n == 1 else 'them'}"
-            parts.append(f"{_there_are(n, step.query)}. {verb}: {text}.")
-    parts.append(f"The final number is {value}.")
-    return parts
-
-
-def _verbose(problem: Problem, miscount: int = -1) -> list[str]:
-    shapes = problem.shapes
-    parts = [f"First I list every shape in the image. There are {len(shapes)} shapes."]
-    for s in shapes:
-        parts.append(f"At {_where(s)} there is a {s.color} {s.kind}.")
-    counts, value = _counts(problem, miscount), 0
-    for i, (step, n) in enumerate(zip(problem.steps, counts, strict=True)):
-        if step.op == "multiply":
-            parts.append(f"Step {i + 1}: I multiply the running value by {step.factor}.")
-        else:
-            hits = [s for s in shapes if step.query.matches(s)]
-            where = "; ".join(f"the {s.color} {s.kind} at {_where(s)}" for s in hits)
-            found = f"I find {where}." if hits else "I find none."
-            parts.append(f"Step {i + 1}: I look for {step.query.phrase()}. {found} That is {n}.")
-        if step.op == "start":
-            value = n
-            parts.append(f"So the running value starts at {n}.")
-        else:
-            text, value = _arith(value, step, n)
-            parts.append(f"The running value becomes {text}.")
-    parts.append(f"Checking again from the start, the final number is {value}.")
-    return parts
-
-
-def _format(parts: list[str], answer: int) -> str:
-    return f"<think> {' '.join(parts)} </think> The answer is \\boxed{{{answer}}}."
+def _format(reasoning: str, answer: int) -> str:
+    return f"<think> {reasoning} </think> The answer is \\boxed{{{answer}}}."
 
 
 def teacher_traces(problem: Problem, *, wrong_trace: bool = False) -> tuple[str, ...]:
-    """Correct traces in `TRACE_STYLES` order, plus one wrong trace if asked (last)."""
-    answer = problem.answer
-    traces = [_format(style(problem), answer) for style in (_terse, _normal, _verbose)]
+    """Correct traces in `TRACE_STYLES` order, plus one wrong trace if asked (last): the normal
+    style after counting one shape too many (at most 15 shapes are drawn, so 16 stays a count)."""
+    n, asks = len(problem.shapes), problem.asks
+    traces = [_format(_trace(style, n, asks), problem.answer) for style in TRACE_STYLES]
     if wrong_trace:
-        # Counting one extra shape at the last counted step changes the answer: each count
-        # enters the result with a non-zero coefficient (+-1 times the later factors).
-        last = max(i for i, st in enumerate(problem.steps) if st.op != "multiply")
-        wrong = evaluate(problem.shapes, problem.steps, miscount=last)
-        traces.append(_format(_normal(problem, miscount=last), wrong))
+        traces.append(_format(_trace("normal", n + 1, asks), answer_for(n + 1, asks)))
     return tuple(traces)
 
 
@@ -330,7 +212,9 @@ def teacher_traces(problem: Problem, *, wrong_trace: bool = False) -> tuple[str,
 # ---------------------------------------------------------------------------------------------
 
 
-def to_example(problem: Problem, *, image_size: int = 112, wrong_trace: bool = False) -> Example:
+def to_example(
+    problem: Problem, *, image_size: int = IMAGE_SIZE, wrong_trace: bool = False
+) -> Example:
     return Example(
         id=problem.id,
         question=problem.question,
@@ -356,12 +240,12 @@ class SyntheticExamples:
         seed: int,
         split: str = "train",
         difficulties: Sequence[int] = DIFFICULTIES,
-        image_size: int = 112,
+        image_size: int = IMAGE_SIZE,
         wrong_trace: bool = False,
     ):
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
-        if not difficulties or any(d not in _NUM_SHAPES for d in difficulties):
+        if not difficulties or any(d not in NUM_SHAPES for d in difficulties):
             raise ValueError(f"difficulties must be a non-empty subset of 1..5, got {difficulties}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -406,7 +290,7 @@ def make_examples(
     seed: int,
     split: str = "train",
     difficulties: Sequence[int] = DIFFICULTIES,
-    image_size: int = 112,
+    image_size: int = IMAGE_SIZE,
     wrong_trace: bool = False,
 ) -> list[Example]:
     """n synthetic Examples of (seed, split), difficulties cycling through `difficulties`."""

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "tensor")
@@ -67,10 +68,20 @@ def make_mesh(
 ) -> Mesh:
     """Builds the ('data', 'fsdp', 'tensor') mesh over `devices` (default: all, every process).
 
-    Device order comes from `jax.make_mesh` (mesh_utils), which respects the TPU ICI topology.
-    Axis types are Auto: GSPMD propagates shardings, and `rules.constrain` pins activations.
-    Multi-slice TPU (DCN) meshes are not handled yet; jax.make_mesh rejects them.
+    Device order comes from `jax.make_mesh` (mesh_utils), which respects the TPU ICI topology;
+    a shape that needs a physical axis split in two (tensor=2 on a 4x4 v6e slice) is laid out by
+    `mesh_utils.create_device_mesh(..., allow_split_physical_axes=True)`, which keeps each mesh
+    axis on neighbouring chips. Axis types are Auto: GSPMD propagates shardings, and
+    `rules.constrain` pins activations. Multi-slice TPU (DCN) meshes are not handled yet;
+    jax.make_mesh rejects them.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_shape(shape, len(devices))
-    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    types = (AxisType.Auto,) * len(AXES)
+    try:
+        return jax.make_mesh(sizes, AXES, axis_types=types, devices=devices)
+    except (ValueError, NotImplementedError) as e:  # mesh_utils raises the latter for a split
+        if "allow_split_physical_axes" not in str(e):
+            raise
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, AXES, axis_types=types)

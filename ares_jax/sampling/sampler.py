@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ares_jax.models.qwen2_5_vl import inputs as model_inputs
 from ares_jax.models.qwen2_5_vl.model import KVCache, ModelInputs
+from ares_jax.parallel import multihost
 from ares_jax.parallel import rules as R
 from ares_jax.sampling import logits as L
 
@@ -364,7 +366,9 @@ def generate(
       sampling: `SamplingParams`.
       key: a PRNG key; the same key gives the same tokens.
       branch_threshold: tau of the branching rule (required when branching is enabled).
-      mesh: shard the rows over this mesh (batch axes of `ares_jax.parallel.rules`).
+      mesh: shard the rows over this mesh (batch axes of `ares_jax.parallel.rules`). With
+        several processes the mesh spans them all, every process passes the same `inputs` and
+        `key`, and every process gets the whole output.
       cache_len: KV cache slots (default: prompt length + max_new_tokens). Passing the largest
         prompt bucket + max_new_tokens keeps the decode loop's shapes, and so its compilation,
         the same for every prompt bucket; only the prefill compiles per bucket.
@@ -386,24 +390,23 @@ def generate(
         cache_len = needed
     elif cache_len < needed:
         raise ValueError(f"generate: cache_len={cache_len} < prompt length + max_new_tokens.")
-    inputs = jax.tree.map(jnp.asarray, inputs)
-    if mesh is not None:
-        batch_sharding = lambda x, axes: jax.device_put(  # noqa: E731
-            x, R.logical_sharding(mesh, axes, shape=x.shape)
-        )
-        inputs = inputs._replace(
-            input_ids=batch_sharding(inputs.input_ids, (R.BATCH, R.LENGTH)),
-            attention_mask=batch_sharding(inputs.attention_mask, (R.BATCH, R.LENGTH)),
+    if mesh is None:
+        inputs = jax.tree.map(jnp.asarray, inputs)
+    else:  # host inputs, the same on every process, become global arrays (rows over `batch`)
+        axes = model_inputs.logical_axes(inputs)
+        inputs, key, tau = multihost.put(
+            (inputs, key, tau),
+            (R.tree_shardings(mesh, axes, inputs), *[multihost.replicated(mesh)] * 2),
         )
     context = jax.set_mesh(mesh) if mesh is not None else _null_context()
     with context:
         cache, hidden = _prefill(graphdef, params, inputs, sampling, cache_len)
         state = _decode(graphdef, params, cache, hidden, sampling, key, tau)
-    out = jax.device_get(
+    # Rows may live on other processes' devices: every process fetches the whole batch.
+    tokens, logp, slogp, entropy, lengths, reason = multihost.fetch(
         (state.tokens, state.logp, state.slogp, state.entropy, state.lengths, state.reason)
     )
-    tokens, logp, slogp, entropy, lengths, reason = out
-    active, parent, fork_step, argmax, topk_tail, topk_raw = jax.device_get(
+    active, parent, fork_step, argmax, topk_tail, topk_raw = multihost.fetch(
         (
             state.active,
             state.parent,

@@ -153,3 +153,76 @@ def test_bad_data_file_is_named(tmp_path):
         "--config.filter.enabled=False",
     )
     assert skipped.returncode == 0, skipped.stderr[-3000:]
+
+
+# On the random tiny model every answer is wrong and the default entropy reward is the same for
+# every response of a group, so advantages are 0 and the gradient is rounding noise, which any
+# two runs would "match". Counting every high-entropy window (tau at the median) and a low
+# hard-bucket target make the reward differ within a group; the filter is off, since such small
+# rewards can fall below its lower bound. No evaluation: only the iteration is compared.
+_MOVING = (
+    "--config.train.steps=1",
+    "--config.entropy.hwe_count=paper_window",
+    "--config.entropy.percentile=50",
+    "--config.reward.target_scale=(1.0,1.0,0.1)",
+    "--config.filter.enabled=False",
+    "--config.eval.every_steps=0",
+    "--config.eval.val_before_train=False",
+    "--config.entropy.threshold_init=first_batch",
+)
+# Unoptimised CPU code generation compiles in about half the time; both runs use it.
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+# Decided on the host from sampled tokens: equal exactly when the sharded run samples the same.
+_EXACT = ("rollout/", "reward/", "bucket/", "hwe/", "kl/beta/", "kl/kappa/")
+# Mathematically 0 at the first step (ratio 1, policy = reference): float32 rounding residues.
+_NEAR_ZERO = ("train/loss", "train/pg_loss", "train/ppo_kl", "rollout/logp_gap_sampler_learner")
+
+
+def _exported(workdir) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(workdir / "export" / "model.safetensors"))
+
+
+def test_fsdp_by_tensor_mesh_equals_one_device(tmp_path):
+    """One AEPO iteration on a data=1 x fsdp=4 x tensor=2 mesh of 8 devices against one device.
+
+    Tolerances. Metrics decided on the host (tokens, lengths, HWE counts, rewards, buckets, tau,
+    controllers) are equal exactly. The learner's sums run in another order when sharded: its
+    metrics agree to rel 1e-5 (a few float32 ulps), with an absolute floor of 1e-6 for the
+    quantities that are 0 up to rounding at the first step. Parameters (exported in float32):
+    Adam's first step moves each weight by lr * g / (|g| + eps), about +-lr (1e-5) wherever
+    |g| >> eps = 1e-8, so reduction-order rounding only shows where |g| is near eps (measured:
+    at most 1.1e-7, root mean square 4e-10). Each weight must agree within 0.2 * lr and the root
+    mean square difference be below 1e-3 * lr; a missing or doubled gradient shard would change
+    the moves of many weights by up to 2 * lr.
+    """
+    one = _run(tmp_path / "one", *_MOVING, env={"XLA_FLAGS": _FAST_COMPILE})
+    assert one.returncode == 0, one.stderr[-3000:]
+    eight = _run(
+        tmp_path / "eight",
+        *_MOVING,
+        "--config.mesh.shape.data=1",
+        "--config.mesh.shape.fsdp=4",
+        "--config.mesh.shape.tensor=2",
+        env={"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {_FAST_COMPILE}"},
+    )
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    (want,) = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    (got,) = read_metrics(tmp_path / "eight" / "metrics.jsonl")
+    assert want["train/grad_norm"] > 1e-3  # a real update, not rounding noise
+    assert _comparable(got).keys() == _comparable(want).keys()
+    for key in sorted(_comparable(want)):
+        if key.startswith(_EXACT) and key not in _NEAR_ZERO:
+            assert got[key] == want[key], key
+        else:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    lr = 1e-5  # configs/aepo.py optim.lr
+    p1, p8 = _exported(tmp_path / "one"), _exported(tmp_path / "eight")
+    assert sorted(p1) == sorted(p8)
+    squares, count = 0.0, 0
+    for name in sorted(p1):
+        diff = np.abs(p1[name].astype(np.float64) - p8[name].astype(np.float64))
+        assert diff.max() <= 0.2 * lr, (name, diff.max())
+        squares, count = squares + float(np.sum(diff**2)), count + diff.size
+    assert np.sqrt(squares / count) <= 1e-3 * lr

@@ -83,11 +83,14 @@ def _with_paths(c, tmp_path):
     return c
 
 
-@pytest.mark.parametrize("arg", [None, "", "smoke", "preset=smoke", "paper_3b", "paper_7b"])
+@pytest.mark.parametrize(
+    "arg", [None, "", "stage", "smoke", "preset=smoke", "pipeline_smoke", "paper_3b", "paper_7b"]
+)
 def test_presets_build_and_validate(arg, tmp_path):
     c = aepo.get_config(arg)
     assert c.is_locked
-    if c.model.preset in ("3b", "7b"):
+    assert c.stage == ("pipeline" if arg in (None, "", "pipeline_smoke") else "aepo")
+    if c.stage == "aepo" and c.model.preset in ("3b", "7b"):
         with pytest.raises(ValueError, match=r"config\.model\.path: is required"):
             aepo.validate(c)
         _with_paths(c, tmp_path)
@@ -102,7 +105,7 @@ def test_unknown_preset():
 
 
 def test_locked_rejects_unknown_keys():
-    c = aepo.get_config()
+    c = aepo.get_config("stage")
     with pytest.raises(AttributeError):
         c.loss.nokey = 1
     with pytest.raises(TypeError):
@@ -215,7 +218,7 @@ PAPER = {
 }
 
 
-@pytest.mark.parametrize("arg", [None, "smoke", "paper_3b", "paper_7b"])
+@pytest.mark.parametrize("arg", ["stage", "smoke", "paper_3b", "paper_7b"])
 def test_released_code_defaults(arg):
     c = aepo.get_config(arg)
     for key, value in RELEASED.items():
@@ -234,8 +237,25 @@ def test_paper_presets(arg, size):
     assert c.rollout.prompts_per_iter // c.train.prompts_per_step == 4  # optimizer steps / iter
 
 
-def test_cpu_default_and_smoke_sizes():
+def test_default_is_the_whole_pipeline():
+    from configs import pipeline
+
     c = aepo.get_config()
+    assert c.stage == "pipeline" and c == pipeline.get_config()
+    assert c.aepo.stage == "aepo" and c.adacs.stage == c.warmup.stage == "adacs"
+    assert not c.warmup.curation.enabled and c.adacs.curation.enabled
+    assert c.aepo.model.preset == c.adacs.model.preset == "small"
+    aepo.validate(c)
+    c.adacs.sft.lr = -1.0
+    with pytest.raises(ValueError, match=r"adacs: config\.sft\.lr"):
+        aepo.validate(c)
+    assert aepo.get_config("pipeline_smoke") == pipeline.get_config("smoke")
+    with pytest.raises(ValueError, match="topology applies to the stage presets"):
+        aepo.get_config("preset=,topology=v5p-8")
+
+
+def test_cpu_default_and_smoke_sizes():
+    c = aepo.get_config("stage")
     assert c.model.preset == "small" and c.data.source == "synthetic"
     assert c.model.path is None and c.mesh.shape.data == -1
     s = aepo.get_config("smoke")
@@ -257,7 +277,7 @@ def test_every_switch_is_an_enum():
 
 @pytest.mark.parametrize("key", sorted(ENUMS))
 def test_bad_enum_is_rejected_naming_key(key):
-    c = aepo.get_config()
+    c = aepo.get_config("stage")
     allowed = ENUMS[key]
     bad = 7 if isinstance(allowed[0], int) else "bogus"
     node, leaf = (c, key) if "." not in key else (
@@ -287,7 +307,7 @@ def test_bad_enum_is_rejected_naming_key(key):
     ],
 )
 def test_ranges_and_cross_field_rules(key, value, match):
-    c = aepo.get_config()
+    c = aepo.get_config("stage")
     parent, leaf = key.rsplit(".", 1)
     common.get_path(c, parent)[leaf] = value
     with pytest.raises(ValueError, match=match):
@@ -295,13 +315,13 @@ def test_ranges_and_cross_field_rules(key, value, match):
 
 
 def test_mesh_rules_override_accepted():
-    c = aepo.get_config()
+    c = aepo.get_config("stage")
     c.mesh.rules = (("kv_heads", None), ("batch", ("data", "fsdp")))
     aepo.validate(c)
 
 
 def test_files_source_checks_paths(tmp_path):
-    c = aepo.get_config()
+    c = aepo.get_config("stage")
     c.data.source = "files"
     with pytest.raises(ValueError, match=r"config\.data\.train_files: is required"):
         aepo.validate(c)

@@ -44,7 +44,7 @@ def test_adacs_config_validates_and_names_bad_keys(tmp_path):
 
 
 def test_dry_run_runs_nothing():
-    r = run_main("--config=configs/aepo.py", "--dry_run", "--config.rollout.top_k=5")
+    r = run_main("--config=configs/aepo.py:stage", "--dry_run", "--config.rollout.top_k=5")
     assert r.returncode == 0, r.stderr
     assert "top_k: 5" in r.stdout and "not run (--dry_run)" in r.stdout
 

@@ -121,6 +121,37 @@ def test_set_state_rejects_another_stream():
         PromptStream(text_source(8), seed=1, shard_index=1, shard_count=2).set_state(state)
 
 
+@pytest.mark.parametrize("size, shards, k", [(12, 2, 4), (12, 3, 6), (8, 4, 4)])
+def test_interleaved_shards_give_the_one_process_batches(size, shards, k):
+    """What next_global_batch builds from the processes' shares (one stream per shard here)
+    equals the batches of one stream over the whole data set, across epochs too."""
+    whole = PromptStream(text_source(size), seed=3, shard_index=0, shard_count=1)
+    parts = [
+        PromptStream(text_source(size), seed=3, shard_index=h, shard_count=shards)
+        for h in range(shards)
+    ]
+    for _ in range(3 * size // k):
+        batch = pipeline.interleave([p.next_batch(k // shards) for p in parts])
+        assert ids(batch) == ids(whole.next_batch(k))
+
+
+def test_global_batch_and_state_with_one_process():
+    stream = PromptStream(text_source(6), seed=0)
+    twin = PromptStream(text_source(6), seed=0)
+    assert ids(stream.next_global_batch(4)) == ids(twin.next_batch(4))
+    states = stream.get_global_state()
+    assert states == [stream.get_state()]
+    for saved in (states, states[0]):  # a list of one, or a one-process checkpoint's dict
+        resumed = PromptStream(text_source(6), seed=0)
+        resumed.set_global_state(saved)
+        assert resumed.position == 4
+    with pytest.raises(ValueError, match="saved by 2 process.*this run has 1"):
+        PromptStream(text_source(6), seed=0).set_global_state(states * 2)
+    shard = PromptStream(text_source(6), seed=0, shard_index=1, shard_count=2)
+    with pytest.raises(ValueError, match="one shard per process; this stream is shard 1 of 2"):
+        shard.next_global_batch(2)
+
+
 def test_stream_argument_errors():
     with pytest.raises(ValueError, match="empty"):
         PromptStream([], seed=0)

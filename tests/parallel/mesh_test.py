@@ -58,6 +58,54 @@ def test_maybe_initialize_is_a_noop_for_one_process(monkeypatch):
     assert calls == [] and jax.process_count() == 1
 
 
+_NO_DETECTION = dict(cluster_detection_method="deactivate")
+
+
+def _slurm_step(*, tasks: int, nodes: int, procid: int, localid: int) -> dict[str, str]:
+    """The variables srun sets in a task of job 4242 on nodes gpu[003-004]."""
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": str(tasks),
+        "SLURM_STEP_NUM_NODES": str(nodes),
+        "SLURM_STEP_NODELIST": "gpu[003-004]" if nodes > 1 else "gpu003",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(localid),
+    }
+
+
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [
+        ("node001", "node001"),
+        ("node001,host2", "node001"),
+        ("node[001-015],host2", "node001"),
+        ("node[007,001-005]", "node007"),
+        ("rack-a[12]", "rack-a12"),
+    ],
+)
+def test_first_node(nodelist, first):
+    assert distributed.first_node(nodelist) == first
+
+
+def test_slurm_coordinator_is_jaxs(monkeypatch):
+    """The coordinator launch/slurm_gpu.sbatch and plan() compute is the one JAX's own Slurm
+    support would pick (first node of the step, port from the job id)."""
+    from jax._src.clusters.slurm_cluster import SlurmCluster
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[003-004]")
+    jaxs = SlurmCluster.get_coordinator_address(timeout_secs=None, override_coordinator_port=None)
+    _, ours = distributed.plan(env=_slurm_step(tasks=2, nodes=2, procid=0, localid=0))
+    assert ours["coordinator_address"] == jaxs == f"gpu003:{distributed.slurm_port(4242)}"
+
+
+def test_slurm_step_without_procid_is_named():
+    env = _slurm_step(tasks=2, nodes=2, procid=0, localid=0)
+    del env["SLURM_PROCID"]
+    with pytest.raises(ValueError, match="without SLURM_PROCID"):
+        distributed.plan(env=env)
+
+
 @pytest.mark.parametrize(
     "kwargs, env, expected",
     [
@@ -67,14 +115,42 @@ def test_maybe_initialize_is_a_noop_for_one_process(monkeypatch):
         (
             {},
             {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"},
-            dict(coordinator_address="h0:1234", num_processes=4, process_id=2),
+            dict(coordinator_address="h0:1234", num_processes=4, process_id=2, **_NO_DETECTION),
         ),
         (
             dict(coordinator_address="a:1", num_processes=2, process_id=1),
             {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "4"},
-            dict(coordinator_address="a:1", num_processes=2, process_id=1),
+            dict(coordinator_address="a:1", num_processes=2, process_id=1, **_NO_DETECTION),
         ),
-        ({}, {"SLURM_NTASKS": "16"}, {}),
+        # A partial layout: JAX detects the rest.
+        ({}, {"JAX_COORDINATOR_ADDRESS": "h0:1234"}, dict(coordinator_address="h0:1234")),
+        # An sbatch script's own environment, outside any srun step: one process.
+        ({}, {"SLURM_NTASKS": "16", "SLURM_JOB_ID": "7"}, None),
+        # srun, one task per node: all of the node's devices.
+        (
+            {},
+            _slurm_step(tasks=2, nodes=2, procid=1, localid=0),
+            dict(
+                coordinator_address="gpu003:61586", num_processes=2, process_id=1, **_NO_DETECTION
+            ),
+        ),
+        # srun, 8 tasks on one node: one device per task, as JAX's own Slurm support does.
+        (
+            {},
+            _slurm_step(tasks=8, nodes=1, procid=5, localid=5),
+            dict(
+                coordinator_address="gpu003:61586",
+                num_processes=8,
+                process_id=5,
+                local_device_ids=[5],
+                **_NO_DETECTION,
+            ),
+        ),
+        (
+            {},
+            {**_slurm_step(tasks=2, nodes=2, procid=0, localid=0), "JAX_COORDINATOR_PORT": "9999"},
+            dict(coordinator_address="gpu003:9999", num_processes=2, process_id=0, **_NO_DETECTION),
+        ),
         ({}, {"OMPI_COMM_WORLD_SIZE": "2"}, {}),
         ({}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
         ({}, {"TPU_WORKER_HOSTNAMES": "w0"}, None),
@@ -96,9 +172,9 @@ def test_maybe_initialize_calls_jax_once(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     monkeypatch.setattr(distributed, "_done", False)
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     monkeypatch.delenv("ARES_DISTRIBUTED", raising=False)
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     assert distributed.maybe_initialize() is True
     assert distributed.maybe_initialize() is True  # idempotent

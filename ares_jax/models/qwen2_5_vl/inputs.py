@@ -14,6 +14,7 @@ import numpy as np
 from ares_jax.models.qwen2_5_vl import positions
 from ares_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from ares_jax.models.qwen2_5_vl.model import ModelInputs, VisionInputs
+from ares_jax.parallel import rules as R
 
 
 def vision_inputs(pixel_values: np.ndarray, meta: positions.VisionMeta) -> VisionInputs:
@@ -121,5 +122,24 @@ def from_encoded(encoded: Mapping[str, object]) -> ModelInputs:
         attention_mask=np.asarray(encoded["attention_mask"]).astype(bool),
         position_ids=np.asarray(encoded["position_ids"], np.int32),
         image_index=index,
+        vision=vision,
+    )
+
+
+def logical_axes(inputs: ModelInputs, *, leading: int = 0) -> ModelInputs:
+    """Logical axis names of each array of `inputs` (None where a field is None), for placing a
+    host batch on the mesh: token rows over `batch`, positions whole; the vision arrays are
+    replicated, since the tower constrains its patches itself and its index arrays are gathered
+    from whole. `leading` unnamed axes come first (the learner's micro-batch axis)."""
+    lead = (None,) * leading
+    rows = (*lead, R.BATCH, R.LENGTH)
+    vision = None
+    if inputs.vision is not None:
+        vision = type(inputs.vision)(*[(None,) * np.ndim(x) for x in inputs.vision])
+    return ModelInputs(
+        input_ids=rows,
+        attention_mask=rows,
+        position_ids=(*lead, None, R.BATCH, R.LENGTH),
+        image_index=None if inputs.image_index is None else rows,
         vision=vision,
     )

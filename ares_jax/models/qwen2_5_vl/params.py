@@ -29,6 +29,7 @@ from flax import nnx
 from ares_jax.models.qwen2_5_vl import safetensors_io
 from ares_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from ares_jax.models.qwen2_5_vl.model import Qwen2_5_VL
+from ares_jax.parallel import multihost
 from ares_jax.parallel import rules as R
 
 log = logging.getLogger(__name__)
@@ -292,24 +293,34 @@ def save_pretrained(
     dtype: str = "bfloat16",
     max_shard_bytes: int = 4 * 2**30,
     progress: Callable[[str], None] | None = None,
+    write: bool | None = None,
 ) -> None:
     """Writes a checkpoint directory that transformers loads back (config.json + safetensors).
 
     Parameters are gathered to the host one at a time; shards of at most `max_shard_bytes`
-    are written with an index file when more than one is needed.
+    are written with an index file when more than one is needed. With several processes every
+    process must call this (gathering a parameter sharded over other processes' devices is a
+    collective) and only the writing process writes.
+
+    Args:
+      write: write the files; None means on process 0 only.
     """
     if dtype not in _NP_DTYPES:
         raise ValueError(f"save_pretrained: dtype must be one of {sorted(_NP_DTYPES)}.")
     np_dtype = _NP_DTYPES[dtype]
     cfg = model.cfg
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    write = jax.process_index() == 0 if write is None else write
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
     _, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for entry in _table(cfg):
-        y = np.asarray(jax.device_get(flat[entry.ours].get_value())).astype(np_dtype)
+        y = multihost.fetch(flat[entry.ours].get_value()).astype(np_dtype)
+        if not write:
+            continue
         layers = (
             [(entry.hf, y)]
             if not entry.per_layer
@@ -324,6 +335,8 @@ def save_pretrained(
             size += tensor.nbytes
         if progress:
             progress(entry.hf)
+    if not write:
+        return
     if len(shards) == 1:
         safetensors_io.write(path / "model.safetensors", shards[0])
     else:

@@ -1,0 +1,729 @@
+"""Per-device memory of the AEPO stage, from abstract shapes: counted, and compiled by XLA.
+
+Nothing is allocated: the model comes from `params.abstract_model` (`jax.eval_shape`), every array
+is a `jax.ShapeDtypeStruct` carrying the NamedSharding the mesh rules give it, so a 7B plan runs on
+a laptop. Two sources, kept apart:
+
+- analytic (`analytic_items`): the bytes of each array's shard on one device (`shard_bytes`),
+  exact for parameters, optimizer state, the reference copy, gradient buffers, the learner batch
+  and the KV cache; the activations are a formula over the same sizes (`text_activations`,
+  `vision_activations`, `head_activations`), whose terms are listed where they are computed.
+  Against XLA's temporaries of the update step, activations + gradient buffers come to
+  0.84-0.86x on the CPU (tiny model, tests/plan_test.py allows 25%), 0.86-1.03x on TPU v5p for
+  3B at 3k-9k tokens, and about 1.4x at the paper's 20k tokens, where XLA fuses more;
+- XLA (`compile_phases`): `jit(f).lower(abstract inputs).compile().memory_analysis()` of the
+  functions the stage really runs, for the mesh's devices: the learner's `train_step` and
+  `logprob_pass` (aepo/learner.py) and the sampler's `_prefill` and `_decode` (sampling/sampler.py),
+  with the static settings `aepo/train.py` derives from the same config.
+
+What lives at once (the phases of one iteration, aepo/train.py): the parameters, the optimizer
+state and the reference model (a copy of the trainable parameters made at start-up) always; during
+the rollout also the KV cache of one generate call and the prefill's or the decode loop's work
+space; during the log-prob passes the learner batch and one micro-batch's forward pass; during an
+update the batch, the gradient accumulator, one micro-batch's gradient and its activations. The
+optimizer moments take their parameters' shardings (`learner.opt_state_shardings`).
+
+Shapes are the worst case the config admits: prompts padded to the largest prompt bucket,
+responses to the largest length bucket, one image per prompt as large as data.max_pixels allows
+and the prompt length holds, a full micro-batch of rows. Inputs are placed as the stage places
+them (`batch.learner_shardings`, `inputs.logical_axes`: token rows over the batch axes, images
+whole). All four functions are compiled under `jax.set_mesh(mesh)`, so that the model's
+`rules.constrain` pins the activations' batch sharding as the analytic count assumes; the sampler
+runs so (`generate`), and the learner must too: called outside a mesh context, GSPMD is free to
+replicate activations, and XLA's temporaries of the update step grow 1.5-2.4x (the smoke and
+default presets on 8 CPU devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ares_jax import runtime
+from ares_jax.aepo import batch as B
+from ares_jax.aepo import learner as Lr
+from ares_jax.aepo import train as aepo_train
+from ares_jax.models.qwen2_5_vl import config as model_config
+from ares_jax.models.qwen2_5_vl import inputs as model_inputs
+from ares_jax.models.qwen2_5_vl import params as model_params
+from ares_jax.models.qwen2_5_vl.model import KVCache, ModelInputs, VisionInputs
+from ares_jax.ops import kl as K
+from ares_jax.parallel import rules as R
+from ares_jax.sampling import sampler as S
+
+SDS = jax.ShapeDtypeStruct
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The static shapes of one AEPO iteration (what aepo/train.py pads to), whole mesh."""
+
+    micro_batch: int  # rows per micro-batch
+    num_micro: int  # micro-batches per optimizer step
+    prompt_len: int  # P: the largest prompt bucket
+    response_len: int  # T: the largest response bucket
+    rows_per_prompt: int  # n, plus the spare rows of branching
+    decode_prompts: int  # prompts per generate call
+    image_tokens: int  # merged image tokens of a prompt's image (a square number)
+    learner_frames: int  # image frames per learner micro-batch (a power of two)
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.response_len
+
+    @property
+    def decode_rows(self) -> int:
+        return self.decode_prompts * self.rows_per_prompt
+
+    @property
+    def cache_len(self) -> int:
+        return self.prompt_len + self.response_len
+
+
+def sizes(c, cfg: model_config.Qwen2_5_VLConfig) -> Sizes:
+    """The worst-case shapes the config admits (module docstring)."""
+    br = c.rollout.branching
+    rows_per_prompt = c.rollout.n + (br.budget if br.enabled else 0)
+    mb = c.train.micro_batch_size
+    rows_per_step = c.train.prompts_per_step * rows_per_prompt
+    prompt_len = max(c.data.prompt_len_buckets)
+    unit = cfg.vision.patch_size * cfg.vision.spatial_merge_size  # pixels of one image token
+    side = math.isqrt(min(c.data.max_pixels // unit**2, prompt_len))
+    # Prompts whose rows one micro-batch holds: mini-batches start at a prompt's first row.
+    if mb % rows_per_prompt:
+        per_micro = -(-(mb - 1) // rows_per_prompt) + 1
+    else:
+        per_micro = mb // rows_per_prompt
+    per_micro = min(c.train.prompts_per_step, per_micro)
+    return Sizes(
+        micro_batch=mb,
+        num_micro=-(-rows_per_step // mb),
+        prompt_len=prompt_len,
+        response_len=max(c.rollout.length_buckets),
+        rows_per_prompt=rows_per_prompt,
+        decode_prompts=min(
+            c.rollout.prompts_per_iter, max(1, c.rollout.decode_batch_size // rows_per_prompt)
+        ),
+        image_tokens=side * side,
+        learner_frames=runtime.pow2(per_micro),
+    )
+
+
+def _vision_rows(cfg: model_config.Qwen2_5_VLConfig, image_tokens: int, frames: int) -> int:
+    """Patch rows of `frames` frames of one square image each (positions.vision_metadata)."""
+    v = cfg.vision
+    win = v.window_size // v.spatial_merge_size // v.patch_size  # merged units per window side
+    windows = (-(-math.isqrt(image_tokens) // win)) ** 2
+    return frames * windows * win * win * v.spatial_merge_size**2
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract, sharded inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_bytes(x) -> int:
+    """Bytes of the shard of `x` (array or ShapeDtypeStruct with a sharding) on one device."""
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+
+def tree_bytes(tree) -> int:
+    """Sum of `shard_bytes` over the leaves of a pytree."""
+    return sum(shard_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def _rules(c):
+    return tuple(tuple(r) for r in c.mesh.rules) or None
+
+
+def _sds(mesh, rules, shape, dtype, axes) -> SDS:
+    """A ShapeDtypeStruct sharded by logical `axes` (None entries replicated)."""
+    spec = R.logical_to_spec(axes, rules, shape=shape, mesh=mesh)
+    return SDS(tuple(shape), dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _replicated(mesh, shape, dtype) -> SDS:
+    return SDS(tuple(shape), dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything abstract one plan needs; built by `setup` (nothing allocated)."""
+
+    c: object
+    mesh: jax.sharding.Mesh
+    cfg: model_config.Qwen2_5_VLConfig
+    sizes: Sizes
+    graphdef: nnx.GraphDef
+    trainable: nnx.State
+    frozen: nnx.State
+    optimizer: optax.GradientTransformation
+    state: Lr.TrainState
+    batch: Lr.LearnerBatch
+    settings: Lr.LearnerSettings
+    sampling: S.SamplingParams
+    prefill_inputs: ModelInputs
+    cache: KVCache
+    compute_dtype: jnp.dtype
+
+
+def model_cfg(c) -> model_config.Qwen2_5_VLConfig:
+    """The model's shapes: the checkpoint's config.json if model.path is set, else the preset."""
+    if c.model.path:
+        return model_config.Qwen2_5_VLConfig.from_file(c.model.path)
+    return model_config.preset(c.model.preset)
+
+
+def _abstract_policy(c, mesh, cfg):
+    kwargs = dict(
+        dtype=runtime.DTYPES[c.model.dtype],
+        param_dtype=runtime.DTYPES[c.model.param_dtype],
+        scan_layers=c.model.scan_layers,
+        remat=c.model.remat,
+        attention_impl=c.model.attention,
+    )
+    graphdef, state = nnx.split(model_params.abstract_model(cfg, **kwargs))
+    shardings = model_params.param_shardings(state, mesh, _rules(c))
+    state = nnx.from_flat_state(
+        [
+            (k, v.replace(SDS(v.get_value().shape, v.get_value().dtype, sharding=shardings[k])))
+            for k, v in nnx.to_flat_state(state)
+        ]
+    )
+    return Lr.split_params(nnx.merge(graphdef, state), freeze_vision=c.model.freeze_vision)
+
+
+def _optimizer(c) -> optax.GradientTransformation:
+    """The stage's optimizer, built as aepo/train.py builds it."""
+    return Lr.make_optimizer(
+        lr=c.optim.lr,
+        weight_decay=c.optim.weight_decay,
+        b1=c.optim.b1,
+        b2=c.optim.b2,
+        eps=c.optim.eps,
+        grad_clip=c.optim.grad_clip,
+        schedule=c.optim.schedule,
+        warmup_steps=c.optim.warmup_steps,
+        total_steps=c.train.steps * max(1, c.rollout.prompts_per_iter // c.train.prompts_per_step),
+        state_dtype=runtime.DTYPES[c.optim.state_dtype],
+    )
+
+
+def _opt_state(optimizer, trainable):
+    """Abstract optimizer state, each moment on its parameter's sharding
+    (`learner.opt_state_shardings`)."""
+    shapes = jax.eval_shape(optimizer.init, trainable)
+    return _placed(shapes, Lr.opt_state_shardings(optimizer, trainable))
+
+
+def _vision_inputs(rows: int, frames: int, lead: tuple, patch_dim: int) -> VisionInputs:
+    """Unsharded VisionInputs of `rows` patch rows in `frames` frames, leading shape `lead`."""
+    return VisionInputs(
+        pixels=SDS((*lead, rows, patch_dim), jnp.float32),
+        rotary_pos=SDS((*lead, rows, 2), jnp.int32),
+        valid=SDS((*lead, frames, rows // frames), jnp.bool_),
+        unpermute=SDS((*lead, rows // 4), jnp.int32),
+    )
+
+
+def _placed(tree, shardings):
+    """`tree` of ShapeDtypeStructs with the matching `shardings`."""
+    return jax.tree.map(lambda x, s: SDS(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _learner_batch(mesh, rules, cfg, z: Sizes) -> Lr.LearnerBatch:
+    """The abstract LearnerBatch of one optimizer step, placed as aepo/train.py places it
+    (`batch.learner_shardings`: rows over the batch axes, images whole)."""
+    m, mb, s, t = z.num_micro, z.micro_batch, z.seq_len, z.response_len
+    vision, index = None, None
+    if z.image_tokens:
+        vrows = _vision_rows(cfg, z.image_tokens, z.learner_frames)
+        vision = _vision_inputs(vrows, z.learner_frames, (m,), cfg.vision.patch_dim)
+        index = SDS((m, mb, s), jnp.int32)
+    inputs = ModelInputs(
+        input_ids=SDS((m, mb, s), jnp.int32),
+        attention_mask=SDS((m, mb, s), jnp.bool_),
+        position_ids=SDS((m, 3, mb, s), jnp.int32),
+        image_index=index,
+        vision=vision,
+    )
+    per_row = lambda dtype: SDS((m, mb), dtype)  # noqa: E731
+    per_token = lambda dtype: SDS((m, mb, t), dtype)  # noqa: E731
+    batch = Lr.LearnerBatch(
+        inputs=inputs,
+        tokens=per_token(jnp.int32),
+        mask=per_token(jnp.bool_),
+        advantages=per_row(jnp.float32),
+        bucket=per_row(jnp.int32),
+        correct=per_row(jnp.bool_),
+        soft_cost=per_row(jnp.float32),
+        window_mask=per_token(jnp.bool_),
+        row_valid=per_row(jnp.bool_),
+        old_logp=per_token(jnp.float32),
+        ref_logp=per_token(jnp.float32),
+    )
+    return _placed(batch, B.learner_shardings(batch, mesh, rules))
+
+
+def _sampling(c, cfg, z: Sizes) -> S.SamplingParams:
+    """SamplingParams of the rollout, as aepo/train.py builds them; the stop tokens and the
+    vocabulary limit come from the tokenizer there and do not change the memory."""
+    br = c.rollout.branching
+    return S.SamplingParams(
+        n=c.rollout.n,
+        max_new_tokens=z.response_len,
+        temperature=c.rollout.temperature,
+        top_p=c.rollout.top_p,
+        top_k=c.rollout.top_k,
+        stop_token_ids=(cfg.eos_token_id,),
+        pad_token_id=cfg.pad_token_id,
+        logit_bias=((cfg.image_token_id, float(c.rollout.image_token_logit_bias)),),
+        topk_entropy=c.entropy.topk if c.entropy.estimator != "exact" else 0,
+        branching=S.BranchingParams(
+            enabled=bool(br.enabled),
+            budget=int(br.budget),
+            window=int(c.entropy.window),
+            cooldown=int(br.cooldown),
+        ),
+    )
+
+
+def setup(c, mesh: jax.sharding.Mesh) -> Setup:
+    """Abstract parameters, optimizer state, learner batch, prompts and KV cache on `mesh`."""
+    cfg = model_cfg(c)
+    z = sizes(c, cfg)
+    rules = _rules(c)
+    cdt = runtime.DTYPES[c.model.dtype]
+    graphdef, trainable, frozen = _abstract_policy(c, mesh, cfg)
+    optimizer = _optimizer(c)
+    state = Lr.TrainState(
+        trainable=trainable,
+        opt_state=_opt_state(optimizer, trainable),
+        beta=jax.tree.map(lambda x: _replicated(mesh, x.shape, x.dtype), K.init_beta_state()),
+        kappa=_replicated(mesh, (3,), jnp.float32),
+        step=_replicated(mesh, (), jnp.int32),
+    )
+    # One generate call's prompts, placed as `generate` places them (rows over `batch`).
+    b, p = z.decode_prompts, z.prompt_len
+    vision, index = None, None
+    if z.image_tokens:
+        vision = _vision_inputs(_vision_rows(cfg, z.image_tokens, b), b, (), cfg.vision.patch_dim)
+        index = SDS((b, p), jnp.int32)
+    prompts = ModelInputs(
+        input_ids=SDS((b, p), jnp.int32),
+        attention_mask=SDS((b, p), jnp.bool_),
+        position_ids=SDS((3, b, p), jnp.int32),
+        image_index=index,
+        vision=vision,
+    )
+    axes = model_inputs.logical_axes(prompts)
+    prefill_inputs = _placed(prompts, R.tree_shardings(mesh, axes, prompts))
+    t = cfg.text
+    n, sc = z.decode_rows, z.cache_len
+    kv_axes = (R.BATCH, R.KV_LENGTH, R.KV_HEADS, R.HEAD_DIM)
+    kv = [
+        _sds(mesh, rules, (n, sc, t.num_key_value_heads, t.head_dim), cdt, kv_axes)
+        for _ in range(2 * t.num_hidden_layers)
+    ]
+    cache = KVCache(
+        k=tuple(kv[: t.num_hidden_layers]),
+        v=tuple(kv[t.num_hidden_layers :]),
+        valid=_sds(mesh, rules, (n, sc), jnp.bool_, (R.BATCH, R.KV_LENGTH)),
+        index=_replicated(mesh, (), jnp.int32),
+        next_pos=_sds(mesh, rules, (n,), jnp.int32, (R.BATCH,)),
+    )
+    return Setup(
+        c=c,
+        mesh=mesh,
+        cfg=cfg,
+        sizes=z,
+        graphdef=graphdef,
+        trainable=trainable,
+        frozen=frozen,
+        optimizer=optimizer,
+        state=state,
+        batch=_learner_batch(mesh, rules, cfg, z),
+        settings=aepo_train._learner_settings(c, z.prompt_len),
+        sampling=_sampling(c, cfg, z),
+        prefill_inputs=prefill_inputs,
+        cache=cache,
+        compute_dtype=cdt,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic activations
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How many ways the mesh splits each dimension that activations carry, for one plan."""
+
+    batch: int  # rows of a learner micro-batch
+    decode_batch: int  # rows of a generate call
+    heads: int
+    kv_heads: int
+    mlp: int
+    vocab: int
+    patches: int  # vision rows of a learner micro-batch
+    vision_heads: int
+    vision_mlp: int
+
+
+def _ways(mesh, rules, name: str, size: int) -> int:
+    spec = R.logical_to_spec((name,), rules, shape=(size,), mesh=mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def split(x: Setup) -> Split:
+    """The `Split` of a plan, by the same rules that shard its arrays."""
+    mesh, rules, cfg, z = x.mesh, _rules(x.c), x.cfg, x.sizes
+    t, v = cfg.text, cfg.vision
+    vrows = _vision_rows(cfg, z.image_tokens, z.learner_frames) if z.image_tokens else 1
+    return Split(
+        batch=_ways(mesh, rules, R.BATCH, z.micro_batch),
+        decode_batch=_ways(mesh, rules, R.BATCH, z.decode_rows),
+        heads=_ways(mesh, rules, R.HEADS, t.num_attention_heads),
+        kv_heads=_ways(mesh, rules, R.KV_HEADS, t.num_key_value_heads),
+        mlp=_ways(mesh, rules, R.MLP, t.intermediate_size),
+        vocab=_ways(mesh, rules, R.VOCAB, t.vocab_size),
+        patches=_ways(mesh, rules, R.PATCHES, vrows),
+        vision_heads=_ways(mesh, rules, R.VISION_HEADS, v.num_heads),
+        vision_mlp=_ways(mesh, rules, R.VISION_MLP, v.intermediate_size),
+    )
+
+
+def text_activations(
+    cfg,
+    sp: Split,
+    *,
+    rows: float,
+    seq: int,
+    c: int,
+    remat: bool,
+    backward: bool,
+    flash: bool = False,
+) -> int:
+    """Bytes per device of the text decoder's activations for `rows` rows of `seq` tokens.
+
+    Terms, per token and layer ("linear"): the inputs and outputs of the two norms (4 D), q, k, v
+    before and after the rotation (3 H/t + 3 K/t head dims), the attention output (H/t), the
+    MLP's gate, up, SiLU and product (4 F/t), all in the compute dtype; per row and layer the
+    attention scores [H/t, seq, seq]: float32 logits and compute-dtype probabilities forward,
+    plus one compute-dtype gradient of them backward (XLA's attention materialises them).
+    Shared by the layers: the boolean [seq, seq] mask per row, M-RoPE cos/sin, the embeddings
+    and the final hidden states. Forward only, one layer is alive at a time. With backward,
+    every layer's tensors are kept (remat off), or each layer's input only and one layer
+    recomputed (remat on), and one layer's gradients live beside them. `flash` (cuDNN attention)
+    keeps one softmax statistic per query and head instead of the scores.
+    """
+    t = cfg.text
+    d, dh = t.hidden_size, t.head_dim
+    h, k = t.num_attention_heads / sp.heads, t.num_key_value_heads / sp.kv_heads
+    f = t.intermediate_size / sp.mlp
+    linear = rows * seq * c * (4 * d + (3 * h + 3 * k) * dh + h * dh + 4 * f)
+    scores = rows * h * seq * (1 if flash else seq)
+    residual = rows * seq * d * c
+    shared = rows * seq * seq + 2 * rows * seq * dh * c + 2 * residual
+    if not backward:
+        return int(shared + linear + scores * (4 + c))
+    if remat:
+        kept = t.num_hidden_layers * residual + linear + scores * (4 + c)
+    else:
+        kept = t.num_hidden_layers * (linear + scores * (4 + c))
+    return int(shared + kept + linear + scores * c)
+
+
+def head_activations(
+    cfg, sp: Split, *, rows: float, tokens: int, chunk: int, backward: bool
+) -> int:
+    """Bytes per device of the chunked log-prob/entropy kernel (ops/entropy.py) on `rows` rows of
+    `tokens` response positions: the unembedding gathered in float32 (the kernel's weight
+    blocks), one chunk's float32 logits-sized temporaries (3 forward, 5 backward), the
+    three saved float32 statistics per position, and, with backward, the float32 gradient
+    of the unembedding and of the hidden states."""
+    t = cfg.text
+    v = t.vocab_size / sp.vocab
+    c_ = min(chunk, tokens)
+    weight = t.hidden_size * v * 4
+    per_chunk = rows * c_ * v * 4
+    stats = 3 * rows * tokens * 4
+    if not backward:
+        return int(weight + 3 * per_chunk + stats)
+    return int(2 * weight + 5 * per_chunk + stats + rows * tokens * t.hidden_size * 4)
+
+
+def vision_activations(
+    cfg,
+    sp: Split,
+    *,
+    vrows: int,
+    frames: int,
+    c: int,
+    remat: bool,
+    backward: bool,
+    flash: bool = False,
+) -> int:
+    """Bytes per device of the vision tower on `vrows` patch rows in `frames` frames, rows split
+    `sp.patches` ways. As `text_activations`, per row and block: the norms (4 Dv), q, k, v and the
+    rotated q, k in float32, the attention output, the MLP (4 Fv/t), and the scores of the larger
+    attention (full attention over a frame's rows: float32 logits and probabilities, and one
+    gradient of them backward; one statistic per query with `flash`); then the merger's inputs
+    and outputs."""
+    v = cfg.vision
+    r = vrows / sp.patches
+    dv, hd = v.hidden_size, v.head_dim
+    h, f = v.num_heads / sp.vision_heads, v.intermediate_size / sp.vision_mlp
+    linear = r * (c * (4 * dv + 4 * h * hd + 4 * f) + 4 * 2 * h * hd)
+    scores = r * h * (1 if flash else vrows // frames)
+    residual = r * dv * c
+    features = r / 4 * (4 * dv + cfg.text.hidden_size) * c
+    if not backward:
+        return int(2 * residual + linear + scores * (4 + c) + features)
+    if remat:
+        kept = v.depth * residual + linear + scores * (4 + c)
+    else:
+        kept = v.depth * (linear + scores * (4 + c))
+    return int(kept + linear + scores * c + features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic items and phases
+# ---------------------------------------------------------------------------------------------
+
+ITEMS = {
+    "parameters": "parameters, trainable + frozen, in model.param_dtype",
+    "optimizer": "AdamW moments (mu in optim.state_dtype, nu in the parameters' dtype)",
+    "reference": "the reference policy: train.py's copy of the trainable parameters",
+    "gradients": "gradient accumulator + one micro-batch's gradient, parameters' dtype",
+    "learner_batch": "the learner batch of one optimizer step (ids, positions, images, log-probs)",
+    "activations": "one micro-batch forward + backward (remat policy of model.remat)",
+    "logprob_pass": "one micro-batch forward of the old/reference log-prob pass + its outputs",
+    "kv_cache": "KV cache of one generate call (decode rows x (prompt + response) x layers)",
+    "rollout_work": "prefill forward of one generate call, or the decode loop's buffers",
+}
+
+PHASES = {
+    "rollout": ("parameters", "optimizer", "reference", "kv_cache", "rollout_work"),
+    "logprob": ("parameters", "optimizer", "reference", "learner_batch", "logprob_pass"),
+    "update": (
+        "parameters",
+        "optimizer",
+        "reference",
+        "gradients",
+        "learner_batch",
+        "activations",
+    ),
+}
+
+
+def analytic_items(x: Setup) -> dict[str, int]:
+    """Bytes per device of every item of `ITEMS` (module docstring: which are exact)."""
+    cfg, z, sp = x.cfg, x.sizes, split(x)
+    common = dict(
+        c=np.dtype(x.compute_dtype).itemsize,
+        remat=bool(x.c.model.remat),
+        flash=x.c.model.attention == "cudnn",
+    )
+    rows = z.micro_batch / sp.batch
+    vrows = _vision_rows(cfg, z.image_tokens, z.learner_frames) if z.image_tokens else 0
+
+    def micro_batch(backward: bool) -> int:
+        total = text_activations(cfg, sp, rows=rows, seq=z.seq_len, backward=backward, **common)
+        total += head_activations(
+            cfg,
+            sp,
+            rows=rows,
+            tokens=z.response_len,
+            chunk=x.c.train.logprob_chunk_size,
+            backward=backward,
+        )
+        if vrows:
+            total += vision_activations(
+                cfg, sp, vrows=vrows, frames=z.learner_frames, backward=backward, **common
+            )
+        return total
+
+    # The rollout: the prefill's forward over one generate call's prompts (layers unrolled, no
+    # backward), or the decode loop's per-row buffers ([rows, T] x 8) and per-step logits.
+    ways = lambda name, size: _ways(x.mesh, _rules(x.c), name, size)  # noqa: E731
+    prefill = text_activations(
+        cfg,
+        sp,
+        rows=z.decode_prompts / ways(R.BATCH, z.decode_prompts),
+        seq=z.prompt_len,
+        backward=False,
+        **common,
+    )
+    if z.image_tokens:
+        prefill_rows = _vision_rows(cfg, z.image_tokens, z.decode_prompts)
+        prefill += vision_activations(
+            cfg,
+            dataclasses.replace(sp, patches=ways(R.PATCHES, prefill_rows)),
+            vrows=prefill_rows,
+            frames=z.decode_prompts,
+            backward=False,
+            **common,
+        )
+    n = z.decode_rows / sp.decode_batch
+    decode = n * z.response_len * 4 * 8 + 6 * n * cfg.text.vocab_size / sp.vocab * 4
+
+    trainable = tree_bytes(x.trainable)
+    outputs = 2 * z.num_micro * rows * z.response_len * 4  # log-probs and entropies
+    return {
+        "parameters": trainable + tree_bytes(x.frozen),
+        "optimizer": tree_bytes(x.state.opt_state),
+        "reference": trainable,
+        "gradients": 2 * trainable,
+        "learner_batch": tree_bytes(x.batch),
+        "activations": micro_batch(backward=True),
+        "logprob_pass": int(micro_batch(backward=False) + outputs),
+        "kv_cache": tree_bytes(x.cache),
+        "rollout_work": int(max(prefill, decode)),
+    }
+
+
+def phase_totals(items: dict[str, int]) -> dict[str, int]:
+    """Analytic bytes per device of each phase of `PHASES`."""
+    return {phase: sum(items[k] for k in keys) for phase, keys in PHASES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# XLA
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """XLA's memory analysis of one compiled function, bytes per device."""
+
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    code: int
+
+    @property
+    def peak(self) -> int:
+        """Arguments + outputs not aliased to a donated argument + temporaries + code."""
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+    @classmethod
+    def of(cls, compiled) -> Compiled:
+        m = compiled.memory_analysis()
+        return cls(
+            argument=int(m.argument_size_in_bytes),
+            output=int(m.output_size_in_bytes),
+            alias=int(m.alias_size_in_bytes),
+            temp=int(m.temp_size_in_bytes),
+            code=int(m.generated_code_size_in_bytes),
+        )
+
+
+def lower_update(x: Setup):
+    """The learner's update step, jitted as aepo/train.py jits it (state donated)."""
+    step = jax.jit(
+        Lr.train_step, static_argnums=0, static_argnames=("optimizer", "s"), donate_argnums=(1,)
+    )
+    denom = _replicated(x.mesh, (), jnp.float32)
+    with jax.set_mesh(x.mesh):
+        return step.lower(
+            x.graphdef, x.state, x.frozen, x.batch, denom, optimizer=x.optimizer, s=x.settings
+        )
+
+
+def lower_logprob(x: Setup):
+    """The old/reference log-prob pass over all micro-batches, as aepo/train.py jits it."""
+    fn = jax.jit(Lr.logprob_pass, static_argnums=(0, 5))
+    with jax.set_mesh(x.mesh):
+        return fn.lower(
+            x.graphdef, x.trainable, x.frozen, x.batch.inputs, x.batch.tokens, x.settings
+        )
+
+
+def _full_model(x: Setup):
+    return nnx.split(Lr.merge(x.graphdef, x.trainable, x.frozen))
+
+
+def lower_prefill(x: Setup):
+    """The sampler's prefill of one generate call (mesh set, as `generate` runs it)."""
+    graphdef, params = _full_model(x)
+    with jax.set_mesh(x.mesh):
+        return S._prefill.lower(graphdef, params, x.prefill_inputs, x.sampling, x.sizes.cache_len)
+
+
+def lower_decode(x: Setup):
+    """The sampler's decode loop of one generate call, on a donated cache."""
+    graphdef, params = _full_model(x)
+    n, d = x.sizes.decode_rows, x.cfg.text.hidden_size
+    rules = _rules(x.c)
+    hidden = _sds(x.mesh, rules, (n, d), x.compute_dtype, (R.BATCH, None))
+    key = _replicated(x.mesh, (2,), jnp.uint32)
+    tau = _replicated(x.mesh, (), jnp.float32)
+    with jax.set_mesh(x.mesh):
+        return S._decode.lower(graphdef, params, x.cache, hidden, x.sampling, key, tau)
+
+
+LOWERINGS: dict[str, Callable] = {
+    "update": lower_update,
+    "logprob": lower_logprob,
+    "prefill": lower_prefill,
+    "decode": lower_decode,
+}
+
+
+def argument_bytes(name: str, x: Setup) -> int:
+    """Bytes per device of the arguments of compiled function `name` (shard sizes)."""
+    trees = {
+        "update": (x.state, x.frozen, x.batch),
+        "logprob": (x.trainable, x.frozen, x.batch.inputs, x.batch.tokens),
+        "prefill": (x.trainable, x.frozen, x.prefill_inputs),
+        "decode": (x.trainable, x.frozen, x.cache),
+    }
+    return tree_bytes(trees[name])
+
+
+# What stays alive beside each compiled function but is not one of its arguments (analytic).
+OUTSIDE = {
+    "update": ("reference",),
+    "logprob": ("optimizer", "reference"),
+    "prefill": ("optimizer", "reference"),
+    "decode": ("optimizer", "reference"),
+}
+
+
+def compile_phases(x: Setup, report: Callable[[str], object] = lambda name: None):
+    """Compiles the four functions for the mesh; returns {name: Compiled}. `report(name)` is
+    entered as a context manager around each compilation (progress display)."""
+    out = {}
+    for name, lower in LOWERINGS.items():
+        with report(name):
+            out[name] = Compiled.of(lower(x).compile())
+    return out
+
+
+def xla_phase_totals(compiled: dict[str, Compiled], items: dict[str, int]) -> dict[str, int]:
+    """Per phase: XLA's peak of the compiled function plus the analytic bytes of what stays
+    alive beside it (`OUTSIDE`); the rollout is the larger of prefill and decode."""
+    total = {name: c.peak + sum(items[k] for k in OUTSIDE[name]) for name, c in compiled.items()}
+    return {
+        "rollout": max(total["prefill"], total["decode"]),
+        "logprob": total["logprob"],
+        "update": total["update"],
+    }
