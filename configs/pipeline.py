@@ -81,8 +81,8 @@ def _embedded(c: ml_collections.ConfigDict) -> None:
     r.model.freeze_vision = True
     r.rollout.update(max_response_len=192, length_buckets=(96, 192))
     r.filter.max_tries = 3
-    r.train.update(steps=20)
-    r.optim.update(lr=5e-5)
+    r.train.update(steps=20, prompts_per_step=16)  # one update of 128 rollouts per iteration
+    r.optim.update(lr=2e-5)
     r.eval.update(every_steps=0, max_examples=32, max_response_len=192)
     c.eval.max_response_len = 192
     for block in (c.warmup, c.adacs):
