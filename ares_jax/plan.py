@@ -447,7 +447,10 @@ def main(argv: list[str]) -> None:
         _die(f"unexpected arguments {argv[1:]}; options are --config, --topology, --xla.")
     config = _CONFIG.value
     if config.get("stage") != "aepo":
-        _die(f"config.stage={config.get('stage')!r}: the planner plans configs/aepo.py only.")
+        _die(
+            f"config.stage={config.get('stage')!r}: the planner plans one AEPO stage; name a "
+            "stage preset of configs/aepo.py (stage, smoke, paper_3b, paper_7b), not the pipeline."
+        )
     spec = flags.FLAGS["config"].config_filename
     preset = spec.split(":", 1)[1] if ":" in spec else "default"
     given = [n.strip() for n in _TOPOLOGY.value.split(",") if n.strip()]

@@ -21,7 +21,7 @@ def test_pipeline_smoke_produces_every_artefact(tmp_path):
             sys.executable,
             "-m",
             "ares_jax.main",
-            "--config=configs/pipeline.py:smoke",
+            "--config=configs/aepo.py:pipeline_smoke",  # the default command at smoke sizes
             f"--workdir={tmp_path}",
         ],
         cwd=ROOT,
