@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
@@ -72,12 +73,14 @@ def make_mesh(
     a shape that needs a physical axis split in two (tensor=2 on a 4x4 v6e slice) is laid out by
     `mesh_utils.create_device_mesh(..., allow_split_physical_axes=True)`, which keeps each mesh
     axis on neighbouring chips. Axis types are Auto: GSPMD propagates shardings, and
-    `rules.constrain` pins activations. Multi-slice TPU (DCN) meshes are not handled yet;
-    jax.make_mesh rejects them.
+    `rules.constrain` pins activations. Devices of several TPU slices (multi-slice, joined by
+    the data-centre network) are laid out by `device_grid`: `data` spans the slices.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_shape(shape, len(devices))
     types = (AxisType.Auto,) * len(AXES)
+    if num_slices(devices) > 1:
+        return Mesh(device_grid(sizes, devices), AXES, axis_types=types)
     try:
         return jax.make_mesh(sizes, AXES, axis_types=types, devices=devices)
     except (ValueError, NotImplementedError) as e:  # mesh_utils raises the latter for a split
@@ -85,3 +88,28 @@ def make_mesh(
             raise
     grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
     return Mesh(grid, AXES, axis_types=types)
+
+
+def num_slices(devices: Sequence) -> int:
+    """Distinct TPU slices among `devices` (1 where devices carry no `slice_index`)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(sizes: Sequence[int], devices: Sequence) -> np.ndarray:
+    """The [data, fsdp, tensor] array of `devices` spread over several slices: `data` is split
+    into slices x data-per-slice, so only the data-parallel gradient reduction crosses the slow
+    network, and fsdp and tensor stay inside each slice (on its ICI, by mesh_utils' layout).
+
+    Raises:
+      ValueError: if the data axis is not a multiple of the slice count, naming both.
+    """
+    slices = num_slices(devices)
+    data, fsdp, tensor = sizes
+    if data % slices:
+        raise ValueError(
+            f"mesh.shape.data={data} must be a multiple of the {slices} slices the devices span: "
+            "data parallelism is what crosses slices (fsdp and tensor stay within one)."
+        )
+    return mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp, tensor), (slices, 1, 1), devices, allow_split_physical_axes=True
+    )

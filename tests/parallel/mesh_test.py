@@ -179,3 +179,31 @@ def test_maybe_initialize_calls_jax_once(monkeypatch):
     assert distributed.maybe_initialize() is True
     assert distributed.maybe_initialize() is True  # idempotent
     assert calls == [{}]
+
+
+class _SliceDevice:
+    """A stand-in for a TPU device of a multi-slice job: what mesh_utils reads of one."""
+
+    platform = "cpu"
+    device_kind = "cpu"
+    process_index = 0
+
+    def __init__(self, i: int, slice_index: int):
+        self.id, self.slice_index = i, slice_index
+
+    def __repr__(self):
+        return f"d{self.id}s{self.slice_index}"
+
+
+def test_multi_slice_grid_puts_data_across_slices_and_the_rest_within():
+    devices = [_SliceDevice(i, i // 4) for i in range(8)]  # two slices of four chips
+    assert mesh.num_slices(devices) == 2 and mesh.num_slices(jax.devices()) == 1
+    grid = mesh.device_grid((2, 4, 1), devices)
+    assert grid.shape == (2, 4, 1)
+    for k in range(2):  # each data index is one whole slice
+        assert {d.slice_index for d in grid[k].ravel()} == {k}
+    grid = mesh.device_grid((4, 2, 1), devices)  # two data groups per slice
+    assert [{d.slice_index for d in grid[k].ravel()} for k in range(4)] == [{0}, {0}, {1}, {1}]
+    assert {d.id for d in grid.ravel()} == set(range(8))
+    with pytest.raises(ValueError, match=r"mesh\.shape\.data=1 must be a multiple of the 2 slices"):
+        mesh.device_grid((1, 8, 1), devices)
