@@ -207,22 +207,6 @@ def _abstract_policy(c, mesh, cfg):
     return Lr.split_params(nnx.merge(graphdef, state), freeze_vision=c.model.freeze_vision)
 
 
-def _optimizer(c) -> optax.GradientTransformation:
-    """The stage's optimizer, built as aepo/train.py builds it."""
-    return Lr.make_optimizer(
-        lr=c.optim.lr,
-        weight_decay=c.optim.weight_decay,
-        b1=c.optim.b1,
-        b2=c.optim.b2,
-        eps=c.optim.eps,
-        grad_clip=c.optim.grad_clip,
-        schedule=c.optim.schedule,
-        warmup_steps=c.optim.warmup_steps,
-        total_steps=c.train.steps * max(1, c.rollout.prompts_per_iter // c.train.prompts_per_step),
-        state_dtype=runtime.DTYPES[c.optim.state_dtype],
-    )
-
-
 def _opt_state(optimizer, trainable):
     """Abstract optimizer state, each moment on its parameter's sharding
     (`learner.opt_state_shardings`)."""
@@ -309,7 +293,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
     rules = _rules(c)
     cdt = runtime.DTYPES[c.model.dtype]
     graphdef, trainable, frozen = _abstract_policy(c, mesh, cfg)
-    optimizer = _optimizer(c)
+    optimizer = aepo_train.make_optimizer(c)
     state = Lr.TrainState(
         trainable=trainable,
         opt_state=_opt_state(optimizer, trainable),

@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from ares_jax import checkpoint as ckpt
@@ -226,6 +227,22 @@ def _host_independent(metrics: dict[str, float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+def make_optimizer(c) -> optax.GradientTransformation:
+    """The stage's AdamW from the optim block; the schedule spans every optimizer step."""
+    return Lr.make_optimizer(
+        lr=c.optim.lr,
+        weight_decay=c.optim.weight_decay,
+        b1=c.optim.b1,
+        b2=c.optim.b2,
+        eps=c.optim.eps,
+        grad_clip=c.optim.grad_clip,
+        schedule=c.optim.schedule,
+        warmup_steps=c.optim.warmup_steps,
+        total_steps=c.train.steps * max(1, c.rollout.prompts_per_iter // c.train.prompts_per_step),
+        state_dtype=runtime.DTYPES[c.optim.state_dtype],
+    )
+
+
 def run(config, workdir: str) -> dict[str, float]:
     """Runs AEPO to `config.train.steps` iterations; returns the last evaluation metrics."""
     c = config
@@ -261,18 +278,7 @@ def run(config, workdir: str) -> dict[str, float]:
     mb = c.train.micro_batch_size
     rows_per_step = c.train.prompts_per_step * rows_per_prompt
     num_micro = -(-rows_per_step // mb)
-    optimizer = Lr.make_optimizer(
-        lr=c.optim.lr,
-        weight_decay=c.optim.weight_decay,
-        b1=c.optim.b1,
-        b2=c.optim.b2,
-        eps=c.optim.eps,
-        grad_clip=c.optim.grad_clip,
-        schedule=c.optim.schedule,
-        warmup_steps=c.optim.warmup_steps,
-        total_steps=c.train.steps * max(1, c.rollout.prompts_per_iter // c.train.prompts_per_step),
-        state_dtype=runtime.DTYPES[c.optim.state_dtype],
-    )
+    optimizer = make_optimizer(c)
 
     # --- Data ----------------------------------------------------------------------------------
     train_source = _source(c, "train")
