@@ -9,7 +9,8 @@ are configs/adacs.py and configs/aepo.py); the pipeline only chains their checkp
   4. the base, AdaCS and AEPO models on held-out problems: accuracy and mean response length per
      difficulty level (the layout of the paper's Table 4), and plots of the AEPO run.
 
-  python -m ares_jax.main --config=configs/pipeline.py --workdir=/tmp/ares_pipeline
+It is the default of configs/aepo.py (its presets '' and 'pipeline_smoke' return this config):
+  python -m ares_jax.main --config=configs/aepo.py --workdir=/tmp/ares     # about 7 min, 2 cores
   python -m ares_jax.main --config=configs/pipeline.py:smoke --workdir=/tmp/pipeline_smoke
 """
 
