@@ -444,14 +444,17 @@ def run(config, workdir: str) -> dict[str, float]:
             lb, old_sampler = multihost.put(
                 (lb, old_sampler.reshape(lb.old_logp.shape)), (shardings, shardings.old_logp)
             )
-            with jax.set_mesh(mesh):  # the model's sharding constraints need the mesh
-                old, _ = logprob_fn(graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls)
-            gaps.append(
-                jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
-                / jnp.maximum(jnp.sum(lb.mask), 1)
-            )
-            if c.train.old_logp_source == "sampler":
+            if c.train.old_logp_source == "sampler":  # no learner pass: one forward saved
                 old = old_sampler
+            else:
+                with jax.set_mesh(mesh):  # the model's sharding constraints need the mesh
+                    old, _ = logprob_fn(
+                        graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls
+                    )
+                gaps.append(
+                    jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
+                    / jnp.maximum(jnp.sum(lb.mask), 1)
+                )
             ref = jnp.zeros_like(old)
             if ls.kl_coef > 0:
                 with jax.set_mesh(mesh):
@@ -484,7 +487,8 @@ def run(config, workdir: str) -> dict[str, float]:
             (train_metrics, gaps, state.beta.beta, state.kappa)
         )
         metrics.update({k: float(v) for k, v in train_metrics.items()})
-        metrics["rollout/logp_gap_sampler_learner"] = float(np.mean(gaps))
+        if gaps:  # how far the sampler's log-probs are from the learner's (same parameters)
+            metrics["rollout/logp_gap_sampler_learner"] = float(np.mean(gaps))
         for d, name in enumerate(BK.BUCKET_NAMES):
             metrics[f"kl/beta/{name}"] = float(beta[d])
             metrics[f"kl/kappa/{name}"] = float(kappa[d])

@@ -11,9 +11,9 @@ Difficulty d in 1..5 sets how many shapes there are, `NUM_SHAPES[d]` (1-3, 4-6, 
 13-15): the more shapes, the finer the count the model must make and the longer the teacher counts
 aloud. Answers are integers, checked in `\\boxed{}` form. A step-by-step teacher writes three
 correct traces per problem in the think/boxed format, `TRACE_STYLES` = terse (the count), normal
-(counting aloud) and verbose (counting aloud twice), whose lengths grow with the
-number of shapes and hence with difficulty; `wrong_trace=True` appends a fourth, incorrect one
-(one shape too many) that answer checking rejects.
+(counting aloud) and verbose (counting aloud row by row, the numbering running on from row to
+row), whose lengths grow with the number of shapes and hence with difficulty; `wrong_trace=True`
+appends a fourth, incorrect one (one shape too many) that answer checking rejects.
 
 Why this task: a model trained from random weights in minutes on a CPU learns to read a global
 quantity of the picture (how much of it is covered), while selecting objects by colour or position
@@ -160,12 +160,16 @@ def render(problem: Problem, *, size: int = IMAGE_SIZE) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def _aloud(n: int) -> str:
-    return ", ".join(str(k) for k in range(1, n + 1))
+def _aloud(first: int, last: int) -> str:
+    return ", ".join(str(k) for k in range(first, last + 1))
 
 
 def _shapes(n: int) -> str:
     return "1 shape" if n == 1 else f"{n} shapes"
+
+
+def _there_are(n: int) -> str:
+    return f"there {'is' if n == 1 else 'are'} {_shapes(n)}"
 
 
 def _empty(n: int, *, verbose: bool) -> str:
@@ -173,24 +177,36 @@ def _empty(n: int, *, verbose: bool) -> str:
     return f"The grid has {grid} cells, so {CELLS} - {n} = {CELLS - n} cells are empty."
 
 
-def _trace(style: str, n: int, asks: str) -> str:
-    """The reasoning of `style` for a picture the teacher sees with n shapes."""
+def _by_rows(per_row: Sequence[int]) -> str:
+    """Counting aloud row by row, the numbering running on: 'Row 1: 1, 2. Row 2: none. ...'."""
+    parts, done = [], 0
+    for r, k in enumerate(per_row):
+        parts.append(f"Row {r + 1}: {_aloud(done + 1, done + k) if k else 'none'}.")
+        done += k
+    return " ".join(parts)
+
+
+def _trace(style: str, per_row: Sequence[int], asks: str) -> str:
+    """The reasoning of `style` for a picture the teacher sees with per_row[r] shapes in row r."""
+    n = sum(per_row)
     if style == "terse":
-        text = (
+        return (
             f"{_shapes(n)}." if asks == "shapes" else f"{_shapes(n)}, {CELLS} - {n} = {CELLS - n}."
         )
-        return text
     if style == "normal":
-        parts = [f"I count the shapes: {_aloud(n)}. There are {_shapes(n)}."]
+        parts = [f"I count the shapes: {_aloud(1, n)}. {_there_are(n).capitalize()}."]
     else:
-        parts = [
-            f"I count the shapes one by one: {_aloud(n)}.",
-            f"Again, to check: {_aloud(n)}.",
-            f"So there are {_shapes(n)}.",
-        ]
+        parts = [f"Let me count the shapes row by row. {_by_rows(per_row)} So {_there_are(n)}."]
     if asks == "empty":
         parts.append(_empty(n, verbose=style == "verbose"))
     return " ".join(parts)
+
+
+def shapes_per_row(problem: Problem) -> tuple[int, ...]:
+    counts = [0] * GRID
+    for shape in problem.shapes:
+        counts[shape.row] += 1
+    return tuple(counts)
 
 
 def _format(reasoning: str, answer: int) -> str:
@@ -200,10 +216,12 @@ def _format(reasoning: str, answer: int) -> str:
 def teacher_traces(problem: Problem, *, wrong_trace: bool = False) -> tuple[str, ...]:
     """Correct traces in `TRACE_STYLES` order, plus one wrong trace if asked (last): the normal
     style after counting one shape too many (at most 15 shapes are drawn, so 16 stays a count)."""
-    n, asks = len(problem.shapes), problem.asks
-    traces = [_format(_trace(style, n, asks), problem.answer) for style in TRACE_STYLES]
-    if wrong_trace:
-        traces.append(_format(_trace("normal", n + 1, asks), answer_for(n + 1, asks)))
+    per_row, asks = shapes_per_row(problem), problem.asks
+    n = sum(per_row)
+    traces = [_format(_trace(style, per_row, asks), problem.answer) for style in TRACE_STYLES]
+    if wrong_trace:  # the normal style only reads the total
+        over = (*per_row[:-1], per_row[-1] + 1)
+        traces.append(_format(_trace("normal", over, asks), answer_for(n + 1, asks)))
     return tuple(traces)
 
 

@@ -108,6 +108,21 @@ def test_traces_are_correct_and_grow_with_difficulty():
         assert np.all(np.diff(means, axis=0) > 0), means
 
 
+def test_verbose_trace_counts_each_row_of_the_picture():
+    problem = next(
+        p
+        for p in synthetic.make_problems(50, seed=7)
+        if 0 in synthetic.shapes_per_row(p) and len(p.shapes) > 4
+    )
+    rows = re.findall(r"Row (\d): ([\d, ]+|none)\.", synthetic.to_example(problem).traces[2])
+    assert [int(r) for r, _ in rows] == [1, 2, 3, 4]
+    numbers = [[] if seg == "none" else [int(x) for x in seg.split(", ")] for _, seg in rows]
+    want = [sum(s.row == r for s in problem.shapes) for r in range(4)]
+    assert [len(x) for x in numbers] == want
+    assert sum(numbers, []) == list(range(1, len(problem.shapes) + 1))  # the count runs on
+    assert synthetic.shapes_per_row(problem) == tuple(want)
+
+
 def test_wrong_trace_is_last_and_wrong():
     for ex in synthetic.make_examples(30, seed=6, wrong_trace=True):
         assert len(ex.traces) == 4
