@@ -173,8 +173,8 @@ def _there_are(n: int) -> str:
 
 
 def _empty(n: int, *, verbose: bool) -> str:
-    grid = f"{GRID} x {GRID} = {CELLS}" if verbose else f"{CELLS}"
-    return f"The grid has {grid} cells, so {CELLS} - {n} = {CELLS - n} cells are empty."
+    subtract = f"{CELLS} - {n} = {CELLS - n} cells are empty."
+    return f"The grid has {GRID} x {GRID} = {CELLS} cells, so {subtract}" if verbose else subtract
 
 
 def _by_rows(per_row: Sequence[int]) -> str:
