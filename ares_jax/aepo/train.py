@@ -448,9 +448,7 @@ def run(config, workdir: str) -> dict[str, float]:
                 old = old_sampler
             else:
                 with jax.set_mesh(mesh):  # the model's sharding constraints need the mesh
-                    old, _ = logprob_fn(
-                        graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls
-                    )
+                    old, _ = logprob_fn(graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls)
                 gaps.append(
                     jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
                     / jnp.maximum(jnp.sum(lb.mask), 1)
