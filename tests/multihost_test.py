@@ -29,28 +29,13 @@ import numpy as np
 import pytest
 
 from ares_jax.metrics import read_metrics
+from tests.moving_reward import MOVING_REWARD
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
-# On the random tiny model every answer is wrong, and the default entropy reward is then the same
-# for every response of a group: zero advantages and a gradient of rounding noise, which any two
-# runs would "match". Counting every high-entropy window (tau at the median) and a low hard-bucket
-# target make the entropy reward differ within a group, so the update really moves the weights;
-# the online filter is off, since such small rewards can fall below its lower bound. No
-# evaluation, to keep the test short (its sampling and grading are the rollout's); tau then
-# comes from the first batch.
-OVERRIDES = (
-    "--config.mesh.shape.data=1",
-    "--config.mesh.shape.fsdp=4",
-    "--config.entropy.hwe_count=paper_window",
-    "--config.entropy.percentile=50",
-    "--config.reward.target_scale=(1.0,1.0,0.1)",
-    "--config.filter.enabled=False",
-    "--config.eval.every_steps=0",
-    "--config.eval.val_before_train=False",
-    "--config.entropy.threshold_init=first_batch",
-)
+# fsdp=4 over both processes; the reward differs within a group (tests/moving_reward.py).
+OVERRIDES = ("--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=4", *MOVING_REWARD)
 EXACT_PREFIXES = ("rollout/", "reward/", "bucket/", "hwe/", "eval/", "kl/beta/", "kl/kappa/")
 NEAR_ZERO = ("train/loss", "train/pg_loss", "train/ppo_kl", "rollout/logp_gap_sampler_learner")
 # Variables of a surrounding cluster must not reach the children.

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ares_jax.metrics import read_metrics
+from tests.moving_reward import MOVING_REWARD
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,21 +171,8 @@ def test_bad_data_file_is_named(tmp_path):
     assert skipped.returncode == 0, skipped.stderr[-3000:]
 
 
-# On the random tiny model every answer is wrong and the default entropy reward is the same for
-# every response of a group, so advantages are 0 and the gradient is rounding noise, which any
-# two runs would "match". Counting every high-entropy window (tau at the median) and a low
-# hard-bucket target make the reward differ within a group; the filter is off, since such small
-# rewards can fall below its lower bound. No evaluation: only the iteration is compared.
-_MOVING = (
-    "--config.train.steps=1",
-    "--config.entropy.hwe_count=paper_window",
-    "--config.entropy.percentile=50",
-    "--config.reward.target_scale=(1.0,1.0,0.1)",
-    "--config.filter.enabled=False",
-    "--config.eval.every_steps=0",
-    "--config.eval.val_before_train=False",
-    "--config.entropy.threshold_init=first_batch",
-)
+# One iteration whose reward differs within a group (tests/moving_reward.py).
+_MOVING = ("--config.train.steps=1", *MOVING_REWARD)
 # Unoptimised CPU code generation compiles in about half the time; both runs use it.
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 # Decided on the host from sampled tokens: equal exactly when the sharded run samples the same.
