@@ -1,11 +1,18 @@
 """Two JAX processes on this machine drive one mesh: the AEPO stage through the real entry point.
 
-Each child process is started with a clean environment: the CPU platform, 2 fake CPU devices
+Each child process is started with a clean environment: the CPU platform, one CPU device
 (XLA_FLAGS), and JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES=2 and
 JAX_PROCESS_ID, which `ares_jax.parallel.distributed` turns into `jax.distributed.initialize`;
 cross-process collectives on the CPU go through gloo, jax's default CPU implementation. The
-mesh is fsdp=4 over the 4 devices of the two processes, so parameters, optimizer state and every
+mesh is fsdp=2 over the devices of the two processes, so parameters, optimizer state and every
 batch are sharded across the processes.
+
+One device per process, as on real hosts: XLA's CPU runtime runs the independent collectives of
+a program at the same time on a pool of one thread per core, and a gloo collective holds its
+thread until every peer joins. With two devices per process on two cores, the four threads of the
+two processes could all wait in collectives that their peers had not started (seen: the text
+embedding's all-to-all beside the vision tower's loop of all-gathers), and the run hung.
+`ares_jax.parallel.distributed` warns about that layout.
 
 Tolerance of the 2-process vs 1-process comparison: the two runs execute the same SPMD programs
 on the same global batches, so everything decided on the host (tokens, accuracy, lengths, HWE
@@ -20,9 +27,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +43,8 @@ from tests.moving_reward import MOVING_REWARD
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
-# fsdp=4 over both processes; the reward differs within a group (tests/moving_reward.py).
-OVERRIDES = ("--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=4", *MOVING_REWARD)
+# fsdp=2 over both processes; the reward differs within a group (tests/moving_reward.py).
+OVERRIDES = ("--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=2", *MOVING_REWARD)
 EXACT_PREFIXES = ("rollout/", "reward/", "bucket/", "hwe/", "eval/", "kl/beta/", "kl/kappa/")
 NEAR_ZERO = ("train/loss", "train/pg_loss", "train/ppo_kl", "rollout/logp_gap_sampler_learner")
 # Variables of a surrounding cluster must not reach the children.
@@ -59,6 +68,9 @@ def _env(devices: int, cache: Path, extra: dict[str, str]) -> dict[str, str]:
         # The second launch compiles the same programs again; the cache makes that a read.
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        # A process that hangs is sent SIGABRT: the Python stack of each of its threads goes
+        # to its stderr, which the failure report shows.
+        PYTHONFAULTHANDLER="1",
         **extra,
     )
     return env
@@ -80,7 +92,7 @@ class Launch:
 
 
 def _launch(
-    tmp: Path, name: str, workdir: Path, *overrides: str, processes: int = 2, devices: int = 2
+    tmp: Path, name: str, workdir: Path, *overrides: str, processes: int = 2, devices: int = 1
 ) -> Launch:
     """Runs `python -m ares_jax.main` as `processes` processes of `devices` CPU devices each
     (their output goes to tmp/name.P.{out,err}) and fails the test, with every process's stderr,
@@ -112,13 +124,23 @@ def _launch(
                 cmd, cwd=ROOT, env=_env(devices, tmp / "jax_cache", extra), stdout=out, stderr=err
             )
         )
+    start = time.monotonic()
+    timed_out = False
     try:
         for proc in procs:
-            proc.wait(timeout=TIMEOUT_S)
+            proc.wait(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - start)))
     except subprocess.TimeoutExpired:
+        timed_out = True
         for proc in procs:
-            proc.kill()
-            proc.wait()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    elapsed = time.monotonic() - start
     outputs = []
     for proc, (out, err) in zip(procs, files, strict=True):
         out.seek(0)
@@ -129,10 +151,11 @@ def _launch(
     launch = Launch(outputs)
     if any(rc != 0 for rc in launch.returncodes):
         report = "\n".join(
-            f"--- process {p} (exit {rc}) stderr tail:\n{stderr[-4000:]}"
+            f"--- process {p} (exit {rc}) stderr tail:\n{stderr[-12000:]}"
             for p, (rc, stderr) in enumerate(zip(launch.returncodes, launch.stderr, strict=True))
         )
-        pytest.fail(f"{' '.join(cmd)} failed or timed out after {TIMEOUT_S} s:\n{report}")
+        what = f"timed out after {TIMEOUT_S} s" if timed_out else f"failed after {elapsed:.0f} s"
+        pytest.fail(f"{' '.join(cmd)} {what}:\n{report}")
     return launch
 
 
@@ -212,12 +235,12 @@ def test_processes_agree(runs):
         assert launch.lines(0, marker) and launch.lines(0, marker) == launch.lines(1, marker)
     for launch in (first, second):
         for p in (0, 1):
-            assert launch.lines(p, f"jax.distributed ready: process {p} of 2, 2 local / 4 global")
+            assert launch.lines(p, f"jax.distributed ready: process {p} of 2, 1 local / 2 global")
 
 
 def test_two_processes_equal_one_process(runs):
     single = runs["tmp"] / "single"
-    _launch(runs["tmp"], "single", single, "--config.train.steps=1", processes=1, devices=4)
+    _launch(runs["tmp"], "single", single, "--config.train.steps=1", processes=1, devices=2)
     got = {r["step"]: r for r in runs["after_first"]["rows"]}
     want = {r["step"]: r for r in _rows(single)}
     assert sorted(got) == sorted(want) == [1]
@@ -285,5 +308,6 @@ def test_multihost_primitives(tmp_path):
         outputs = [proc.communicate() for proc in procs]
     for p, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
         assert proc.returncode == 0, f"process {p}:\n{err[-3000:]}"
+        assert "2 CPU devices in this process" in err  # distributed.CPU_DEVICES_WARNING
         want = "DISAGREE: processes disagree on 'b' at step 7 (process 0: 0.0, process 1: 1.0)"
         assert want in out

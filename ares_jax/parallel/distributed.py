@@ -164,4 +164,18 @@ def maybe_initialize(
         jax.local_device_count(),
         jax.device_count(),
     )
+    if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+        log.warning(CPU_DEVICES_WARNING, jax.local_device_count(), os.cpu_count())
     return True
+
+
+# Seen on 2 cores with 2 devices a process: the text embedding's all-to-all and the vision
+# tower's loop of all-gathers, independent in one program, each held one of the two threads of
+# each process, and every process waited for a peer in the other collective.
+CPU_DEVICES_WARNING = (
+    "%d CPU devices in this process (%s cores): XLA's CPU runtime runs the independent "
+    "collectives of a program at the same time on a pool of one thread per core, and a gloo "
+    "collective holds its thread until every process joins, so programs with several "
+    "collectives can hang. Run one CPU device per process (drop "
+    "--xla_force_host_platform_device_count)."
+)
