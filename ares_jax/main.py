@@ -4,15 +4,20 @@ Parses the config (ml_collections config_flags, locked), initialises multi-proce
 the config with the config file's own `validate(config)`, prints it, and runs its stage's
 `ares_jax.<stage>.train.run(config, workdir)`. A user error (bad key, value, preset or path) ends
 the run with one sentence on stderr and exit code 2, before anything is written.
+
+A run that seems stuck (a multi-host job waiting in a collective shows no error): `kill -USR2 PID`
+prints the Python stack of every thread of that process to stderr, and the run goes on.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import importlib.util
 import json
 import logging as std_logging
 import re
+import signal
 import sys
 
 import yaml
@@ -31,6 +36,16 @@ STAGES = {
     "adacs": "ares_jax.adacs.train",
     "pipeline": "ares_jax.pipeline",
 }
+
+
+STACK_DUMP_SIGNAL = signal.SIGUSR2
+
+
+def dump_stacks_on_signal() -> None:
+    """STACK_DUMP_SIGNAL prints the Python stack of every thread to stderr; the process goes on.
+    Fatal errors (a segfault in native code) print them too."""
+    faulthandler.enable()
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True, chain=False)
 
 
 def _die(message: str) -> None:
@@ -85,6 +100,7 @@ def main(argv: list[str]) -> None:
         _die(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --config.KEY=V.")
     from ares_jax.parallel import distributed  # jax only after flags: before any backend use
 
+    dump_stacks_on_signal()
     distributed.maybe_initialize()
     config, workdir, path = _CONFIG.value, _WORKDIR.value, flags.FLAGS["config"].config_filename
     validate = getattr(_config_module(path), "validate", None)

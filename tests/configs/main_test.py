@@ -85,3 +85,26 @@ def test_bad_config_argument(config, words):
     err = r.stderr.strip().splitlines()[-1]
     for w in words:
         assert w in err, (w, err)
+
+
+def test_usr2_prints_every_thread_stack_and_the_run_goes_on():
+    code = (
+        "import os, threading, time\n"
+        "from ares_jax import main\n"
+        "main.dump_stacks_on_signal()\n"
+        "def parked(): time.sleep(30)\n"
+        "threading.Thread(target=parked, daemon=True).start()\n"
+        "time.sleep(0.2)\n"
+        "os.kill(os.getpid(), main.STACK_DUMP_SIGNAL)\n"
+        "time.sleep(0.5)\n"
+        "print('still running')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "still running"
+    # The parked thread, then the current (main) thread.
+    other, current = r.stderr.split("Current thread 0x")
+    assert "Thread 0x" in other and "line 4 in parked" in other
+    assert 'File "<string>", line 7 in <module>' in current
