@@ -31,6 +31,8 @@ class EvalResult:
     correct: np.ndarray  # [N] bool, per response
     lengths: np.ndarray  # [N] int
     entropy: np.ndarray  # [N, T] exact entropy per generated position
+    topk_entropy_tail: np.ndarray  # [N, T] top-k estimates, as the sampler's (0 when off)
+    topk_entropy_raw: np.ndarray  # [N, T]
     mask: np.ndarray  # [N, T]
     groups: dict[str, dict[str, tuple[float, float, int]]]  # by -> key -> (acc, len, count)
 
@@ -95,7 +97,8 @@ def evaluate(
     progress=None,
 ) -> EvalResult:
     """Generates for every example (in batches of `batch_size` prompts) and scores the answers."""
-    correct, lengths, entropy, mask, owners = [], [], [], [], []
+    correct, lengths, owners = [], [], []
+    per_row = {k: [] for k in ("entropy", "topk_entropy_tail", "topk_entropy_raw", "mask")}
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
         size = len(chunk)
@@ -128,8 +131,8 @@ def evaluate(
         scores = grade(texts, golds)
         correct.append(scores.correct)
         lengths.append(out.lengths[keep])
-        entropy.append(out.entropy[keep])
-        mask.append(out.mask[keep])
+        for k, parts in per_row.items():
+            parts.append(getattr(out, k)[keep])
         owners.extend(chunk[p] for p in out.prompt_index[keep])
         if progress is not None:
             progress.update(size)
@@ -155,8 +158,7 @@ def evaluate(
         metrics=metrics,
         correct=correct,
         lengths=lengths,
-        entropy=np.concatenate(entropy),
-        mask=np.concatenate(mask),
+        **{k: np.concatenate(parts) for k, parts in per_row.items()},
         groups=groups,
     )
 

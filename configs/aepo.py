@@ -1,8 +1,12 @@
 r"""AEPO, the RL stage of ARES (METHOD.md section 4), with every hyper-parameter and switch.
 
-Defaults are the released code's behaviour (METHOD.md 4 and 6); each point where the paper and the
-released code disagree (METHOD.md 9, 11) is one switch, commented with its section and both
-choices. Only `main.py` and the stage's `run` read this ConfigDict.
+Each point where the paper and the released code disagree (METHOD.md 9, 11) is one switch,
+commented with its section and the choices. The algorithm's constants are the released code's
+(METHOD.md 4 and 6). The switches in RELEASED_SWITCHES default to the released behaviour except
+where the README's table (*Presets and the released code*) says otherwise and why: the
+`paper_*` presets set every one of them to the released value, the `corrected_*` presets to the
+method with the released code's bugs fixed. Only `main.py` and the stage's `run` read this
+ConfigDict.
 
 Presets (the text after the colon; `preset=NAME` or just `NAME`):
 
@@ -20,13 +24,20 @@ Presets (the text after the colon; `preset=NAME` or just `NAME`):
               python -m ares_jax.main --config=configs/aepo.py:smoke --workdir=/tmp/aepo_smoke
   pipeline_smoke
             The whole pipeline at the smoke sizes, about a minute; for CI.
-  paper_7b  The paper's setting for Qwen2.5-VL-7B (METHOD.md 6): 512 prompts x 8 rollouts per
-            iteration, 4 optimizer steps of 128 prompts, 16k responses, lr 1e-6, ~250 steps.
+  paper_7b  The authors' final run for Qwen2.5-VL-7B as released (METHOD.md 6), quirks included:
+            512 prompts x 8 rollouts per iteration, 4 optimizer steps of 128 prompts, 16k
+            responses, lr 1e-6, 250 iterations; the authors' 174 trigger words, arg-max trigger
+            tokens, top-10 entropies as vLLM returns them, the reward-timing quirk, the
+            per-rank beta cadence of 8 GPUs x 1 sequence, bfloat16 master weights and AdamW.
             Needs the AdaCS checkpoint and ViRL39K-style data files:
               python -m ares_jax.main --config=configs/aepo.py:paper_7b --workdir=DIR \
                 --config.model.path=CKPT_DIR --config.data.train_files=TRAIN.jsonl \
                 --config.data.val_files=VAL.jsonl
   paper_3b  The same for Qwen2.5-VL-3B (the paper does not say whether 3B used other settings).
+  corrected_7b, corrected_3b
+            The same sizes with the released code's bugs fixed and exact estimators: sampled
+            trigger tokens, full-vocabulary entropies, bucket-aware rewards in the advantage, one
+            beta controller for all rows, float32 master weights.
 
 A topology (configs/topologies.py: v5p-8, v5p-64, v6e-16, 8xh100, 2x8xh100, Nx8xh100) comes after
 the preset and sets the mesh for that machine; `python -m ares_jax.plan` tells whether it fits:
@@ -44,7 +55,16 @@ from ml_collections import config_dict
 
 from configs import common, topologies
 
-PRESETS = ("", "stage", "smoke", "pipeline_smoke", "paper_3b", "paper_7b")
+PRESETS = (
+    "",
+    "stage",
+    "smoke",
+    "pipeline_smoke",
+    "paper_3b",
+    "paper_7b",
+    "corrected_3b",
+    "corrected_7b",
+)
 PIPELINE_PRESETS = {"": "", "pipeline_smoke": "smoke"}  # preset -> configs/pipeline.py preset
 
 # The released prompt suffix (METHOD.md 4.1, examples/format_prompt/math.jinja): appended to the
@@ -149,7 +169,10 @@ def _base() -> ml_collections.ConfigDict:
         # METHOD.md 2.4 / 11: which token is tested against the trigger list: 'sampled' (the
         # paper's o_t; our default) | 'argmax' (what the released code decodes).
         trigger_token="sampled",
-        trigger_words=config_dict.placeholder(str),  # None = project list; or a .txt/.json path
+        # None = the project's list (195 words, with verification words such as "verify" and
+        # "check"); 'released' = the authors' 174 words (ares_jax/rewards, Apache-2.0); or a
+        # .txt/.json path.
+        trigger_words=config_dict.placeholder(str),
         # METHOD.md 2.1 / 9.4 / 11: 'exact' = full-vocabulary entropy from the logits (default,
         # one estimator for threshold and counts); 'topk_tail' = top-k log-probs plus a tail
         # bucket for both; 'topk_code' = the released code exactly: tail-corrected top-k for the
@@ -217,6 +240,14 @@ def _base() -> ml_collections.ConfigDict:
         bucket_coef=(1.0, 1.0, 1.0),  # static per-bucket factor ([C-hist] 1.25/1.0/0.75, unused)
         # Released controller constants (counts are actor micro-batches, as in the code).
         target=(0.01, 0.01, 0.01),  # delta_d
+        # METHOD.md 4.8: when the controller steps. The released actor keeps one state per
+        # data-parallel rank (8 in its launcher, never synchronised) and steps it once per
+        # micro-batch of `micro_batch` sequences of that rank's share (1 in its launcher),
+        # touching only the buckets in it; each row's KL reads its rank's beta. Ours by default:
+        # ranks=1, micro_batch=0, one state stepped once per learner micro-batch
+        # (train.micro_batch_size) with every bucket in it. train.micro_batch_size must be a
+        # multiple of ranks * micro_batch.
+        beta_cadence=dict(ranks=1, micro_batch=0),
         beta_init=1.0,
         ema_decay=0.97,
         beta_lr=0.05,
@@ -315,7 +346,8 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     c.checkpoint.update(every_steps=1, keep=1)
 
 
-def _paper(c: ml_collections.ConfigDict, size: str) -> None:
+def _paper_scale(c: ml_collections.ConfigDict, size: str) -> None:
+    """The paper's sizes (METHOD.md 6), shared by both paper-scale families."""
     c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat=True)
     c.data.update(
         source="files",
@@ -331,9 +363,64 @@ def _paper(c: ml_collections.ConfigDict, size: str) -> None:
         decode_batch_size=256,
     )
     c.optim.update(lr=1e-6, state_dtype="bfloat16")
+    # 250 iterations: the length of the paper's training curves (METHOD.md 7.4, Fig. 6). The
+    # released trainer derives its length from `total_epochs: 250` as 250 x floor(N / 512) global
+    # steps (18,750 for ViRL39K's 38,870 problems, `RayPPOTrainer.__init__`), an upper bound the
+    # authors' runs did not reach; a global step that finds the data exhausted starts the next
+    # epoch without an update. Here one iteration always updates, and the stream wraps into the
+    # next epoch seamlessly; set train.steps for a longer run.
     c.train.update(steps=250, prompts_per_step=128, micro_batch_size=32, logprob_chunk_size=256)
+    c.entropy.update(trigger_words="released")  # the authors' 174 words (METHOD.md 2.4)
     c.eval.update(max_response_len=16384)
     c.mesh.shape.update(data=1, fsdp=-1, tensor=1)  # FSDP over all devices (verl: FSDP, 8 GPUs)
+
+
+def _paper(c: ml_collections.ConfigDict, size: str) -> None:
+    """The authors' final run as released, quirks included (README, *Presets and the released
+    code*): every switch of RELEASED_SWITCHES at the released value."""
+    _paper_scale(c, size)
+    c.entropy.update(trigger_token="argmax", estimator="topk_code", topk=10)
+    c.reward.reward_timing_quirk = True
+    c.kl.beta_cadence.update(ranks=8, micro_batch=1)  # 8 GPUs, 1 sequence per micro-batch
+    # The released launcher trains in bfloat16 master weights with a bfloat16 AdamW
+    # (fsdp.torch_dtype=bf16, optim.strategy=adamw_bf16): parameters and both moments.
+    c.model.param_dtype = "bfloat16"
+    c.optim.state_dtype = "bfloat16"
+
+
+def _corrected(c: ml_collections.ConfigDict, size: str) -> None:
+    """The method at the paper's scale with the released code's bugs fixed and the exact
+    estimators: sampled trigger tokens, full-vocabulary entropies, bucket-aware rewards for the
+    advantage, one beta controller for all rows, float32 master weights."""
+    _paper_scale(c, size)
+    # One shared controller state stepped once per 8 sequences: as many controller steps per
+    # iteration as each rank of the released launcher takes, independent of the device count.
+    c.kl.beta_cadence.update(ranks=1, micro_batch=8)
+
+
+# Behaviour switches where the released code, this project's defaults and the corrected family
+# may differ (README, *Presets and the released code*: tests/configs/aepo_test.py checks that its
+# table lists every key whose default is not the released value, with the values below).
+RELEASED_SWITCHES = (
+    "entropy.trigger_words",
+    "entropy.trigger_token",
+    "entropy.estimator",
+    "entropy.threshold",
+    "entropy.threshold_init",
+    "entropy.hwe_count",
+    "entropy.window_offset",
+    "reward.variant",
+    "reward.reward_timing_quirk",
+    "advantage.scale",
+    "kl.controller",
+    "kl.beta_cadence.ranks",
+    "kl.beta_cadence.micro_batch",
+    "kl.second_chance.enabled",
+    "rollout.branching.enabled",
+    "train.old_logp_source",
+    "model.param_dtype",
+    "optim.state_dtype",
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -348,8 +435,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.preset in PIPELINE_PRESETS:
         if args.topology:
             raise ValueError(
-                "configs/aepo.py: topology applies to the stage presets (stage, smoke, paper_3b, "
-                f"paper_7b), not to the embedded pipeline preset {args.preset!r}."
+                "configs/aepo.py: topology applies to the stage presets (stage, smoke, paper_*, "
+                f"corrected_*), not to the embedded pipeline preset {args.preset!r}."
             )
         from configs import pipeline  # configs/pipeline.py builds on this module
 
@@ -364,6 +451,8 @@ def stage_config(preset: str = "", *, topology: str = "") -> ml_collections.Conf
         _smoke(c)
     elif preset.startswith("paper_"):
         _paper(c, preset.removeprefix("paper_"))
+    elif preset.startswith("corrected_"):
+        _corrected(c, preset.removeprefix("corrected_"))
     if topology:
         topologies.apply(c, topology)
     return c.lock()
@@ -443,6 +532,8 @@ SCHEMA = {
     "kl.err_clip": _pos,
     "kl.deadzone": _nonneg,
     "kl.update_interval": (_int, _pos),
+    "kl.beta_cadence.ranks": (_int, _pos),
+    "kl.beta_cadence.micro_batch": (_int, _nonneg),
     "kl.beta_min": _pos,
     "kl.rho": common.in_range(0.0, 1.0, lo_open=True),
     "kl.kappa_lr": _nonneg,
@@ -515,6 +606,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"{c.train.micro_batch_size} must divide train.prompts_per_step * rollout.n "
             f"({c.train.prompts_per_step * c.rollout.n}).",
         )
+    cadence = c.kl.beta_cadence.ranks * max(c.kl.beta_cadence.micro_batch, 1)
+    if c.train.micro_batch_size % cadence:
+        common.fail(
+            "kl.beta_cadence",
+            f"ranks x micro_batch ({cadence}) must divide train.micro_batch_size "
+            f"({c.train.micro_batch_size}).",
+        )
     for buckets, limit in (
         ("rollout.length_buckets", "rollout.max_response_len"),
         ("data.prompt_len_buckets", "data.max_prompt_len"),
@@ -548,7 +646,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     # Paths.
     big = c.model.preset in ("3b", "7b")
     common.check_path(c, "model.path", required=big, why=f"for model.preset={c.model.preset!r}")
-    common.check_path(c, "entropy.trigger_words", required=False)
+    if c.entropy.trigger_words != "released":  # a shipped list by name, else a path
+        common.check_path(c, "entropy.trigger_words", required=False)
     common.check_path(c, "checkpoint.resume", required=False)
     files = c.data.source == "files"
     if not files:

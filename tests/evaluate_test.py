@@ -50,6 +50,8 @@ def test_table4_layout():
         correct=np.array([True, False]),
         lengths=np.array([10, 14]),
         entropy=np.zeros((2, 1)),
+        topk_entropy_tail=np.zeros((2, 1)),
+        topk_entropy_raw=np.zeros((2, 1)),
         mask=np.ones((2, 1), bool),
         groups={"difficulty": {"1": (1.0, 10.0, 1), "10": (0.0, 14.0, 1)}},
     )

@@ -82,7 +82,7 @@ def test_planned_bytes_match_placed_arrays_and_compiled_step(shape):
 
     # The update step compiled from real arrays placed as the planner places them.
     whole = NamedSharding(mesh, PartitionSpec())
-    extra = jax.device_put((K.init_beta_state(), jnp.ones(3), jnp.zeros((), jnp.int32)), whole)
+    extra = jax.device_put((K.init_beta_states(), jnp.ones(3), jnp.zeros((), jnp.int32)), whole)
     state = Lr.TrainState(trainable, opt_state, *extra)
     batch = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), x.batch)
     denom = jax.device_put(jnp.float32(1.0), whole)

@@ -213,7 +213,7 @@ def run(config, workdir: str) -> dict[str, float]:
         jax.jit(optimizer.init, out_shardings=Lr.opt_state_shardings(optimizer, trainable))(
             trainable
         ),
-        K.init_beta_state(),
+        K.init_beta_states(),
         K.init_kappa(),
         jnp.zeros((), jnp.int32),
     )

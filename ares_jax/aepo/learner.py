@@ -9,7 +9,8 @@ One update (`train_step`, METHOD.md 4.7, 4.8, 4.11):
      - recompute the policy's log-probs of the response tokens;
      - estimate the per-token KL to the reference;
      - update the released per-bucket beta controller from this micro-batch's sequence KL,
-       before its loss uses beta, as the released actor does;
+       before its loss uses beta, as the released actor does, at the released cadence when asked
+       (one state per rank of its launcher, one step per rank micro-batch);
      - form the clipped policy loss plus the weighted KL, as a (sum, denominator);
      - accumulate the gradient of the sum;
   2. divide by the mini-batch's total denominator (exact accumulation, whatever the micro-batch
@@ -67,6 +68,11 @@ class LearnerSettings:
     kl_coef: float = 0.01
     kl_controller: str = "code"  # 'code' | 'paper' | 'fixed'
     beta_params: K.BetaControllerParams = K.DEFAULT_BETA_PARAMS
+    # Cadence of the code controller (K.update_beta_cadence): independent states, one per rank of
+    # the released launcher, each stepping once per `beta_rank_batch` of its rows (0: its share of
+    # the learner micro-batch, i.e. one step per micro-batch).
+    beta_ranks: int = 1
+    beta_rank_batch: int = 0
     bucket_coef: tuple[float, float, float] = (1.0, 1.0, 1.0)
     rho: float = 0.5
     second_chance: bool = False
@@ -151,11 +157,24 @@ def _loss(trainable, frozen, graphdef, mb: LearnerBatch, beta: K.BetaState, kapp
     kld, weights = None, None
     if s.kl_coef > 0:
         kld = K.kl_divergence(logp, mb.ref_logp, s.kl_estimator)
+        beta_vec = jnp.asarray(s.bucket_coef, jnp.float32)
+        factor = _sample_factor(mb, s)
         if s.kl_controller == "code":
-            seq_kl = K.sequence_mean(jax.lax.stop_gradient(kld), mask)
-            beta = K.update_beta(beta, seq_kl, mb.bucket, params=s.beta_params, valid=mb.row_valid)
-        beta_vec = beta.beta if s.kl_controller != "fixed" else jnp.full((3,), 1.0)
-        beta_vec = beta_vec * jnp.asarray(s.bucket_coef, jnp.float32)
+            # The released actor steps its controller per rank micro-batch, then that micro-batch's
+            # loss reads the rank's beta: each row gets its own (`row_beta`).
+            rank_batch = s.beta_rank_batch or mb.bucket.shape[0] // s.beta_ranks
+            beta, row_beta = K.update_beta_cadence(
+                beta,
+                K.sequence_mean(jax.lax.stop_gradient(kld), mask),
+                mb.bucket,
+                params=s.beta_params,
+                ranks=s.beta_ranks,
+                rank_batch=rank_batch,
+                valid=mb.row_valid,
+            )
+            factor = row_beta if factor is None else factor * row_beta
+        elif s.kl_controller == "paper":
+            beta_vec = beta_vec * beta.beta[0]  # the paper's base weights beta_d (beta_init)
         mode = "paper" if s.kl_controller == "paper" else "code"
         weights = K.kl_token_weights(
             mb.bucket,
@@ -166,7 +185,7 @@ def _loss(trainable, frozen, graphdef, mb: LearnerBatch, beta: K.BetaState, kapp
             kappa=kappa if mode == "paper" else None,
             window_mask=mb.window_mask if mode == "paper" else None,
             rho=s.rho,
-            sample_factor=_sample_factor(mb, s),
+            sample_factor=factor,
         )
     terms = PL.policy_loss(
         logp,

@@ -93,8 +93,9 @@ class Rollout(NamedTuple):
     state: RolloutState  # advanced by this phase
 
 
-def _entropies(out, estimator: str) -> tuple[np.ndarray, np.ndarray]:
-    """(entropy for the threshold, entropy for the counts) per METHOD.md 2.1 and the switch."""
+def threshold_and_count_entropies(out, estimator: str) -> tuple[np.ndarray, np.ndarray]:
+    """(entropy for the threshold, entropy for the counts) per METHOD.md 2.1 and the switch, from
+    anything with the sampler's `entropy`, `topk_entropy_tail` and `topk_entropy_raw` [N, T]."""
     if estimator == "exact":
         return out.entropy, out.entropy
     if estimator == "topk_tail":
@@ -243,7 +244,7 @@ def collect(
         scores = grade(texts, golds, workers=s.score_workers)
         score_seconds += time.perf_counter() - s0
         correct = scores.correct & out.active
-        ent_threshold, ent_count = _entropies(out, s.estimator)
+        ent_threshold, ent_count = threshold_and_count_entropies(out, s.estimator)
         if s.threshold == "paper":  # recomputed from this batch, used as it is
             tau = float(
                 H.batch_threshold(
@@ -426,6 +427,7 @@ def _assemble(kept, s, state, tau, tries, metrics, gen_s, score_s, gen_tokens, s
     n_hwe = cat("n_hwe")
     targets, stats = _targets(state.targets, bucket_group, n_hwe, groups, s)
     threshold = state.threshold
+    observation = tau  # 'paper': this batch's statistic is the tau it used
     if s.threshold == "code":
         observation = H.batch_threshold(
             cat("ent_threshold").astype(np.float32),
@@ -452,6 +454,7 @@ def _assemble(kept, s, state, tau, tries, metrics, gen_s, score_s, gen_tokens, s
         "rollout/entropy_mean": float(entropy[mask].mean()) if mask.any() else 0.0,
         "rollout/tau_used": float(tau),
         "rollout/tau_next": float(threshold.tau),
+        "rollout/tau_batch": float(observation),  # this batch's statistic
         "reward/total": float(reward.mean()),
         "reward/entropy_term": float(cat("entropy_term").mean()),
         "reward/accuracy": float(rows.correct.mean()),

@@ -5,10 +5,12 @@
 Each iteration:
   1. rollout: prompts are sampled and answers checked; the phase computes buckets, HWE counts,
      the entropy reward, the online filter and the advantages (aepo/rollout.py);
-  2. the learner recomputes the old-policy log-probs, or reuses the sampler's by config (the gap
-     is logged either way), and computes the reference log-probs from the frozen initial policy;
-  3. the rollout is split into mini-batches of `train.prompts_per_step` prompts, one optimizer step
-     each, with exact gradient accumulation over micro-batches (aepo/learner.py);
+  2. the rollout is split into mini-batches of `train.prompts_per_step` prompts; before any update,
+     the learner recomputes the old-policy log-probs of every mini-batch, or reuses the sampler's
+     by config (the gap is logged either way), and computes the reference log-probs from the
+     frozen initial policy;
+  3. one optimizer step per mini-batch, with exact gradient accumulation over micro-batches
+     (aepo/learner.py); the ratio of a later mini-batch is taken against the rollout's policy;
   4. the paper's kappa controller, if selected, is updated; the released beta controller runs
      inside the update;
   5. metrics, periodic validation, checkpoints.
@@ -160,6 +162,8 @@ def _learner_settings(c, prompt_len: int) -> Lr.LearnerSettings:
             beta_max=k.beta_max,
             beta_init=k.beta_init,
         ),
+        beta_ranks=k.beta_cadence.ranks,
+        beta_rank_batch=k.beta_cadence.micro_batch,
         bucket_coef=tuple(k.bucket_coef),
         rho=k.rho,
         second_chance=k.second_chance.enabled,
@@ -300,7 +304,7 @@ def run(config, workdir: str) -> dict[str, float]:
         opt_state=jax.jit(
             optimizer.init, out_shardings=Lr.opt_state_shardings(optimizer, trainable)
         )(trainable),
-        beta=K.init_beta_state(ls.beta_params),
+        beta=K.init_beta_states(ls.beta_params, ranks=ls.beta_ranks),
         kappa=K.init_kappa(_kappa_params(c.kl)),
         step=jnp.zeros((), jnp.int32),
     )
@@ -375,22 +379,26 @@ def run(config, workdir: str) -> dict[str, float]:
 
     validate.last = None
 
-    # --- Validation before training (seeds tau, METHOD.md 2.3 item 3) -------------------------
+    # --- Validation before training (METHOD.md 2.3 item 3) ------------------------------------
+    # With threshold_init='validation' its tau serves the counts of step 1 only; the EMA starts
+    # from the first training batch's median (H.update_threshold). The estimate is the one the
+    # threshold uses in training (entropy.estimator).
     last_eval: dict[str, float] = {}
     if start == 0 and c.eval.val_before_train and val_examples:
         last_eval = validate(0)
         writer.write(0, last_eval)
         if c.entropy.threshold == "code" and c.entropy.threshold_init == "validation":
             r = validate.last
+            ent_threshold, _ = RO.threshold_and_count_entropies(r, c.entropy.estimator)
             seed_tau = H.seed_threshold(
-                jnp.asarray(r.entropy),
+                jnp.asarray(ent_threshold, jnp.float32),
                 jnp.asarray(r.mask),
                 q=c.entropy.percentile,
                 window=c.entropy.window,
                 offset=c.entropy.window_offset,
             )
             rollout_state = rollout_state._replace(threshold=H.init_threshold(float(seed_tau)))
-            log.info("AEPO: tau seeded by validation: %.4f", float(seed_tau))
+            log.info("AEPO: tau for the first step's counts, from validation: %.4f", seed_tau)
 
     # --- Loop ------------------------------------------------------------------------------------
     progress = mt.Progress(c.train.steps, desc="AEPO", initial=start)
@@ -429,14 +437,21 @@ def run(config, workdir: str) -> dict[str, float]:
         frames = None
         if prompts.has_images:
             frames = runtime.pow2(max(1, B.frames_needed(prompts, rows, mb)))
-        gaps, kappa_obs = [], []
+        # Old-policy and reference log-probs of every mini-batch come first, from the parameters
+        # that sampled the rollout, as the released trainer takes them before any update: the
+        # ratio of mini-batch k > 1 then carries the importance correction of the steps before it.
+        minibatches, gaps = [], []
         for first in range(0, n_prompts, c.train.prompts_per_step):
             sel = np.flatnonzero(
                 (rows.prompt >= first) & (rows.prompt < first + c.train.prompts_per_step)
             )
-            part = rows.select(sel)
             lb = B.learner_batch(
-                prompts, part, cfg, micro_batch_size=mb, num_micro=num_micro, num_frames=frames
+                prompts,
+                rows.select(sel),
+                cfg,
+                micro_batch_size=mb,
+                num_micro=num_micro,
+                num_frames=frames,
             )
             old_sampler = np.zeros(lb.old_logp.shape, np.float32).reshape(-1, t_bucket)
             old_sampler[: len(sel)] = sampler_logp[sel]
@@ -459,36 +474,43 @@ def run(config, workdir: str) -> dict[str, float]:
                     ref, _ = logprob_fn(
                         graphdef, reference[0], reference[1], lb.inputs, lb.tokens, ls
                     )
-            lb = lb._replace(old_logp=old, ref_logp=ref)
+            minibatches.append(lb._replace(old_logp=old, ref_logp=ref))
+
+        kappa_obs, step_metrics = [], []
+        for lb in minibatches:
             denom = PL.loss_denominator(lb.mask.reshape(-1, t_bucket), agg=ls.agg)
             for _ in range(c.train.ppo_epochs):
                 with jax.set_mesh(mesh):
                     state, train_metrics = step_fn(
                         graphdef, state, frozen, lb, denom, optimizer=optimizer, s=ls
                     )
+                step_metrics.append(train_metrics)
             if c.kl.controller == "paper":
-                kld = K.kl_divergence(old, ref, c.kl.estimator)
+                flat = lambda x: x.reshape(-1, t_bucket)  # noqa: E731
+                kld = K.kl_divergence(flat(lb.old_logp), flat(lb.ref_logp), c.kl.estimator)
                 kappa_obs.append(
                     (
-                        K.control_kl(kld, lb.mask, lb.window_mask).reshape(-1),
+                        K.control_kl(kld, flat(lb.mask), flat(lb.window_mask)),
                         lb.bucket.reshape(-1),
                         lb.row_valid.reshape(-1),
                     )
                 )
+        del minibatches
         if kappa_obs:
             ctrl, bucket, valid = (jnp.concatenate(x) for x in zip(*kappa_obs, strict=True))
             new_kappa = K.update_kappa(
                 state.kappa, ctrl, bucket, params=_kappa_params(c.kl), valid=valid
             )
             state = state._replace(kappa=new_kappa)
-        train_metrics, gaps, beta, kappa = multihost.fetch(
-            (train_metrics, gaps, state.beta.beta, state.kappa)
+        step_metrics, gaps, beta, kappa = multihost.fetch(
+            (step_metrics, gaps, state.beta.beta, state.kappa)
         )
-        metrics.update({k: float(v) for k, v in train_metrics.items()})
+        # The iteration's optimizer steps, averaged (a non-finite step stays non-finite).
+        metrics.update({k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]})
         if gaps:  # how far the sampler's log-probs are from the learner's (same parameters)
             metrics["rollout/logp_gap_sampler_learner"] = float(np.mean(gaps))
         for d, name in enumerate(BK.BUCKET_NAMES):
-            metrics[f"kl/beta/{name}"] = float(beta[d])
+            metrics[f"kl/beta/{name}"] = float(np.mean(beta[:, d]))  # mean over the ranks' states
             metrics[f"kl/kappa/{name}"] = float(kappa[d])
         metrics["time/learn_s"] = time.perf_counter() - t_learn
         metrics["time/step_s"] = time.perf_counter() - t_step

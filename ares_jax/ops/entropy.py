@@ -251,30 +251,98 @@ def dense_logprobs_and_entropy(
     return logp, entropy
 
 
-def topk_entropy(topk_logprobs: jax.Array, *, tail: bool = True) -> jax.Array:
-    """Entropy estimated from the top-k log-probs of each position (the released code's estimator).
+def topk_entropy(
+    topk_logprobs: jax.Array,
+    *,
+    tail: bool = True,
+    extra_logprob: jax.Array | None = None,
+    extra_valid: jax.Array | None = None,
+) -> jax.Array:
+    """Entropy estimated from the log-probs an inference engine returns (the released estimators).
 
-    The released code asks its inference engine for the top-10 log-probs and estimates
-    H = -sum_k p_k log p_k (METHOD.md 2.1, "raw truncated", used for its threshold) and, with
-    `tail`, adds the left-over mass r = max(0, 1 - sum_k p_k) as one extra outcome, -r log r with
-    r clamped at 1e-12 inside the log ("tail-corrected", used for its counts). The exact entropy
-    (`token_logprobs_and_entropy`) is the default; this reproduces `entropy.estimator='topk_tail'`.
+    The released code asks vLLM for `logprobs=10`. vLLM returns the top-10 log-probs of the step's
+    distribution and, when the sampled token is not among those 10 ids, the sampled token's
+    log-prob as an 11th entry; the released code sums over whatever set came back. Over that set
+    it estimates H = -sum_k p_k log p_k (METHOD.md 2.1, "raw truncated", used for its threshold)
+    and, with `tail`, adds the left-over mass r = max(0, 1 - sum_k p_k) as one extra outcome,
+    -r log r with r clamped at 1e-12 inside the log ("tail-corrected", used for its counts). The
+    exact entropy (`token_logprobs_and_entropy`) is the default; this reproduces
+    `entropy.estimator='topk_tail'`. `topk_and_sampled_logprobs` builds the set vLLM returns.
 
     Args:
-      topk_logprobs: [..., k] float, log-probs of the k most likely tokens (any order).
+      topk_logprobs: [..., k] float, log-probs (nats) of the k most likely tokens (any order).
       tail: add the left-over-mass term.
+      extra_logprob: optional [...] float, log-prob (nats) of one more returned token (the sampled
+        one); used only where `extra_valid` is True, its value elsewhere is ignored (may be -inf
+        or NaN). Give it together with `extra_valid`, or neither (top-k set only, as before).
+      extra_valid: optional [...] bool, True where `extra_logprob` is part of the returned set,
+        i.e. where the sampled token is outside the top-k ids.
 
     Returns:
       [...] float32 entropy estimate in nats.
     """
-    checks.check_floating(topk_logprobs, "topk_logprobs", "topk_entropy")
+    fn = "topk_entropy"
+    checks.check_floating(topk_logprobs, "topk_logprobs", fn)
+    if (extra_logprob is None) != (extra_valid is None):
+        raise ValueError(f"{fn}: give extra_logprob and extra_valid together, or neither.")
     lp = topk_logprobs.astype(_F32)
     p = jnp.exp(lp)
     h = -jnp.sum(p * lp, axis=-1)
+    mass = jnp.sum(p, axis=-1)
+    if extra_logprob is not None:
+        checks.check_floating(extra_logprob, "extra_logprob", fn)
+        checks.check_bool(extra_valid, "extra_valid", fn)
+        checks.check_same_shape(fn, extra_logprob=extra_logprob, extra_valid=extra_valid)
+        if np.shape(extra_logprob) != lp.shape[:-1]:
+            raise ValueError(
+                f"{fn}: extra_logprob has shape {np.shape(extra_logprob)} but topk_logprobs has "
+                f"leading shape {lp.shape[:-1]}; they must match."
+            )
+        e = jnp.where(extra_valid, extra_logprob.astype(_F32), 0.0)
+        pe = jnp.where(extra_valid, jnp.exp(e), 0.0)
+        h = h - pe * e
+        mass = mass + pe
     if tail:
-        r = jnp.maximum(0.0, 1.0 - jnp.sum(p, axis=-1))
+        r = jnp.maximum(0.0, 1.0 - mass)
         h = h - jnp.where(r > 0, r * jnp.log(jnp.maximum(r, 1e-12)), 0.0)
     return h
+
+
+def topk_and_sampled_logprobs(
+    logprobs: jax.Array, tokens: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The log-probs vLLM returns for `logprobs=k`: the top k, plus the sampled token if outside.
+
+    The sampled token counts as outside when its id is not among the k ids that `jax.lax.top_k`
+    returns, as vLLM decides it from the ids of `torch.topk`. With a tie at the k-th value the
+    choice depends on ids: `jax.lax.top_k` keeps the lower ids, so a sampled token tied with the
+    k-th value but with a higher id is returned as the extra entry (the set then holds k + 1
+    entries of which two share a value); vLLM breaks such ties by its own kernel's order.
+
+    Args:
+      logprobs: [..., V] float, normalised log-probs (nats) of the step's distribution.
+      tokens: [...] int, the sampled ids, in [0, V).
+      k: number of top log-probs, a Python int in [1, V].
+
+    Returns:
+      (topk_logprobs [..., k] float, sampled_logprob [...] float, outside [...] bool), the
+      arguments `topk_entropy(topk_logprobs, extra_logprob=sampled_logprob, extra_valid=outside)`.
+    """
+    fn = "topk_and_sampled_logprobs"
+    checks.check_floating(logprobs, "logprobs", fn)
+    checks.check_integer(tokens, "tokens", fn)
+    if np.shape(tokens) != np.shape(logprobs)[:-1]:
+        raise ValueError(
+            f"{fn}: tokens has shape {np.shape(tokens)} but logprobs has leading shape "
+            f"{np.shape(logprobs)[:-1]}; they must match."
+        )
+    if not isinstance(k, int | np.integer) or not 1 <= k <= logprobs.shape[-1]:
+        raise ValueError(f"{fn}: k must be an int in [1, {logprobs.shape[-1]}], got {k!r}.")
+    tokens = jnp.asarray(tokens)
+    top, ids = jax.lax.top_k(logprobs, int(k))
+    sampled = jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+    outside = ~jnp.any(ids == tokens[..., None], axis=-1)
+    return top, sampled, outside
 
 
 # ---------------------------------------------------------------------------------------------

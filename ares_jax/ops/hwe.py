@@ -7,8 +7,8 @@ The paper and the released code define both differently; every variant is here, 
 Thresholds (`entropy.threshold` in the config):
   "code":  per response, the 95th percentile of its window means, with the released code's rule for
            the last positions (see `response_percentiles`); per batch, the median over responses;
-           smoothed across steps by an EMA with decay 0.99, seeded by the first value
-           (`update_threshold`).
+           smoothed across steps by an EMA with decay 0.99 that starts from the first training
+           batch's value (`update_threshold`); a validation value only serves the first step.
   "paper": per response, the 95th percentile of its token entropies; the batch mean; recomputed
            every batch, no smoothing.
 
@@ -162,10 +162,12 @@ def batch_threshold(
 def seed_threshold(
     entropy: jax.Array, mask: jax.Array, *, q: float = 95.0, window: int = 4, offset: int = 1
 ) -> jax.Array:
-    """The released code's initial tau from a validation pass: mean of per-response percentiles.
+    """The released code's tau for the first training step, from a validation pass.
 
     METHOD.md 2.3 item 3: before the first training step the code sets tau to the mean (not the
-    median) of the per-response percentiles of window means over the validation rollouts.
+    median) of the per-response percentiles of window means over the validation rollouts. It is
+    used for the counts of step 1 only; the EMA starts from the first training batch's median
+    (`init_threshold(tau)` then `update_threshold`).
     """
     p, has = response_percentiles(
         entropy, mask, statistic="window", q=q, window=window, offset=offset
@@ -174,30 +176,36 @@ def seed_threshold(
 
 
 class ThresholdState(NamedTuple):
-    """The smoothed threshold carried across training steps."""
+    """The threshold carried across training steps (METHOD.md 2.3)."""
 
-    tau: jax.Array  # float32 scalar, nats
-    initialized: jax.Array  # bool scalar; False until the first value is seen
+    tau: jax.Array  # float32 scalar, nats: the tau the next step's counts use
+    initialized: jax.Array  # bool scalar; False while tau holds no value at all
+    ema_started: jax.Array  # bool scalar; False until a training batch has been observed
 
 
 def init_threshold(tau: float | None = None) -> ThresholdState:
-    """A threshold state seeded with `tau` (validation), or empty (the first batch seeds it)."""
+    """A threshold state before training: with `tau` (the validation value, `seed_threshold`) the
+    first step counts against it; without, the caller's fallback is used. Either way the EMA
+    starts from the first training batch's statistic, not from `tau`."""
+    started = jnp.zeros((), bool)
     if tau is None:
-        return ThresholdState(jnp.zeros((), _F32), jnp.zeros((), bool))
-    return ThresholdState(jnp.asarray(tau, _F32), jnp.ones((), bool))
+        return ThresholdState(jnp.zeros((), _F32), jnp.zeros((), bool), started)
+    return ThresholdState(jnp.asarray(tau, _F32), jnp.ones((), bool), started)
 
 
 def update_threshold(
     state: ThresholdState, observation: jax.Array, *, decay: float = 0.99
 ) -> ThresholdState:
-    """tau <- decay * tau + (1 - decay) * observation; the first observation seeds tau.
+    """tau <- decay * tau + (1 - decay) * observation; the first training observation seeds tau.
 
     The released code updates tau after each step's rollouts, so the counts of step k use the tau
-    of step k-1 (a one-step lag; METHOD.md 2.3 item 4): call this after counting.
+    of step k-1 (a one-step lag; METHOD.md 2.3 item 4): call this after counting. A validation
+    value in `state` (from `init_threshold(tau)`) is replaced by the first observation, as the
+    released trainer's EMA starts from its first training batch.
     """
     obs = jnp.asarray(observation, _F32)
-    tau = jnp.where(state.initialized, decay * state.tau + (1.0 - decay) * obs, obs)
-    return ThresholdState(tau, jnp.ones((), bool))
+    tau = jnp.where(state.ema_started, decay * state.tau + (1.0 - decay) * obs, obs)
+    return ThresholdState(tau, jnp.ones((), bool), jnp.ones((), bool))
 
 
 class HWECounts(NamedTuple):

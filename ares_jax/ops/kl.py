@@ -7,7 +7,8 @@ Three pieces, all pure jnp functions (jit-compatible, shardable along the batch)
 * Two per-bucket controllers, as functions (state, observation) -> state, one call per actor
   micro-batch *before* that micro-batch's loss reads the weights:
   - code (default, `kl_mode=code_bucket_beta`): `update_beta`, a transcription of the released
-    `DataParallelPPOActor._update_beta_per_bucket` (slow log-space update of beta_d);
+    `DataParallelPPOActor._update_beta_per_bucket` (slow log-space update of beta_d), and
+    `update_beta_cadence`, the same step run with the released per-rank cadence;
   - paper (`kl_mode=paper_window_rho`): `update_kappa`, Algorithm 1 step 8 / App. K Eq. 27
     (multiplicative update of kappa_d fed by the KL outside validated high-entropy windows).
 * `kl_token_weights`: the per-token weight [B, T] that multiplies the estimator in the loss.
@@ -20,9 +21,11 @@ The paper gives no numbers for its controller (METHOD.md 10.5); `KappaController
 `rho` default of `kl_token_weights` are our choices: alpha_kappa 0.1, delta_d 0.01 (the released
 code's target), kappa in [1e-3, 1e2] starting at 1, rho 0.5.
 
-Differences from the released code: its beta state was kept per FSDP rank from that rank's
-sequences; here one state is updated from whatever batch is passed (the global micro-batch when
-it is sharded), so every device holds the same beta.
+Differences from the released code: its beta state was kept per FSDP rank (never synchronised),
+each rank stepping it once per micro-batch of its own sequences. `update_beta` keeps one state
+updated from whatever batch is passed (the global micro-batch when it is sharded), so every device
+holds the same beta; `update_beta_cadence` keeps R states and reproduces the released cadence for
+R ranks walking micro-batches of m sequences each.
 """
 
 from __future__ import annotations
@@ -292,6 +295,113 @@ def beta_for_buckets(state: BetaState, bucket: jax.Array) -> jax.Array:
     checks.check_rank(bucket, 1, "bucket", "beta_for_buckets")
     checks.check_integer(bucket, "bucket", "beta_for_buckets")
     return _per_bucket(state.beta, bucket)
+
+
+def init_beta_states(
+    params: BetaControllerParams = DEFAULT_BETA_PARAMS, ranks: int = 1
+) -> BetaState:
+    """`ranks` independent initial states stacked on a leading axis (see `init_beta_state`).
+
+    Returns:
+      A `BetaState` with kl_ema, has_kl, err_ema, beta of shape [ranks, 3] and count [ranks].
+    """
+    _check_ranks(ranks, "init_beta_states")
+    return BetaState(  # one buffer per field: a donating step takes each field once
+        kl_ema=jnp.zeros((ranks, NUM_BUCKETS), jnp.float32),
+        has_kl=jnp.zeros((ranks, NUM_BUCKETS), jnp.bool_),
+        err_ema=jnp.zeros((ranks, NUM_BUCKETS), jnp.float32),
+        beta=jnp.full((ranks, NUM_BUCKETS), params.beta_init, jnp.float32),
+        count=jnp.zeros((ranks,), jnp.int32),
+    )
+
+
+def update_beta_cadence(
+    states: BetaState,
+    seq_kl: jax.Array,
+    bucket: jax.Array,
+    *,
+    params: BetaControllerParams = DEFAULT_BETA_PARAMS,
+    ranks: int,
+    rank_batch: int,
+    valid: jax.Array | None = None,
+) -> tuple[BetaState, jax.Array]:
+    """The released controller with its per-rank cadence: R states, micro-batches of m rows each.
+
+    The released actor keeps one unsynchronised controller per data-parallel rank and steps it once
+    per micro-batch of `micro_batch_size_per_device_for_update` sequences of that rank, before the
+    micro-batch's loss reads beta. Here n = ranks * k * rank_batch rows are laid out rank-major:
+    rank r owns rows [r n / R, (r + 1) n / R) (how a batch sharded over a data axis lies on the
+    devices) and walks them in k consecutive chunks of `rank_batch` rows; chunk j of every rank is
+    stepped at sub-step j with `update_beta`, then its rows read their rank's beta.
+
+    Padding: a chunk with at least one valid row is a micro-batch and advances its rank's count
+    (even if none of its valid rows has a known bucket, as in the released code); a chunk whose
+    rows are all padding leaves its rank's state unchanged, since the released code has no padding
+    micro-batches. Hence ranks=1, rank_batch=n equals one `update_beta` call on the whole batch
+    except when no row is valid (`update_beta` then still counts).
+
+    Args:
+      states: stacked `BetaState` from `init_beta_states(params, ranks)`: fields [ranks, 3],
+        count [ranks].
+      seq_kl: [n] floating, per-sequence masked-mean KL over response tokens, nats. No gradient.
+      bucket: [n] int, 0 easy, 1 medium, 2 hard; other values are ignored by the update.
+      params: controller constants (static).
+      ranks: R >= 1, number of data-parallel ranks, each with its own state (static).
+      rank_batch: m >= 1, sequences per rank micro-batch (static).
+      valid: optional [n] bool; False rows (batch padding) are ignored.
+
+    Returns:
+      (new stacked states, row_beta [n] float32): row_beta[i] is the beta of row i's rank for row
+      i's bucket right after the update of row i's chunk (unknown buckets read medium).
+    """
+    fn = "update_beta_cadence"
+    _check_per_sequence(fn, seq_kl, bucket, valid, "seq_kl")
+    _check_ranks(ranks, fn)
+    if not _is_count(rank_batch):
+        raise ValueError(f"{fn}: rank_batch must be an integer >= 1, got {rank_batch!r}.")
+    n = np.shape(seq_kl)[0]
+    if n == 0 or n % (ranks * rank_batch):
+        raise ValueError(
+            f"{fn}: seq_kl has {n} rows, which is not ranks ({ranks}) x rank_batch ({rank_batch}) "
+            "x an integer k >= 1."
+        )
+    for name, field in zip(BetaState._fields, states, strict=True):
+        want = (ranks,) if name == "count" else (ranks, NUM_BUCKETS)
+        if np.shape(field) != want:
+            raise ValueError(
+                f"{fn}: states.{name} has shape {np.shape(field)}, expected {want} for "
+                f"ranks={ranks} (use init_beta_states)."
+            )
+    k = n // (ranks * rank_batch)
+
+    def chunks(x):  # [n] -> [k, R, m]: scan runs over the sub-step axis
+        return jnp.swapaxes(jnp.reshape(x, (ranks, k, rank_batch)), 0, 1)
+
+    def step_one(state, kl, bkt, ok):
+        new = update_beta(state, kl, bkt, params=params, valid=ok)
+        if ok is not None:
+            new = jax.tree.map(lambda a, b: jnp.where(jnp.any(ok), a, b), new, state)
+        return new, beta_for_buckets(new, bkt)
+
+    def sub_step(carry, xs):
+        if valid is None:
+            return jax.vmap(lambda s, x, b: step_one(s, x, b, None))(carry, *xs)
+        return jax.vmap(step_one)(carry, *xs)
+
+    xs = (chunks(jax.lax.stop_gradient(seq_kl)), chunks(bucket))
+    if valid is not None:
+        xs = xs + (chunks(valid),)
+    states, row_beta = jax.lax.scan(sub_step, states, xs)  # row_beta [k, R, m]
+    return states, jnp.reshape(jnp.swapaxes(row_beta, 0, 1), (n,))
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= 1
+
+
+def _check_ranks(ranks, fn: str) -> None:
+    if not _is_count(ranks):
+        raise ValueError(f"{fn}: ranks must be an integer >= 1, got {ranks!r}.")
 
 
 # ---------------------------------------------------------------------------------------------

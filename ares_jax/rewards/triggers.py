@@ -11,8 +11,14 @@ Which ids to gather is the caller's choice (METHOD.md 2.4, section 11 `trigger_t
 ids (default; what the paper means by "o_t in V_sem") or the arg-max ids of the step's distribution
 (what the released code decodes; they differ exactly at the uncertain positions).
 
-The default word list `trigger_words.txt` beside this module is the project's own (195 words);
-`load_trigger_words(path)` reads another one.
+Two word lists ship beside this module:
+  * `trigger_words.txt`, the project's own (195 words), the default (`load_trigger_words()`);
+  * `released_trigger_words.json`, the authors' released list (174 words; it includes "wait" and
+    the stem "conject" but not "verify" or "check"), `load_trigger_words("released")`. It is a copy,
+    unchanged, of data/crucial_token_final_version.json from the public repository
+    shawn0728/ARES at commit 146620e, under the Apache License 2.0
+    (`LICENSE.released_trigger_words`, `released_trigger_words.NOTICE.md`).
+`load_trigger_words(path)` reads any other list from a file.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import numpy as np
 from ares_jax.ops import checks
 
 DEFAULT_TRIGGER_WORDS = Path(__file__).with_name("trigger_words.txt")
+RELEASED_TRIGGER_WORDS = Path(__file__).with_name("released_trigger_words.json")
+# Names `load_trigger_words` (and config key entropy.trigger_words) accepts instead of a path.
+TRIGGER_WORD_LISTS = {"released": RELEASED_TRIGGER_WORDS}
 _MARKERS = "\u2581\u0120"  # "▁" (SentencePiece space), "Ġ" (byte-level BPE space)
 
 
@@ -53,9 +62,12 @@ def load_trigger_words(path: str | Path | None = None) -> frozenset[str]:
     """Reads a trigger vocabulary.
 
     Args:
-      path: None for the shipped default (`trigger_words.txt`); a `.json` file holding a list of
-        strings; or any other file as text, one word per line, blank lines ignored and '#' starting
-        a comment. Words are normalised like tokens (`normalize_token`).
+      path: None for the project's default (`trigger_words.txt`); the string "released" for the
+        authors' released list (`RELEASED_TRIGGER_WORDS`, 174 words; names in
+        `TRIGGER_WORD_LISTS` are looked up before paths, so a file of that name is read as
+        "./released"); a `.json` file holding a list of strings; or any other file as text, one
+        word per line, blank lines ignored and '#' starting a comment. Words are normalised like
+        tokens (`normalize_token`).
 
     Returns:
       The set of lowercase trigger words.
@@ -64,7 +76,12 @@ def load_trigger_words(path: str | Path | None = None) -> frozenset[str]:
       FileNotFoundError naming the file; ValueError naming the file and line (text) or entry
       (JSON) of bad content, or an empty vocabulary.
     """
-    path = DEFAULT_TRIGGER_WORDS if path is None else Path(path)
+    if path is None:
+        path = DEFAULT_TRIGGER_WORDS
+    elif isinstance(path, str) and path in TRIGGER_WORD_LISTS:
+        path = TRIGGER_WORD_LISTS[path]
+    else:
+        path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_trigger_words: trigger word file {str(path)!r} not found.")
     text = path.read_text(encoding="utf-8")

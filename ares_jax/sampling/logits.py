@@ -88,14 +88,32 @@ def sample(key: jax.Array, z: jax.Array, *, greedy: bool) -> tuple[jax.Array, ja
     return tokens, logp
 
 
-def topk_entropies(z: jax.Array, k: int, temperature: float) -> tuple[jax.Array, jax.Array]:
-    """The released code's entropy estimates from the top-k log-probs of softmax(z / T).
+def topk_entropies(
+    z: jax.Array, k: int, temperature: float, *, tokens: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The released code's entropy estimates from the log-probs vLLM returns for `logprobs=k`.
 
-    Returns (tail-corrected, raw truncated), each [N] float32 (ops.entropy.topk_entropy).
+    The returned set is the top-k log-probs of softmax(z / T) (T = temperature, 1 if greedy) plus
+    the sampled token's log-prob when its id is not among the top-k ids
+    (`ops.entropy.topk_and_sampled_logprobs`, which documents ties at the k-th value), so each
+    estimate sums over k or k + 1 tokens.
+
+    Args:
+      z: [N, V] float32 logits.
+      k: number of top log-probs, a Python int in [1, V].
+      temperature: the rollout temperature (0 = greedy, statistics at temperature 1).
+      tokens: [N] int, the ids sampled at this step, in [0, V).
+
+    Returns:
+      (tail-corrected, raw truncated), each [N] float32 in nats (`ops.entropy.topk_entropy`).
     """
-    from ares_jax.ops.entropy import topk_entropy
+    from ares_jax.ops.entropy import topk_and_sampled_logprobs, topk_entropy
 
     t = temperature if temperature > 0 else 1.0
     zt = z / t if t != 1.0 else z
-    top = jax.lax.top_k(zt, k)[0] - jax.nn.logsumexp(zt, axis=-1, keepdims=True)
-    return topk_entropy(top, tail=True), topk_entropy(top, tail=False)
+    logprobs = zt - jax.nn.logsumexp(zt, axis=-1, keepdims=True)
+    top, sampled, outside = topk_and_sampled_logprobs(logprobs, tokens, k)
+    return (
+        topk_entropy(top, tail=True, extra_logprob=sampled, extra_valid=outside),
+        topk_entropy(top, tail=False, extra_logprob=sampled, extra_valid=outside),
+    )

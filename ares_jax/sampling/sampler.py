@@ -207,7 +207,7 @@ def _sample_step(model, hidden, state: _Loop, sp: SamplingParams, bias):
     argmax = jnp.argmax(z, axis=-1).astype(jnp.int32)
     topk_tail = topk_raw = jnp.zeros_like(entropy)
     if sp.topk_entropy:
-        topk_tail, topk_raw = L.topk_entropies(z, sp.topk_entropy, sp.temperature)
+        topk_tail, topk_raw = L.topk_entropies(z, sp.topk_entropy, sp.temperature, tokens=tokens)
     live = ~state.done
     s = state.step
     put = lambda buf, x, fill: buf.at[:, s].set(jnp.where(live, x, fill))  # noqa: E731

@@ -66,7 +66,7 @@ def _state(model, opt, freeze):
     state = Lr.TrainState(
         trainable,
         opt.init(trainable),
-        K.init_beta_state(),
+        K.init_beta_states(),
         K.init_kappa(),
         jnp.zeros((), jnp.int32),
     )

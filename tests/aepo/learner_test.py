@@ -97,7 +97,7 @@ def _step(model, lb, denom, s, *, freeze_vision=False, lr=1e-2, opt=None):
     if opt is None:
         opt = Lr.make_optimizer(lr=lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1e9)
     state = Lr.TrainState(
-        trainable, opt.init(trainable), K.init_beta_state(), jnp.ones(3), jnp.zeros((), jnp.int32)
+        trainable, opt.init(trainable), K.init_beta_states(), jnp.ones(3), jnp.zeros((), jnp.int32)
     )
     step = jax.jit(Lr.train_step, static_argnames=("optimizer", "s"), static_argnums=0)
     return g, state, frozen, (lambda st, b: step(g, st, frozen, b, denom, optimizer=opt, s=s))

@@ -71,6 +71,15 @@ def test_smoke_writes_metrics_checkpoint_and_export(smoke_run):
             assert np.isfinite(row[key]), key
         # The sampler and the learner agree on the old policy's log-probs.
         assert row["rollout/logp_gap_sampler_learner"] < 1e-5
+    # tau (METHOD.md 2.3): step 1 counts against the validation value; the EMA starts from the
+    # first training batch's statistic, not from the validation value, then smooths by 0.99.
+    first, second = rows[1], rows[2]
+    assert first["rollout/tau_used"] != pytest.approx(first["rollout/tau_batch"], abs=1e-3)
+    assert first["rollout/tau_next"] == pytest.approx(first["rollout/tau_batch"], rel=1e-6)
+    assert second["rollout/tau_used"] == pytest.approx(first["rollout/tau_next"], rel=1e-6)
+    assert second["rollout/tau_next"] == pytest.approx(
+        0.99 * first["rollout/tau_next"] + 0.01 * second["rollout/tau_batch"], rel=1e-5
+    )
     assert json.loads((smoke_run / "config.json").read_text())["stage"] == "aepo"
     assert any((smoke_run / "checkpoints").iterdir())
     assert any((smoke_run / "tb").iterdir())
@@ -229,3 +238,28 @@ def test_fsdp_by_tensor_mesh_equals_one_device(tmp_path):
         assert diff.max() <= 0.2 * lr, (name, diff.max())
         squares, count = squares + float(np.sum(diff**2)), count + diff.size
     assert np.sqrt(squares / count) <= 1e-3 * lr
+
+
+def test_old_logprobs_come_from_the_rollout_policy_for_every_minibatch(tmp_path):
+    """Two mini-batches per iteration: the second one's old log-probs are the rollout policy's,
+    not the parameters after the first step (the released trainer takes them before any update).
+    Before, the learner recomputed them after the first step: the gap to the sampler was 0.14."""
+    proc = _run(
+        tmp_path,
+        "--config.rollout.prompts_per_iter=4",
+        "--config.train.prompts_per_step=2",
+        "--config.optim.lr=1e-2",
+        "--config.train.old_logp_source=learner",
+        "--config.eval.val_before_train=False",
+        "--config.entropy.threshold_init=first_batch",
+        "--config.eval.every_steps=0",
+        "--config.train.export=False",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["rollout/logp_gap_sampler_learner"] < 1e-4
+    # The policy moved after the first step of iteration 2 (lr 1e-2), so the second mini-batch's
+    # ratio is not 1: the importance correction acts (mean of the two steps' PPO KL).
+    assert rows[1]["train/ppo_kl"] > 1e-3

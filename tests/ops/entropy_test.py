@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from ares_jax.ops.entropy import (
     dense_logprobs_and_entropy,
     token_logprobs_and_entropy,
+    topk_and_sampled_logprobs,
     topk_entropy,
     window_entropy,
 )
@@ -232,6 +233,100 @@ def test_topk_entropy_matches_released_estimators():
     # With the whole vocabulary the estimate is the exact entropy.
     exact = -(np.exp(logp) * logp).sum(-1)
     np.testing.assert_allclose(topk_entropy(jnp.asarray(logp)), exact, rtol=1e-5, atol=1e-6)
+
+
+def _returned_set_reference(logp, token, k):
+    """float64 NumPy: the log-probs vLLM returns for logprobs=k, built as an explicit id set, and
+    the raw and tail-corrected estimates over it."""
+    ids = list(np.argsort(-logp, kind="stable")[:k])  # lower id first on ties, like lax.top_k
+    if token not in ids:
+        ids.append(token)
+    lp = logp[ids]
+    p = np.exp(lp)
+    raw = -(p * lp).sum()
+    r = max(0.0, 1.0 - p.sum())
+    return len(ids), raw, raw - r * np.log(max(r, 1e-12))
+
+
+def test_topk_entropy_with_sampled_token_outside_and_inside():
+    # Hand-computed: p = (0.4, 0.3, 0.2, 0.1), k = 2. Sampled id 3 (p = 0.1) is outside the top 2:
+    # the returned set is {0.4, 0.3, 0.1}, left-over mass 0.2.
+    probs = np.array([0.4, 0.3, 0.2, 0.1])
+    logp = np.log(probs)
+    top, sampled, outside = topk_and_sampled_logprobs(jnp.asarray(logp, jnp.float32), 3, 2)
+    assert bool(outside) and np.isclose(sampled, np.log(0.1))
+    raw = -(0.4 * np.log(0.4) + 0.3 * np.log(0.3) + 0.1 * np.log(0.1))
+    tail = raw - 0.2 * np.log(0.2)
+    got_raw = topk_entropy(top, tail=False, extra_logprob=sampled, extra_valid=outside)
+    got_tail = topk_entropy(top, extra_logprob=sampled, extra_valid=outside)
+    np.testing.assert_allclose(got_raw, raw, rtol=1e-6)
+    np.testing.assert_allclose(got_tail, tail, rtol=1e-6)
+    assert _returned_set_reference(logp, 3, 2) == pytest.approx((3, raw, tail))
+    # Sampled id 1 is inside the top 2: the old top-k-only value.
+    top, sampled, outside = topk_and_sampled_logprobs(jnp.asarray(logp, jnp.float32), 1, 2)
+    assert not bool(outside)
+    raw_in = -(0.4 * np.log(0.4) + 0.3 * np.log(0.3))
+    got = topk_entropy(top, tail=False, extra_logprob=sampled, extra_valid=outside)
+    np.testing.assert_allclose(got, raw_in, rtol=1e-6)
+    np.testing.assert_allclose(got, topk_entropy(top, tail=False), rtol=0)
+    np.testing.assert_allclose(
+        topk_entropy(top, extra_logprob=sampled, extra_valid=outside), topk_entropy(top), rtol=0
+    )
+
+
+def test_topk_entropy_with_sampled_token_random_rows():
+    rng = np.random.default_rng(1)
+    n, v, k = 64, 40, 10
+    logits = rng.normal(size=(n, v)) * 2
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    tokens = rng.integers(0, v, n)
+    tokens[:8] = np.argsort(-logp[:8], axis=-1)[:, 3]  # some rows sample inside the top k
+    top, sampled, outside = topk_and_sampled_logprobs(
+        jnp.asarray(logp, jnp.float32), jnp.asarray(tokens, jnp.int32), k
+    )
+    refs = np.array([_returned_set_reference(logp[i], tokens[i], k) for i in range(n)])
+    np.testing.assert_array_equal(np.asarray(outside), refs[:, 0] == k + 1)
+    assert 0 < np.asarray(outside).sum() < n
+    raw = topk_entropy(top, tail=False, extra_logprob=sampled, extra_valid=outside)
+    tail = topk_entropy(top, extra_logprob=sampled, extra_valid=outside)
+    np.testing.assert_allclose(raw, refs[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(tail, refs[:, 2], rtol=1e-5)
+    # Under jit, with the invalid extra entries set to -inf: their value is ignored.
+    masked = jnp.where(outside, sampled, -jnp.inf)
+    fn = jax.jit(lambda t, e, m: topk_entropy(t, extra_logprob=e, extra_valid=m))
+    np.testing.assert_allclose(fn(top, masked, outside), tail, rtol=1e-6)
+
+
+def test_topk_entropy_tie_at_kth_value_depends_on_ids():
+    # ids 1 and 2 tie at the k-th (2nd) value; top_k keeps the lower id, so sampling id 2 adds it
+    # as the extra entry and sampling id 1 adds nothing.
+    logp = jnp.log(jnp.asarray([[0.4, 0.2, 0.2, 0.2]] * 2))
+    _, _, outside = topk_and_sampled_logprobs(logp, jnp.asarray([1, 2]), 2)
+    np.testing.assert_array_equal(outside, [False, True])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(extra_logprob=jnp.zeros(3)), "together, or neither"),
+        (dict(extra_valid=jnp.ones(3, bool)), "together, or neither"),
+        (dict(extra_logprob=jnp.zeros(3), extra_valid=jnp.ones(3)), "extra_valid must be a bool"),
+        (dict(extra_logprob=jnp.zeros(4), extra_valid=jnp.ones(4, bool)), "leading shape"),
+    ],
+)
+def test_topk_entropy_extra_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        topk_entropy(jnp.zeros((3, 5)), **kwargs)
+
+
+def test_topk_and_sampled_logprobs_errors():
+    logp = jnp.zeros((3, 5))
+    with pytest.raises(ValueError, match="tokens has shape"):
+        topk_and_sampled_logprobs(logp, jnp.zeros(4, jnp.int32), 2)
+    with pytest.raises(ValueError, match="k must be an int in"):
+        topk_and_sampled_logprobs(logp, jnp.zeros(3, jnp.int32), 6)
+    with pytest.raises(TypeError, match="tokens must be an integer"):
+        topk_and_sampled_logprobs(logp, jnp.zeros(3), 2)
 
 
 # ----------------------------------------------------------------------------------------------

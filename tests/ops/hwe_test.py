@@ -86,7 +86,7 @@ def test_batch_thresholds_and_seed():
     assert float(hwe.seed_threshold(e, m)) == pytest.approx(np.mean(code_p), rel=1e-5)
 
 
-def test_threshold_ema_seeded_by_first_value():
+def test_threshold_ema_seeded_by_first_training_batch():
     obs = [2.0, 1.0, 3.0, 0.5]
     state = hwe.init_threshold()
     tau = None
@@ -94,8 +94,15 @@ def test_threshold_ema_seeded_by_first_value():
         state = hwe.update_threshold(state, o, decay=0.99)
         tau = o if tau is None else 0.99 * tau + 0.01 * o
         assert float(state.tau) == pytest.approx(tau, rel=1e-6)
-    seeded = hwe.update_threshold(hwe.init_threshold(1.5), 2.5)
-    assert float(seeded.tau) == pytest.approx(0.99 * 1.5 + 0.01 * 2.5)
+    # A validation value (METHOD.md 2.3) serves the first step's counts only: the EMA starts
+    # from the first training batch, then smooths from there.
+    validation = hwe.init_threshold(1.5)
+    assert float(validation.tau) == 1.5 and bool(validation.initialized)
+    assert not bool(validation.ema_started)
+    seeded = hwe.update_threshold(validation, 2.5)
+    assert float(seeded.tau) == 2.5 and bool(seeded.ema_started)
+    seeded = hwe.update_threshold(seeded, 0.5)
+    assert float(seeded.tau) == pytest.approx(0.99 * 2.5 + 0.01 * 0.5)
     jitted = jax.jit(hwe.update_threshold)(hwe.init_threshold(), jnp.float32(4.0))
     assert float(jitted.tau) == 4.0 and bool(jitted.initialized)
 

@@ -80,6 +80,97 @@ class RefBetaController:
             st["beta"] = math.exp(logb)
 
 
+class ReleasedRankController:
+    """The beta controller of one released FSDP rank (`verl/workers/actor/dp_actor.py`).
+
+    `__init__` keeps the fields of `DataParallelPPOActor.__init__`; `_beta_for_levels` and
+    `_update_beta_per_bucket` are the released methods statement for statement, with torch
+    removed (`seq_mean_kl` arrives as the list that `.detach().cpu().tolist()` gives).
+    """
+
+    def __init__(self, params):
+        dtarg = params.target if isinstance(params.target, tuple) else (params.target,) * 3
+        beta_init = params.beta_init
+        self._kl_state = {
+            "easy": {"beta": beta_init, "dtarg": dtarg[0], "last_kl": None},
+            "medium": {"beta": beta_init, "dtarg": dtarg[1], "last_kl": None},
+            "hard": {"beta": beta_init, "dtarg": dtarg[2], "last_kl": None},
+        }
+        self._beta_min = params.beta_min
+        self._beta_max = params.beta_max
+        self._ema_decay = params.ema_decay
+        self._kl_lr = params.lr
+        self._kl_clip = params.err_clip
+        self._kl_update_interval = params.interval
+        self._kl_deadzone = params.deadzone
+        self._e_ema = {"easy": 0.0, "medium": 0.0, "hard": 0.0}
+        self._update_count = 0
+
+    def _beta_for_levels(self, difficulty_levels):
+        return [
+            self._kl_state.get(str(level), self._kl_state["medium"]).get("beta", 1.0)
+            for level in difficulty_levels
+        ]
+
+    def _update_beta_per_bucket(self, difficulties, seq_mean_kl):
+        self._update_count += 1
+        bucket_values = {"easy": [], "medium": [], "hard": []}
+        for diff, val in zip(difficulties, seq_mean_kl, strict=True):
+            key = str(diff)
+            if key in bucket_values:
+                bucket_values[key].append(val)
+        for diff, vals in bucket_values.items():
+            if not vals:
+                continue
+            cur = float(sum(vals) / len(vals))
+            st = self._kl_state[diff]
+            last = st.get("last_kl")
+            if last is None:
+                last = cur
+            mean_kl = (1.0 - self._ema_decay) * cur + self._ema_decay * last
+            st["last_kl"] = mean_kl
+            target = max(1e-8, st["dtarg"])
+            e = (mean_kl / target) - 1.0
+            if abs(e) < self._kl_deadzone:
+                continue
+            if (self._update_count % self._kl_update_interval) != 0:
+                continue
+            self._e_ema[diff] = (1.0 - self._ema_decay) * e + self._ema_decay * self._e_ema[diff]
+            de = float(np.clip(self._e_ema[diff], -self._kl_clip, self._kl_clip))
+            cur_beta = max(self._beta_min, min(self._beta_max, st["beta"]))
+            logb = float(np.log(cur_beta))
+            logb_new = np.clip(
+                logb + self._kl_lr * de, np.log(self._beta_min), np.log(self._beta_max)
+            )
+            st["beta"] = float(np.exp(logb_new))
+
+    def betas(self):
+        return np.array([self._kl_state[name]["beta"] for name in ("easy", "medium", "hard")])
+
+
+def released_update_policy(params, ranks, rank_batch, mini_batches):
+    """The released `update_policy` loop over mini-batches, one controller per rank.
+
+    Each mini-batch (seq_kl [n] float32, bucket [n] int) is split into `ranks` contiguous shares;
+    every rank walks its share in micro-batches of `rank_batch` rows: update, then the loss reads
+    the rank's beta per row. Returns the controllers and each mini-batch's row betas [n].
+    """
+    actors = [ReleasedRankController(params) for _ in range(ranks)]
+    names = ("easy", "medium", "hard")
+    row_betas = []
+    for seq_kl, bucket in mini_batches:
+        share = len(seq_kl) // ranks
+        beta = np.zeros(len(seq_kl))
+        for r, actor in enumerate(actors):
+            for start in range(r * share, (r + 1) * share, rank_batch):
+                rows = slice(start, start + rank_batch)
+                levels = [names[b] if 0 <= b < 3 else "unknown" for b in bucket[rows]]
+                actor._update_beta_per_bucket(levels, seq_kl[rows].tolist())
+                beta[rows] = actor._beta_for_levels(levels)
+        row_betas.append(beta)
+    return actors, row_betas
+
+
 def ref_update_kappa(kappa, ctrl_kl, bucket, alpha, delta, kmin, kmax):
     """delta: 3 per-bucket targets."""
     kappa = [float(k) for k in kappa]
@@ -319,6 +410,193 @@ def test_update_beta_bad_inputs():
         kl_lib.update_beta(state, jnp.ones((3, 2)), jnp.ones(3, jnp.int32))
     with pytest.raises(TypeError, match="valid must be a bool"):
         kl_lib.update_beta(state, jnp.ones(3), jnp.ones(3, jnp.int32), valid=jnp.ones(3))
+
+
+# --------------------------------------------------------------------------- beta cadence
+
+_update_cadence = jax.jit(
+    kl_lib.update_beta_cadence, static_argnames=("params", "ranks", "rank_batch")
+)
+_update_beta = jax.jit(kl_lib.update_beta, static_argnames="params")
+
+
+def _cadence_stream(seed, mini_batches, n):
+    """Mini-batches of (seq_kl [n] float32, bucket [n]): KL off target, a few unknown buckets."""
+    rng = np.random.default_rng(seed)
+    level = np.array([0.004, 0.03, 0.012])
+    for _ in range(mini_batches):
+        bucket = rng.integers(0, 3, size=n)
+        bucket[rng.random(n) < 0.1] = 7
+        seq_kl = level[np.clip(bucket, 0, 2)] * rng.lognormal(0.0, 0.4, size=n)
+        yield seq_kl.astype(np.float32), bucket
+
+
+def _global_micro_batches(x, ranks, rank_batch):
+    """[n] rows laid out rank-major -> k global micro-batches [ranks * rank_batch], chunk j of
+    every rank, as a sharded global micro-batch lies on the devices."""
+    return np.swapaxes(np.reshape(x, (ranks, -1, rank_batch)), 0, 1).reshape(-1, ranks * rank_batch)
+
+
+@pytest.mark.parametrize(("ranks", "rank_batch"), [(1, 1), (2, 1), (4, 2), (1, 16), (8, 2)])
+def test_beta_cadence_matches_released_loop(ranks, rank_batch):
+    params = kl_lib.BetaControllerParams(target=(0.01, 0.02, 0.005), interval=3, lr=0.5)
+    stream = list(_cadence_stream(ranks + 10 * rank_batch, 12, 16))
+    actors, ref_rows = released_update_policy(params, ranks, rank_batch, stream)
+    ref_beta = np.stack([a.betas() for a in actors])
+    assert np.abs(np.log(ref_beta)).max() > 0.1  # the comparison saw beta move
+
+    # One call per mini-batch (k sub-steps), and one call per global micro-batch (k = 1).
+    whole = per_micro = kl_lib.init_beta_states(params, ranks)
+    for (seq_kl, bucket), want in zip(stream, ref_rows, strict=True):
+        whole, got = _update_cadence(
+            whole, jnp.asarray(seq_kl), jnp.asarray(bucket),
+            params=params, ranks=ranks, rank_batch=rank_batch,
+        )  # fmt: skip
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+        parts = [_global_micro_batches(x, ranks, rank_batch) for x in (seq_kl, bucket, want)]
+        for kl_j, bucket_j, want_j in zip(*parts, strict=True):
+            per_micro, got = _update_cadence(
+                per_micro, jnp.asarray(kl_j), jnp.asarray(bucket_j),
+                params=params, ranks=ranks, rank_batch=rank_batch,
+            )  # fmt: skip
+            np.testing.assert_allclose(np.asarray(got), want_j, rtol=1e-5)
+    for states in (whole, per_micro):
+        np.testing.assert_array_equal(np.asarray(states.count), [a._update_count for a in actors])
+        np.testing.assert_allclose(np.asarray(states.beta), ref_beta, rtol=1e-5)
+
+
+def test_beta_cadence_one_rank_whole_batch_equals_update_beta():
+    # Both compiled: eager op-by-op float32 rounding differs from a fused program in the last bit.
+    params = kl_lib.BetaControllerParams(interval=2, lr=0.5)
+    rng = np.random.default_rng(4)
+    single = kl_lib.init_beta_state(params)
+    states = kl_lib.init_beta_states(params, ranks=1)
+    for step, (seq_kl, bucket) in enumerate(_beta_stream(6, 20, 16)):
+        seq_kl, bucket = jnp.asarray(seq_kl, jnp.float32), jnp.asarray(bucket)
+        valid = None if step % 2 else jnp.asarray(rng.random(16) < 0.8)
+        single = _update_beta(single, seq_kl, bucket, params=params, valid=valid)
+        states, row_beta = _update_cadence(
+            states, seq_kl, bucket, params=params, ranks=1, rank_batch=16, valid=valid
+        )
+        for a, b in zip(single, states, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[0])
+        np.testing.assert_array_equal(
+            np.asarray(row_beta), np.asarray(kl_lib.beta_for_buckets(single, bucket))
+        )
+    assert int(single.count) == 20 and np.any(np.asarray(single.beta) != 1.0)
+
+
+def test_beta_cadence_padding_chunk_does_not_count():
+    params = kl_lib.BetaControllerParams(interval=1, lr=0.5)
+    # ranks=2, rank_batch=2: rank 0 walks rows [0, 1], [2, 3]; rank 1 walks [4, 5], [6, 7].
+    seq_kl = jnp.array([0.02, 0.03, 0.5, 0.04, 0.5, 0.5, 0.001, 0.002])
+    bucket = jnp.array([0, 1, 0, 7, 2, 2, 2, 0])
+    valid = jnp.array([True, True, False, True, False, False, True, True])
+    states, row_beta = _update_cadence(
+        kl_lib.init_beta_states(params, 2), seq_kl, bucket,
+        params=params, ranks=2, rank_batch=2, valid=valid,
+    )  # fmt: skip
+    # Rank 0's second chunk has one valid row, of an unknown bucket: it still counts. Rank 1's
+    # first chunk is all padding: no micro-batch, no count, no state change.
+    np.testing.assert_array_equal(np.asarray(states.count), [2, 1])
+    init = kl_lib.init_beta_state(params)
+    rank0_first = _update_beta(init, seq_kl[:2], bucket[:2], params=params)
+    rank0 = _update_beta(rank0_first, seq_kl[2:4], bucket[2:4], params=params, valid=valid[2:4])
+    rank1 = _update_beta(init, seq_kl[6:], bucket[6:], params=params)
+    for name, a, b, got in zip(kl_lib.BetaState._fields, rank0, rank1, states, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.stack([a, b]), err_msg=name)
+    want = np.concatenate(
+        [
+            kl_lib.beta_for_buckets(rank0_first, bucket[:2]),
+            kl_lib.beta_for_buckets(rank0, bucket[2:4]),
+            kl_lib.beta_for_buckets(init, bucket[4:6]),
+            kl_lib.beta_for_buckets(rank1, bucket[6:]),
+        ]
+    )
+    np.testing.assert_array_equal(np.asarray(row_beta), want)
+    assert np.all(want[[0, 1, 6, 7]] != 1.0) and np.all(want[4:6] == 1.0)
+
+
+def test_beta_cadence_bad_inputs():
+    states = kl_lib.init_beta_states(ranks=4)
+    kl10, b10 = jnp.ones(10), jnp.ones(10, jnp.int32)
+    with pytest.raises(ValueError, match=r"seq_kl has 10 rows, which is not ranks \(4\) x "
+                       r"rank_batch \(1\) x an integer k >= 1"):  # fmt: skip
+        kl_lib.update_beta_cadence(states, kl10, b10, ranks=4, rank_batch=1)
+    with pytest.raises(ValueError, match=r"seq_kl has 0 rows"):
+        kl_lib.update_beta_cadence(
+            states, jnp.ones(0), jnp.ones(0, jnp.int32), ranks=4, rank_batch=1
+        )
+    with pytest.raises(ValueError, match=r"states.kl_ema has shape \(4, 3\), expected \(2, 3\)"):
+        kl_lib.update_beta_cadence(states, kl10[:8], b10[:8], ranks=2, rank_batch=2)
+    with pytest.raises(ValueError, match="ranks must be an integer >= 1, got 0"):
+        kl_lib.init_beta_states(ranks=0)
+    with pytest.raises(ValueError, match="rank_batch must be an integer >= 1, got 0"):
+        kl_lib.update_beta_cadence(states, kl10[:8], b10[:8], ranks=4, rank_batch=0)
+    with pytest.raises(ValueError, match="bucket has shape"):
+        kl_lib.update_beta_cadence(states, kl10[:8], b10, ranks=4, rank_batch=2)
+
+
+def test_beta_cadence_matters_at_released_defaults():
+    """Released launcher cadence (8 ranks x 1 sequence) against one state fed the same 8-row
+    global micro-batches (today's `update_beta`), default constants, constant KL 0.02 = 2 targets.
+
+    Both cadences advance the count once per global micro-batch, so both reach the same interval
+    steps; per rank a bucket is present at only about a third of them, in the 8-row micro-batch
+    almost always, so beta moves about 3x further in log space without the per-rank cadence.
+    """
+    params = kl_lib.DEFAULT_BETA_PARAMS
+    iterations, rows = 40, 512
+    rng = np.random.default_rng(0)
+    stream = [
+        (np.full(rows, 0.02, np.float32), rng.permutation(np.arange(rows) % 3))
+        for _ in range(iterations)
+    ]
+    cadences = {"released": (8, 1), "whole": (1, 8)}
+    ref_log_beta = {}
+    for name, (ranks, rank_batch) in cadences.items():
+        actors, ref_rows = released_update_policy(params, ranks, rank_batch, stream)
+        assert [a._update_count for a in actors] == [iterations * rows // 8] * ranks
+        ref_log_beta[name] = np.log(np.stack([a.betas() for a in actors]))
+        states = kl_lib.init_beta_states(params, ranks)
+        for (seq_kl, bucket), want in zip(stream, ref_rows, strict=True):
+            states, row_beta = _update_cadence(
+                states, jnp.asarray(seq_kl), jnp.asarray(bucket),
+                params=params, ranks=ranks, rank_batch=rank_batch,
+            )  # fmt: skip
+            np.testing.assert_allclose(np.asarray(row_beta), want, rtol=1e-5)
+        np.testing.assert_allclose(
+            np.log(np.asarray(states.beta)), ref_log_beta[name], rtol=1e-4, atol=1e-6
+        )
+    released, whole = ref_log_beta["released"], ref_log_beta["whole"][0]
+    assert np.all(released > 0.0)  # every rank moved every bucket a little
+    assert np.all(whole > 2.0 * released.mean(axis=0))
+
+
+def test_beta_cadence_jit_and_sharded_equal_eager():
+    params = kl_lib.BetaControllerParams(interval=2, lr=0.5)
+    ranks, rank_batch = len(jax.devices()), 2
+    seq_kl, bucket = next(_cadence_stream(3, 1, ranks * rank_batch * 3))
+    valid = np.random.default_rng(3).random(seq_kl.shape[0]) < 0.7
+    args = [jnp.asarray(x) for x in (seq_kl, bucket, valid)]
+    kw = dict(params=params, ranks=ranks, rank_batch=rank_batch)
+    init = kl_lib.init_beta_states(params, ranks)
+    eager = kl_lib.update_beta_cadence(init, *args[:2], valid=args[2], **kw)
+    jitted = _update_cadence(init, *args[:2], valid=args[2], **kw)
+    sharding = _data_sharding()
+    sharded = _update_cadence(
+        jax.device_put(init, sharding), *(jax.device_put(a, sharding) for a in args[:2]),
+        valid=jax.device_put(args[2], sharding), **kw,
+    )  # fmt: skip
+    for out in (jitted, sharded):
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(out), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    assert np.any(np.asarray(eager[0].beta) != 1.0)
+    # seq_kl only steers the controller: no gradient flows through it.
+    grad = jax.grad(
+        lambda x: jnp.sum(kl_lib.update_beta_cadence(init, x, args[1], **kw)[1])
+    )(args[0])  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
 
 # --------------------------------------------------------------------------- kappa controller

@@ -1,5 +1,6 @@
 """Tests for ares_jax/rewards/triggers.py (METHOD.md 2.4)."""
 
+import hashlib
 import json
 import re
 
@@ -51,6 +52,40 @@ def test_default_word_list():
     assert {"alternatively", "suppose", "assume", "recall", "reconsider", "verify"} <= words
     assert not any(len(w) == 1 for w in words)  # no option letters
     assert {"true", "false", "a", "b", "c", "d"}.isdisjoint(words)
+
+
+# sha256 of the shipped copy of data/crucial_token_final_version.json (shawn0728/ARES, commit
+# 146620e), taken from the reference copy when it was added: the copy must stay byte-identical.
+RELEASED_SHA256 = "f52880d315a3c2ec5afea01be6879ac922d4dbac18c7dfc3072cc7497a6546c3"
+
+
+def test_released_word_list():
+    path = triggers.RELEASED_TRIGGER_WORDS
+    assert path.name == "released_trigger_words.json" and path.is_file()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == RELEASED_SHA256
+    words = triggers.load_trigger_words("released")
+    assert len(words) == 174
+    assert words == frozenset(json.loads(path.read_text(encoding="utf-8")))  # already normalised
+    assert {"wait", "conject"} <= words
+    assert {"verify", "check"}.isdisjoint(words)
+    assert triggers.load_trigger_words(path) == words == triggers.load_trigger_words(str(path))
+    assert words != triggers.load_trigger_words()  # None stays the project's own list
+    # The licence and the notice ship beside it.
+    licence = path.with_name("LICENSE.released_trigger_words").read_text(encoding="utf-8")
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    notice = path.with_name("released_trigger_words.NOTICE.md").read_text(encoding="utf-8")
+    assert "shawn0728/ARES" in notice and "146620e" in notice
+    assert "data/crucial_token_final_version.json" in notice
+
+
+def test_released_name_before_paths(tmp_path, monkeypatch):
+    # A file named "released" in the working directory does not shadow the name; "./released"
+    # reads the file.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "released").write_text("hmm\n", encoding="utf-8")
+    assert len(triggers.load_trigger_words("released")) == 174
+    assert triggers.load_trigger_words("./released") == frozenset({"hmm"})
+    assert triggers.load_trigger_words(tmp_path / "released") == frozenset({"hmm"})
 
 
 def test_load_user_files(tmp_path):

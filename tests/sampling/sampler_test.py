@@ -61,8 +61,8 @@ def _image_prompts(cfg):
     return model_inputs.from_hf(cfg, ids, mask, np.concatenate(pix), np.asarray(grids))
 
 
-def _recompute(model, inputs: ModelInputs, out, rows_per_prompt, temperature=1.0):
-    """The learner's teacher-forced log-probs and entropies of the generated tokens: one forward
+def _response_hidden(model, inputs: ModelInputs, out, rows_per_prompt):
+    """Teacher-forced final hidden states [N, T, D] that predict each generated token: one forward
     over prompt + response per row, images included."""
     rep = lambda x: np.repeat(np.asarray(x), rows_per_prompt, axis=0)  # noqa: E731
     prompt_ids, prompt_mask = rep(inputs.input_ids), rep(inputs.attention_mask)
@@ -83,8 +83,14 @@ def _recompute(model, inputs: ModelInputs, out, rows_per_prompt, temperature=1.0
     )
     hidden = model.hidden_states(jax.tree.map(jnp.asarray, full))
     p = prompt_ids.shape[1]
+    return hidden[:, p - 1 : -1]
+
+
+def _recompute(model, inputs: ModelInputs, out, rows_per_prompt, temperature=1.0):
+    """The learner's teacher-forced log-probs and entropies of the generated tokens."""
+    hidden = _response_hidden(model, inputs, out, rows_per_prompt)
     return token_logprobs_and_entropy(
-        hidden[:, p - 1 : -1], model.unembed(), jnp.asarray(out.tokens), temperature=temperature
+        hidden, model.unembed(), jnp.asarray(out.tokens), temperature=temperature
     )
 
 
@@ -301,3 +307,51 @@ def test_argmax_and_topk_entropy_outputs(tiny):
     assert (out.topk_entropy_raw[m] <= out.topk_entropy_tail[m] + 1e-6).all()
     assert (out.topk_entropy_raw[m] < out.entropy[m]).all()
     assert (out.topk_entropy_raw[~m] == 0).all()
+
+
+def _vllm_topk_reference(logp, token, k):
+    """float64 NumPy: (raw, tail-corrected) estimates over the set vLLM returns for logprobs=k,
+    built explicitly: the k most likely ids, plus the sampled id when it is not one of them."""
+    ids = list(np.argsort(-logp, kind="stable")[:k])
+    if token not in ids:
+        ids.append(token)
+    p = np.exp(logp[ids])
+    raw = -(p * logp[ids]).sum()
+    r = max(0.0, 1.0 - p.sum())
+    return raw, raw - r * np.log(max(r, 1e-12))
+
+
+def test_topk_entropies_add_the_sampled_token_outside_the_top_k():
+    z = jnp.asarray(np.log([[0.4, 0.3, 0.2, 0.1]] * 3) + 1.5, jnp.float32)  # unnormalised logits
+    tokens = jnp.asarray([3, 1, 2], jnp.int32)  # outside, inside, outside the top 2
+    tail, raw = L.topk_entropies(z, 2, 1.0, tokens=tokens)
+    logp = np.log([0.4, 0.3, 0.2, 0.1])
+    ref = np.array([_vllm_topk_reference(logp, int(t), 2) for t in tokens])
+    np.testing.assert_allclose(raw, ref[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(tail, ref[:, 1], rtol=1e-6)
+    # Inside: the top-k-only value; outside: the sampled token's -p log p is added.
+    top2 = -(0.4 * np.log(0.4) + 0.3 * np.log(0.3))
+    np.testing.assert_allclose(raw, top2 - np.array([0.1, 0.0, 0.2]) * np.log([0.1, 1, 0.2]))
+    # Temperature: the estimates are those of softmax(z / T); greedy (T = 0) is T = 1.
+    np.testing.assert_allclose(L.topk_entropies(z * 0.5, 2, 0.5, tokens=tokens)[0], tail, rtol=1e-6)
+    np.testing.assert_allclose(L.topk_entropies(z, 2, 0.0, tokens=tokens)[1], raw, rtol=1e-6)
+
+
+def test_sampler_topk_entropy_includes_the_sampled_token(tiny):
+    inputs = _text_prompts()
+    k = 10
+    sp = SamplingParams(n=3, max_new_tokens=8, temperature=1.0, topk_entropy=k)
+    out = generate(tiny, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(2))
+    z = np.asarray(tiny.logits(_response_hidden(tiny, inputs, out, 3)), np.float64)
+    top = z.max(-1, keepdims=True)
+    logp = z - top - np.log(np.exp(z - top).sum(-1, keepdims=True))
+    m = out.mask
+    ref = np.array(
+        [_vllm_topk_reference(logp[r, c], out.tokens[r, c], k) for r, c in np.argwhere(m)]
+    )
+    np.testing.assert_allclose(out.topk_entropy_raw[m], ref[:, 0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.topk_entropy_tail[m], ref[:, 1], rtol=1e-4, atol=1e-5)
+    # The run exercises both cases: sampled tokens inside and outside the top k.
+    top_ids = np.argsort(-logp, axis=-1, kind="stable")[..., :k]
+    outside = (top_ids != out.tokens[..., None]).all(-1)[m]
+    assert 0 < outside.sum() < outside.size
