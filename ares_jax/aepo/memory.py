@@ -297,7 +297,10 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
     state = Lr.TrainState(
         trainable=trainable,
         opt_state=_opt_state(optimizer, trainable),
-        beta=jax.tree.map(lambda x: _replicated(mesh, x.shape, x.dtype), K.init_beta_states(ranks=c.kl.beta_cadence.ranks)),
+        beta=jax.tree.map(
+            lambda x: _replicated(mesh, x.shape, x.dtype),
+            K.init_beta_states(ranks=c.kl.beta_cadence.ranks),
+        ),
         kappa=_replicated(mesh, (3,), jnp.float32),
         step=_replicated(mesh, (), jnp.int32),
     )

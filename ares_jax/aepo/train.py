@@ -486,11 +486,14 @@ def run(config, workdir: str) -> dict[str, float]:
                     )
                 step_metrics.append(train_metrics)
             if c.kl.controller == "paper":
-                flat = lambda x: x.reshape(-1, t_bucket)  # noqa: E731
-                kld = K.kl_divergence(flat(lb.old_logp), flat(lb.ref_logp), c.kl.estimator)
+                old, ref, mask, window = (
+                    x.reshape(-1, t_bucket)
+                    for x in (lb.old_logp, lb.ref_logp, lb.mask, lb.window_mask)
+                )
+                kld = K.kl_divergence(old, ref, c.kl.estimator)
                 kappa_obs.append(
                     (
-                        K.control_kl(kld, flat(lb.mask), flat(lb.window_mask)),
+                        K.control_kl(kld, mask, window),
                         lb.bucket.reshape(-1),
                         lb.row_valid.reshape(-1),
                     )
