@@ -2,7 +2,8 @@ r"""AdaCS, the adaptive cold start of ARES (METHOD.md section 3), with every set
 
 The stage (ares_jax/adacs/train.py) runs, in order:
   1. pass rates: K samples per problem from `pass_rate.model_path` (default: the model being
-     fine-tuned), checked with math-verify, for problems whose data carry no pass rate;
+     fine-tuned; the paper used an external model, Revisual-R1: set model_path to reproduce it),
+     checked with math-verify, for problems whose data carry no pass rate;
   2. curation: per source, L(0) and L(1), the median trace lengths at pass rates 0 and 1;
      L_target(p) = (1 - p) L(0) + p L(1); each problem keeps its correct teacher trace closest to
      its target within the tolerance; uniform sampling across pass-rate brackets
@@ -18,9 +19,12 @@ Presets (the text after the colon):
   smoke     Tiny model, a few problems, seconds; for CI.
               python -m ares_jax.main --config=configs/adacs.py:smoke --workdir=/tmp/adacs_smoke
   paper_7b  The paper's SFT settings (METHOD.md 3.3): lr 2e-5, 2 epochs, global batch 256,
-            sequences up to 32k. Needs the base checkpoint and the cold-start data:
+            sequences up to 32k. Needs the base checkpoint and the cold-start data; pass rates
+            come from the records where they carry one, else from pass_rate.model_path (the
+            paper's are Revisual-R1's):
               python -m ares_jax.main --config=configs/adacs.py:paper_7b --workdir=DIR \
-                --config.model.path=CKPT_DIR --config.data.train_files=COLDSTART.parquet
+                --config.model.path=CKPT_DIR --config.data.train_files=COLDSTART.parquet \
+                [--config.pass_rate.model_path=REVISUAL_R1_DIR]
   paper_3b  The same for Qwen2.5-VL-3B.
 
 A topology after the preset sets the mesh for that machine (configs/topologies.py):
@@ -69,9 +73,14 @@ def _base() -> ml_collections.ConfigDict:
         shuffle_seed=0,
     )
     # METHOD.md 3.1: 8 samples per problem from the pass-rate model; rates in 9 brackets.
+    # The paper takes pass rates from an external model, Revisual-R1 (8 samples each), not from
+    # the model being fine-tuned; to reproduce it, set model_path to a Revisual-R1 checkpoint, or
+    # give data whose records carry pass rates. Our default, the model being fine-tuned, measures
+    # difficulty for the student itself (the only model the embedded task has).
     c.pass_rate = dict(
         enabled=True,  # estimate rates for problems without one; False: problems need rates
-        model_path=config_dict.placeholder(str),  # None = the model being fine-tuned
+        # None = the model being fine-tuned (our default); the paper: a Revisual-R1 checkpoint.
+        model_path=config_dict.placeholder(str),
         samples=8,
         temperature=1.0,
         top_p=1.0,

@@ -59,3 +59,15 @@ def test_table4_layout():
     lines = text.splitlines()
     assert lines[0].startswith("| model | difficulty 1 acc | len | difficulty 10 acc")
     assert lines[2] == "| base | 100.0 | 10.0 | 0.0 | 14.0 | 50.0 | 12.0 |"
+
+
+def test_command_line_defaults_are_the_papers_evaluation():
+    """pass@1 at the released evaluation script's temperature and top-p, with a budget long
+    enough for ARES answers (tens of thousands of tokens on AIME), not 1024 tokens."""
+    from absl import flags
+
+    fv = flags.FlagValues()
+    ev.define_flags(fv)
+    defaults = {name: fv[name].default for name in ("temperature", "top_p", "n", "max_new_tokens")}
+    assert defaults == {"temperature": 0.3, "top_p": 0.95, "n": 1, "max_new_tokens": 32768}
+    assert fv["prompt_len"].default == 4096

@@ -153,19 +153,26 @@ def test_verdict_names_need_capacity_and_biggest_item():
     assert not v.fits and v.phase == "rollout" and v.biggest == "kv_cache"
 
 
-def test_paper_7b_does_not_fit_a_v5p_8_and_names_the_activations():
-    c = aepo.get_config("paper_7b,topology=v5p-8")
+@pytest.mark.parametrize("preset", ["corrected_7b", "paper_7b"])
+def test_7b_does_not_fit_a_v5p_8_and_names_the_activations(preset):
+    c = aepo.get_config(f"{preset},topology=v5p-8")
     p = plan.plan_one(c, topologies.get("v5p-8"), xla=False)
     assert p.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
     v = p.verdict
     assert not v.fits and v.have == 95 * plan.GiB and v.biggest == "activations"
     assert v.need == max(p.analytic.values()) > v.have
-    # 8.29e9 float32 parameters in 4 shards: 4 bytes / 4 devices = one byte per parameter.
-    assert 8.2e9 < p.items["parameters"] < 8.4e9
-    # AdamW with optim.state_dtype bfloat16: bf16 mu + f32 nu, 1.5x the f32 parameters.
-    assert p.items["optimizer"] == pytest.approx(1.5 * p.items["parameters"], rel=1e-6)
-    row = plan.summary([(p, "paper_7b")]).splitlines()[-1]
-    assert row.startswith("| paper_7b | v5p-8 | 1, 4, 1 |")
+    if preset == "corrected_7b":
+        # 8.29e9 float32 parameters in 4 shards: 4 bytes / 4 devices = one byte per parameter.
+        assert 8.2e9 < p.items["parameters"] < 8.4e9
+        # AdamW with optim.state_dtype bfloat16: bf16 mu + f32 nu, 1.5x the f32 parameters.
+        assert p.items["optimizer"] == pytest.approx(1.5 * p.items["parameters"], rel=1e-6)
+    else:
+        # The released launcher's bfloat16 master weights and AdamW: half a byte per parameter
+        # per device, and both moments in bfloat16.
+        assert 4.1e9 < p.items["parameters"] < 4.2e9
+        assert p.items["optimizer"] == pytest.approx(2.0 * p.items["parameters"], rel=1e-6)
+    row = plan.summary([(p, preset)]).splitlines()[-1]
+    assert row.startswith(f"| {preset} | v5p-8 | 1, 4, 1 |")
     assert row.endswith("| 95.0 | no (activations (one micro-batch)) |")
 
 
@@ -244,7 +251,7 @@ def test_presets_without_topology_are_unchanged():
             for b in blocks:
                 assert b.mesh.topology == "" and b.mesh.rules == ()
                 expected = {"data": -1, "fsdp": 1, "tensor": 1}
-                if preset.startswith("paper_"):
+                if preset.startswith(("paper_", "corrected_")):
                     expected = {"data": 1, "fsdp": -1, "tensor": 1}
                 assert dict(b.mesh.shape) == expected
 

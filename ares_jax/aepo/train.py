@@ -295,6 +295,15 @@ def run(config, workdir: str) -> dict[str, float]:
             stats.first_errors[:1],
         )
     stream = pipeline.PromptStream(train_source, seed=c.data.shuffle_seed)
+    per_epoch = len(train_source) // c.rollout.prompts_per_iter
+    log.info(
+        "AEPO: %d training problems, %d prompt batches an epoch; %d iterations, at least %.1f "
+        "epochs (more where the online filter refills).",
+        len(train_source),
+        per_epoch,
+        c.train.steps,
+        c.train.steps * c.rollout.prompts_per_iter / max(len(train_source), 1),
+    )
     val_examples = _val_examples(c)
 
     # --- State and restore ---------------------------------------------------------------------

@@ -1,9 +1,14 @@
 """Tests for configs/common.py (parse_arg, validation helpers) and configs/aepo.py (presets)."""
 
+import ast
+from pathlib import Path
+
 import ml_collections
 import pytest
 
 from configs import aepo, common
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------------------------------------
 # parse_arg
@@ -218,17 +223,76 @@ PAPER = {
 }
 
 
-@pytest.mark.parametrize("arg", ["stage", "smoke", "paper_3b", "paper_7b"])
+@pytest.mark.parametrize(
+    "arg", ["stage", "smoke", "paper_3b", "paper_7b", "corrected_3b", "corrected_7b"]
+)
 def test_released_code_defaults(arg):
+    """The algorithm's constants are the released code's in every preset; the behaviour
+    switches (aepo.RELEASED_SWITCHES) are checked against the README's table below."""
     c = aepo.get_config(arg)
     for key, value in RELEASED.items():
         if arg == "smoke" and key in ("rollout.n", "eval.every_steps"):
             continue  # smoke samples 4 per prompt and evaluates every step, for speed
+        if key in aepo.RELEASED_SWITCHES:
+            continue
         got = common.get_path(c, key)
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
 
 
-@pytest.mark.parametrize("arg, size", [("paper_3b", "3b"), ("paper_7b", "7b")])
+def _switch_table() -> dict[str, tuple]:
+    """The README's switch table: key -> (released, ours, corrected) Python values."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- switches:begin -->")[1].split("<!-- switches:end -->")[0]
+    rows = [line for line in block.strip().splitlines()[2:] if line.startswith("|")]
+    table = {}
+    for line in rows:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        key = cells[0].strip("`")
+        assert key not in table, f"README switch table lists {key} twice"
+        table[key] = tuple(ast.literal_eval(cell.strip("`")) for cell in cells[1:4])
+        assert cells[4], f"README switch table: {key} needs a reason"
+    return table
+
+
+def test_readme_switch_table_matches_the_config_key_for_key():
+    """Every behaviour switch whose default is not the released value is in the README's table,
+    with the values of paper_3b/7b (released), stage (ours) and corrected_3b/7b; the table lists
+    nothing else. The embedded pipeline's AEPO block (the default command) agrees with `stage`
+    on every switch of the table."""
+    table = _switch_table()
+    presets = {name: aepo.get_config(name) for name in ("stage", "paper_3b", "paper_7b")}
+    presets["corrected_3b"] = aepo.get_config("corrected_3b")
+    presets["corrected_7b"] = aepo.get_config("corrected_7b")
+    pipeline_aepo = aepo.get_config("").aepo
+    assert set(table) <= set(aepo.RELEASED_SWITCHES), set(table) - set(aepo.RELEASED_SWITCHES)
+    for key in aepo.RELEASED_SWITCHES:
+        released = common.get_path(presets["paper_3b"], key)
+        ours = common.get_path(presets["stage"], key)
+        assert common.get_path(presets["paper_7b"], key) == released, key
+        corrected = common.get_path(presets["corrected_3b"], key)
+        assert common.get_path(presets["corrected_7b"], key) == corrected, key
+        if key in table:
+            assert table[key] == (released, ours, corrected), key
+            assert common.get_path(pipeline_aepo, key) == ours, key
+        else:
+            assert ours == released, f"{key}: default {ours!r} is not the released {released!r}"
+            assert corrected == released, f"{key}: corrected {corrected!r} is not in the table"
+
+
+def test_readme_and_adacs_config_name_the_papers_pass_rate_model():
+    """The paper's AdaCS pass rates come from an external model (Revisual-R1); our default is
+    the model being fine-tuned, and pass_rate.model_path is the switch."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## AdaCS")[1].split("\n## ")[0]
+    adacs_config = (ROOT / "configs" / "adacs.py").read_text()
+    for text in (section, adacs_config):
+        assert "Revisual-R1" in text and "pass_rate.model_path" in text
+
+
+@pytest.mark.parametrize(
+    "arg, size",
+    [("paper_3b", "3b"), ("paper_7b", "7b"), ("corrected_3b", "3b"), ("corrected_7b", "7b")],
+)
 def test_paper_presets(arg, size):
     c = aepo.get_config(arg)
     assert c.model.preset == size
