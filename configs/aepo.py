@@ -157,9 +157,10 @@ def _base() -> ml_collections.ConfigDict:
         # entropies, recomputed every batch.
         threshold="code",
         threshold_ema=0.99,
-        # METHOD.md 2.3: 'validation' = the code's seed, mean per-response p95 over the validation
-        # run before training (needs eval.val_before_train); 'first_batch' = seed with the first
-        # training batch's statistic.
+        # METHOD.md 2.3: 'validation' = the released code: the counts of step 1 use the mean
+        # per-response p95 of the validation run before training (needs eval.val_before_train);
+        # 'first_batch' = step 1 counts against threshold_fallback. Either way the EMA starts
+        # from the first training batch's median.
         threshold_init="validation",
         threshold_fallback=1.5,  # tau used if no seed exists (the released worker's default)
         # METHOD.md 2.5 / 9.2: 'code' = trigger word followed by a next-window mean >= tau;
@@ -174,9 +175,10 @@ def _base() -> ml_collections.ConfigDict:
         # .txt/.json path.
         trigger_words=config_dict.placeholder(str),
         # METHOD.md 2.1 / 9.4 / 11: 'exact' = full-vocabulary entropy from the logits (default,
-        # one estimator for threshold and counts); 'topk_tail' = top-k log-probs plus a tail
-        # bucket for both; 'topk_code' = the released code exactly: tail-corrected top-k for the
-        # counts, raw truncated top-k for the threshold.
+        # one estimator for threshold and counts); 'topk_tail' = the top-k log-probs plus a tail
+        # bucket for both; 'topk_code' = the released code exactly: tail-corrected for the
+        # counts, raw truncated for the threshold. The top-k set is what vLLM returns: the top k
+        # and the sampled token when it is outside them.
         estimator="exact",
         topk=10,
     )

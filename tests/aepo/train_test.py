@@ -263,3 +263,27 @@ def test_old_logprobs_come_from_the_rollout_policy_for_every_minibatch(tmp_path)
     # The policy moved after the first step of iteration 2 (lr 1e-2), so the second mini-batch's
     # ratio is not 1: the importance correction acts (mean of the two steps' PPO KL).
     assert rows[1]["train/ppo_kl"] > 1e-3
+
+
+def test_the_released_switches_run_end_to_end(tmp_path):
+    """The smoke run with every behaviour switch at paper_3b's released value (the authors' word
+    list, arg-max triggers, top-10 entropies, the reward-timing quirk, 8 beta states stepping per
+    sequence, bfloat16 master weights and AdamW)."""
+    from configs import aepo, common
+
+    paper = aepo.get_config("paper_3b")
+    overrides = [
+        f"--config.{key}={common.get_path(paper, key)}"
+        for key in aepo.RELEASED_SWITCHES
+        if common.get_path(paper, key) is not None
+    ]
+    proc = _run(tmp_path, *overrides, "--config.train.steps=2", "--config.train.export=False")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["kl"]["beta_cadence"] == {"ranks": 8, "micro_batch": 1}
+    assert config["entropy"]["estimator"] == "topk_code"
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert np.isfinite(row["train/loss"]) and np.isfinite(row["kl/beta/easy"])
+        assert row["rollout/tau_used"] > 0
