@@ -243,9 +243,11 @@ def test_fsdp_by_tensor_mesh_equals_one_device(tmp_path):
 def test_old_logprobs_come_from_the_rollout_policy_for_every_minibatch(tmp_path):
     """Two mini-batches per iteration: the second one's old log-probs are the rollout policy's,
     not the parameters after the first step (the released trainer takes them before any update).
-    Before, the learner recomputed them after the first step: the gap to the sampler was 0.14."""
+    Before, the learner recomputed them after the first step: the gap to the sampler was 0.14.
+    The run uses the paper's kappa controller, which is fed from every mini-batch."""
     proc = _run(
         tmp_path,
+        "--config.kl.controller=paper",
         "--config.rollout.prompts_per_iter=4",
         "--config.train.prompts_per_step=2",
         "--config.optim.lr=1e-2",
@@ -263,6 +265,7 @@ def test_old_logprobs_come_from_the_rollout_policy_for_every_minibatch(tmp_path)
     # The policy moved after the first step of iteration 2 (lr 1e-2), so the second mini-batch's
     # ratio is not 1: the importance correction acts (mean of the two steps' PPO KL).
     assert rows[1]["train/ppo_kl"] > 1e-3
+    assert any(rows[-1][f"kl/kappa/{b}"] != 1.0 for b in ("easy", "medium", "hard"))
 
 
 def test_the_released_switches_run_end_to_end(tmp_path):
