@@ -363,6 +363,8 @@ def test_bad_enum_is_rejected_naming_key(key):
         ("filter.low", 0.995, r"config\.filter\.low: must be below"),
         ("reward.alpha_init", 3.0, r"config\.reward\.alpha_min: must satisfy"),
         ("eval.val_before_train", False, r"config\.entropy\.threshold_init: 'validation' needs"),
+        ("kl.beta_cadence.ranks", 3, r"config\.kl\.beta_cadence: ranks x micro_batch \(3\) must"),
+        ("kl.beta_cadence.micro_batch", -1, r"config\.kl\.beta_cadence\.micro_batch"),
         ("data.train_files", "x.jsonl", r"config\.data\.train_files: is set but"),
         ("entropy.trigger_words", "/no/such/file.txt", r"config\.entropy\.trigger_words: path"),
         ("mesh.shape.fsdp", 0, r"config\.mesh\.shape\.fsdp: must be a positive integer or -1"),
