@@ -290,3 +290,8 @@ def test_the_released_switches_run_end_to_end(tmp_path):
     for row in rows[1:]:
         assert np.isfinite(row["train/loss"]) and np.isfinite(row["kl/beta/easy"])
         assert row["rollout/tau_used"] > 0
+    # The validation seed of step 1 is the same top-10 estimate as the training batches' (about
+    # 0.2 nats here), not the exact entropy (about 6.3 nats for the random tiny model).
+    first = rows[1]
+    assert 0.5 < first["rollout/tau_used"] / first["rollout/tau_batch"] < 2.0
+    assert first["rollout/tau_used"] < 0.25 * first["rollout/entropy_mean"]
