@@ -437,6 +437,16 @@ def _global_micro_batches(x, ranks, rank_batch):
     return np.swapaxes(np.reshape(x, (ranks, -1, rank_batch)), 0, 1).reshape(-1, ranks * rank_batch)
 
 
+def _step_and_compare(states, seq_kl, bucket, want, *, params, ranks, rank_batch):
+    """One `update_beta_cadence` call; its row betas must equal the released loop's `want`."""
+    states, row_beta = _update_cadence(
+        states, jnp.asarray(seq_kl), jnp.asarray(bucket),
+        params=params, ranks=ranks, rank_batch=rank_batch,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(row_beta), want, rtol=1e-5)
+    return states
+
+
 @pytest.mark.parametrize(("ranks", "rank_batch"), [(1, 1), (2, 1), (4, 2), (1, 16), (8, 2)])
 def test_beta_cadence_matches_released_loop(ranks, rank_batch):
     params = kl_lib.BetaControllerParams(target=(0.01, 0.02, 0.005), interval=3, lr=0.5)
@@ -448,18 +458,11 @@ def test_beta_cadence_matches_released_loop(ranks, rank_batch):
     # One call per mini-batch (k sub-steps), and one call per global micro-batch (k = 1).
     whole = per_micro = kl_lib.init_beta_states(params, ranks)
     for (seq_kl, bucket), want in zip(stream, ref_rows, strict=True):
-        whole, got = _update_cadence(
-            whole, jnp.asarray(seq_kl), jnp.asarray(bucket),
-            params=params, ranks=ranks, rank_batch=rank_batch,
-        )  # fmt: skip
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+        cadence = dict(params=params, ranks=ranks, rank_batch=rank_batch)
+        whole = _step_and_compare(whole, seq_kl, bucket, want, **cadence)
         parts = [_global_micro_batches(x, ranks, rank_batch) for x in (seq_kl, bucket, want)]
         for kl_j, bucket_j, want_j in zip(*parts, strict=True):
-            per_micro, got = _update_cadence(
-                per_micro, jnp.asarray(kl_j), jnp.asarray(bucket_j),
-                params=params, ranks=ranks, rank_batch=rank_batch,
-            )  # fmt: skip
-            np.testing.assert_allclose(np.asarray(got), want_j, rtol=1e-5)
+            per_micro = _step_and_compare(per_micro, kl_j, bucket_j, want_j, **cadence)
     for states in (whole, per_micro):
         np.testing.assert_array_equal(np.asarray(states.count), [a._update_count for a in actors])
         np.testing.assert_allclose(np.asarray(states.beta), ref_beta, rtol=1e-5)
@@ -560,11 +563,9 @@ def test_beta_cadence_matters_at_released_defaults():
         ref_log_beta[name] = np.log(np.stack([a.betas() for a in actors]))
         states = kl_lib.init_beta_states(params, ranks)
         for (seq_kl, bucket), want in zip(stream, ref_rows, strict=True):
-            states, row_beta = _update_cadence(
-                states, jnp.asarray(seq_kl), jnp.asarray(bucket),
-                params=params, ranks=ranks, rank_batch=rank_batch,
-            )  # fmt: skip
-            np.testing.assert_allclose(np.asarray(row_beta), want, rtol=1e-5)
+            states = _step_and_compare(
+                states, seq_kl, bucket, want, params=params, ranks=ranks, rank_batch=rank_batch
+            )
         np.testing.assert_allclose(
             np.log(np.asarray(states.beta)), ref_log_beta[name], rtol=1e-4, atol=1e-6
         )
