@@ -14,22 +14,27 @@ Resume order (STYLE.md rule 12; the stage `run` owns it, `resolve_init` logs the
   3. `config.init_from`: weights only (e.g. a Hugging Face checkpoint);
   4. random init.
 
-Preemption contract: `main` calls `install_preemption_handler()` once, from the main thread. On
-SIGTERM the handler only sets a flag (it neither logs nor exits; a previous Python handler is
-chained, the default action is not, since it would kill the process). The training loop calls
-`preempted()` once per step, at the same step on every process (with several processes it is a
-collective that ORs the flag across them), and when it is True calls `save(step, ..., force=True)`,
-`wait()`, `close()` and returns. A forced save of a step that is already saved is a no-op.
+Preemption contract: each stage installs `preemption_handler()` for its whole run (the pipeline
+too, around its stages). On SIGTERM the handler only sets a flag (it neither logs nor exits; a
+previous Python handler is chained, the default action is not, since it would kill the process).
+The training loop calls `save_or_stop` once per step, at the same step on every process (with
+several processes `preempted()` is a collective that ORs the flag across them): when the flag is
+set it saves the step (forced), waits for the write, and raises `Preempted`. Nothing after it in
+the stage runs (no evaluation, no export, no completion marker); `ares_jax.main` turns it into
+exit code `PREEMPTED_EXIT_CODE` (143 = 128 + SIGTERM, what a process killed by SIGTERM reports),
+which a scheduler requeues on; the restart resumes from that checkpoint. A forced save of a step
+that is already saved is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -227,6 +232,12 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()  # on any exit: the last save started is complete on disk
+
 
 # --------------------------------------------------------------------------------------------
 # Resume order.
@@ -303,13 +314,33 @@ def resolve_init(
 
 _PREEMPTED = threading.Event()
 
+# The exit code of a run stopped by SIGTERM after saving: 128 + SIGTERM, as a process killed by
+# the signal reports it, so a scheduler requeues both the same way.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Preempted(Exception):  # noqa: N818 - an event, not an error of the program
+    """A stage stopped on SIGTERM after saving its checkpoint; the run is to be restarted.
+
+    Attributes:
+      stage: the stage's name ("AEPO", "AdaCS", ...).
+      step: the saved step, None when the stop came between steps (e.g. between stages).
+      directory: where the checkpoint is.
+    """
+
+    def __init__(self, stage: str, step: int | None = None, directory: str | None = None):
+        self.stage, self.step, self.directory = stage, step, directory
+        where = f" at step {step}, checkpoint saved in {directory}" if step is not None else ""
+        super().__init__(f"{stage} preempted (SIGTERM){where}; restart to resume.")
+
 
 def install_preemption_handler(signum: int = signal.SIGTERM) -> Callable[[], None]:
     """Makes `signum` (SIGTERM) set the flag read by `preempted()`. Call from the main thread.
 
     A previous Python-level handler is called after setting the flag; the default action
     (terminate) and SIG_IGN are not chained. Returns a function that reinstalls the previous
-    handler and clears the flag.
+    handler. The flag stays set: a stop is reported by `Preempted`, which `save_or_stop` raises
+    (and which clears the flag, so that a later run in the same process starts afresh).
     """
     previous = signal.getsignal(signum)
 
@@ -322,9 +353,27 @@ def install_preemption_handler(signum: int = signal.SIGTERM) -> Callable[[], Non
 
     def uninstall() -> None:
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        _PREEMPTED.clear()
 
     return uninstall
+
+
+@contextlib.contextmanager
+def preemption_handler(signum: int = signal.SIGTERM) -> Iterator[None]:
+    """`install_preemption_handler` for the duration of a `with` block (main thread only; in
+    another thread, where Python cannot install signal handlers, it does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    uninstall = install_preemption_handler(signum)
+    try:
+        yield
+    finally:
+        uninstall()
+
+
+def preempted_here() -> bool:
+    """True once a handled SIGTERM arrived on this process (no collective)."""
+    return _PREEMPTED.is_set()
 
 
 def preempted() -> bool:
@@ -337,3 +386,37 @@ def preempted() -> bool:
         flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
         flag = bool(np.any(flags))
     return flag
+
+
+def clear_preemption() -> None:
+    """Forgets a SIGTERM (`Preempted` does this when it is raised)."""
+    _PREEMPTED.clear()
+
+
+def stop_preempted(stage: str, step: int | None = None, directory: str | None = None) -> None:
+    """Raises `Preempted` (and clears the flag) when `preempted()`; a collective with several
+    processes, like `preempted()`."""
+    if preempted():
+        _PREEMPTED.clear()
+        raise Preempted(stage, step, directory)
+
+
+def save_or_stop(
+    checkpointer: Checkpointer,
+    step: int,
+    state: Any,
+    extra: dict[str, Any] | None = None,
+    *,
+    force: bool = False,
+    stage: str,
+) -> None:
+    """The end of a training step: saves it if due (or `force`), and on SIGTERM saves it in any
+    case, waits until it is written and raises `Preempted`. Call it at the same step on every
+    process."""
+    stop = preempted()
+    checkpointer.save(step, state, extra, force=force or stop)
+    if stop:
+        checkpointer.wait()
+        log.warning("%s: preempted at step %d; checkpoint saved, stopping.", stage, step)
+        _PREEMPTED.clear()
+        raise Preempted(stage, step, str(checkpointer.directory))

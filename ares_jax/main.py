@@ -3,7 +3,10 @@
 Parses the config (ml_collections config_flags, locked), initialises multi-process JAX, validates
 the config with the config file's own `validate(config)`, prints it, and runs its stage's
 `ares_jax.<stage>.train.run(config, workdir)`. A user error (bad key, value, preset or path) ends
-the run with one sentence on stderr and exit code 2, before anything is written.
+the run with one sentence on stderr and exit code 2, before anything is written; so do a workdir
+that cannot be written or that another run holds, bad data, and a run stopped by non-finite values
+(its last checkpoint is complete). On SIGTERM the stage saves its step and the process exits with
+code 143 (`checkpoint.PREEMPTED_EXIT_CODE`, 128 + SIGTERM): requeue on it, the restart resumes.
 
 A run that seems stuck (a multi-host job waiting in a collective shows no error): `kill -USR2 PID`
 prints the Python stack of every thread of that process to stderr, and the run goes on.
@@ -139,12 +142,17 @@ def main(argv: list[str]) -> None:
         # The project's own progress lines at INFO; libraries (orbax, tfds) only warn.
         logging.set_verbosity(logging.WARNING)
         std_logging.getLogger("ares_jax").setLevel(std_logging.INFO)
+        from ares_jax.checkpoint import PREEMPTED_EXIT_CODE, Preempted
         from ares_jax.data.records import DataError
         from ares_jax.metrics import NonFiniteError
+        from ares_jax.runtime import WorkdirError
 
         try:
             module.run(config, workdir)
-        except (DataError, FileNotFoundError, NonFiniteError) as e:  # one sentence, no traceback
+        except Preempted as e:  # saved; the scheduler requeues on the code, the restart resumes
+            print(f"preempted: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
+        except (DataError, FileNotFoundError, NonFiniteError, WorkdirError) as e:  # one sentence
             _die(str(e))
 
 

@@ -121,6 +121,15 @@ class MetricWriter:
         if "step" in row:
             raise ValueError("'step' is reserved for the step number; rename that metric.")
         line = {"step": int(step), **{k: _json_value(v) for k, v in row.items()}}
+        if self._file is not None and not self._still_there():
+            log.warning(
+                "%s was removed during the run; writing a new one from step %d on (the rows "
+                "before are lost unless the old file was moved, not deleted).",
+                self.path,
+                step,
+            )
+            self._file.close()
+            self._file = None
         if self._file is None:
             self._file = self._open_for_append()
         self._file.write(json.dumps(line, sort_keys=True, allow_nan=False) + "\n")
@@ -130,6 +139,15 @@ class MetricWriter:
             for name, value in row.items():
                 tb.add_scalar(name, value, global_step=int(step))
             tb.flush()
+
+    def _still_there(self) -> bool:
+        """Whether the open file is still the one at `self.path` (not removed or replaced)."""
+        try:
+            here = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._file.fileno())
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
     def _open_for_append(self) -> TextIO:
         cut = False  # a crash may have left half a line; start on a fresh one
@@ -192,6 +210,12 @@ class MetricWriter:
     def close(self) -> None:
         """Flushes and closes the files (the writer reopens them if written to again)."""
         self._close_files()
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 class Progress:

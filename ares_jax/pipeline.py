@@ -2,9 +2,11 @@
 
 Warm-up (plain fine-tuning of the random small model), AdaCS from its export, AEPO from the
 AdaCS export, then all three on held-out problems. Each stage writes its own workdir
-(DIR/base, DIR/adacs, DIR/aepo) and resumes there on restart. DIR/report.md holds the table of
-accuracy and response length per difficulty (the paper's Table 4 layout) and the stage times;
-DIR/plots/ holds the AEPO curves.
+(DIR/base, DIR/adacs, DIR/aepo) and resumes there on restart; a stage whose workdir holds its
+completion record (`complete.json`, written after its export) is not run again. SIGTERM stops the
+pipeline at once: the running stage saves and raises `checkpoint.Preempted`, no later stage
+starts, and no report is written. DIR/report.md holds the table of accuracy and response length
+per difficulty (the paper's Table 4 layout) and the stage times; DIR/plots/ holds the AEPO curves.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from ares_jax import checkpoint as ckpt
 from ares_jax import evaluate as ev
 from ares_jax import plots, runtime
 from ares_jax.adacs import train as adacs_train
@@ -108,20 +111,37 @@ def _plots(metrics_path: Path, out: Path) -> list[Path]:
     return made
 
 
+def _stage(name: str, run_fn, config, stage_dir: Path, seconds: dict[str, float]) -> None:
+    """Runs one stage unless its workdir records it complete; stops the pipeline on SIGTERM."""
+    done = runtime.is_complete(stage_dir)
+    if done is not None:
+        log.info("Pipeline: %s is complete (%s); not run again.", name, stage_dir)
+    else:
+        t0 = time.perf_counter()
+        run_fn(config, str(stage_dir))
+        seconds[name] = time.perf_counter() - t0
+    ckpt.stop_preempted(f"Pipeline (after {name})")  # a SIGTERM during the export, say
+
+
 def run(config, workdir: str) -> dict[str, float]:
+    """Runs the stages that are not complete, then the evaluation and the report.
+
+    Raises:
+      runtime.WorkdirError: the workdir is not writable or another run holds it.
+      checkpoint.Preempted: SIGTERM arrived; the running stage saved, nothing later ran.
+    """
+    with ckpt.preemption_handler(), runtime.lock_workdir(workdir):
+        return _run(config, Path(workdir))
+
+
+def _run(config, work: Path) -> dict[str, float]:
     c = config
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    seconds = {}
-    t0 = time.perf_counter()
-    adacs_train.run(_from(c.warmup, None), str(work / "base"))
-    seconds["warm-up"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    adacs_train.run(_from(c.adacs, work / "base" / "export"), str(work / "adacs"))
-    seconds["AdaCS"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    aepo_train.run(_from(c.aepo, work / "adacs" / "export"), str(work / "aepo"))
-    seconds["AEPO"] = time.perf_counter() - t0
+    seconds: dict[str, float] = {}
+    _stage("warm-up", adacs_train.run, _from(c.warmup, None), work / "base", seconds)
+    _stage(
+        "AdaCS", adacs_train.run, _from(c.adacs, work / "base" / "export"), work / "adacs", seconds
+    )
+    _stage("AEPO", aepo_train.run, _from(c.aepo, work / "adacs" / "export"), work / "aepo", seconds)
 
     t0 = time.perf_counter()
     test = synthetic.make_examples(c.eval.test_size, seed=c.seed, split="test")

@@ -1,15 +1,31 @@
 """What every training stage does the same way: mesh and model, state placement, resume.
 
 `aepo/train.py` and `adacs/train.py` read top to bottom; the plumbing they share lives here so
-that it exists once: building the policy from `config.model` (a checkpoint directory or a
-preset's random init) with its tokenizer, placing a fresh train state on the mesh, the resume
-order of STYLE.md rule 12, and the static-shape helpers of the learner's batches.
+that it exists once: the run's hold on its workdir (`stage_run`: an exclusive lock, the
+preemption handler, the resources closed on any exit, the completion marker), building the
+policy from `config.model` (a checkpoint directory or a preset's random init) with its
+tokenizer, placing a fresh train state on the mesh, the resume order of STYLE.md rule 12, and the
+static-shape helpers of the learner's batches.
+
+The workdir contract:
+  .lock          held (flock, exclusive) by the run's process 0 while the stage runs; the kernel
+                 releases it when the process ends, however it ends, so a lock left by a dead
+                 run is never in the way. It names the holder (pid, host, start time).
+  complete.json  written after the stage's last step and its export, removed when a stage starts:
+                 a stage counts as finished only when it holds this file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import fcntl
+import json
 import logging
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,11 +46,143 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+LOCK_FILE = ".lock"
+COMPLETE_FILE = "complete.json"
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used: not writable, or held by another run (one sentence)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage's hold on its workdir.
+
+
+def _unwritable(workdir: Path, e: OSError) -> WorkdirError:
+    return WorkdirError(
+        f"cannot write to the workdir {workdir}: {e.strerror or e}; choose a writable --workdir."
+    )
+
+
+def _acquire(workdir: Path) -> int:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _unwritable(workdir, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(workdir / LOCK_FILE) as f:
+            holder = f.read().strip() or "unknown process"
+        os.close(fd)
+        raise WorkdirError(
+            f"the workdir {workdir} is in use by another run ({holder}); wait for it to end, "
+            "stop it, or choose another --workdir."
+        ) from None
+    except OSError as e:  # a file system without flock (some network mounts)
+        log.warning("Cannot lock %s (%s); a second run there would not be refused.", workdir, e)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, started {started}"
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (holder + "\n").encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise _unwritable(workdir, e) from None
+    return fd
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str | os.PathLike) -> Iterator[None]:
+    """Holds `workdir`'s exclusive lock (process 0 takes it; every process learns the outcome).
+
+    Raises:
+      WorkdirError: the workdir cannot be created or written, or another live run holds it.
+    """
+    workdir = Path(workdir)
+    fd, error = None, None
+    if jax.process_index() == 0:
+        try:
+            fd = _acquire(workdir)
+        except WorkdirError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not int(ok) and error is None:
+            error = WorkdirError(f"process 0 could not take the workdir {workdir}; see its log.")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock; the file stays, naming the last holder
+
+
+def is_complete(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The completion record of the stage run in `workdir`, None if it did not finish."""
+    path = Path(workdir) / COMPLETE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mark_complete(workdir: str | os.PathLike, stage: str, step: int) -> None:
+    """Records that the stage reached its last step and exported (process 0 writes)."""
+    if jax.process_index() != 0:
+        return
+    path = Path(workdir) / COMPLETE_FILE
+    record = {
+        "stage": stage,
+        "step": int(step),
+        "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    log.info("%s: complete (%s).", stage, path)
+
+
+@contextlib.contextmanager
+def stage_run(workdir: str | os.PathLike, stage: str) -> Iterator[contextlib.ExitStack]:
+    """A stage's hold on its workdir, from before the model loads to its last line.
+
+    Installs the SIGTERM handler, takes the workdir's lock (a second run there, or a workdir that
+    cannot be written, fails at once with `WorkdirError`), and forgets an earlier completion (the
+    stage is unfinished until `mark_complete`). Yields an ExitStack: what the stage
+    enters into it (the checkpointer, the metric writer) is closed on any exit, exception or
+    preemption included, so the last checkpoint started is complete on disk.
+    """
+    workdir = Path(workdir)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ckpt.preemption_handler())  # first: the lock file means it is on
+        stack.enter_context(lock_workdir(workdir))
+        if jax.process_index() == 0:
+            (workdir / COMPLETE_FILE).unlink(missing_ok=True)
+        yield stack
+
 
 class Policy(NamedTuple):
     mesh: jax.sharding.Mesh
     model: Any  # Qwen2_5_VL
     tokenizer: Any
+
+
+def check_finite(
+    guard: mt.NonFiniteGuard, step: int, values, checkpointer: ckpt.Checkpointer
+) -> bool:
+    """`guard.check(step, values)`, whose stop also names the last checkpoint to resume from."""
+    try:
+        return guard.check(step, values)
+    except mt.NonFiniteError as e:
+        checkpointer.wait()
+        last = checkpointer.latest_step()
+        where = f"step {last} in {checkpointer.directory}" if last else "none was saved"
+        raise mt.NonFiniteError(f"{e} The last checkpoint: {where}.") from None
 
 
 def load_policy(c, *, path: str | None = None) -> Policy:

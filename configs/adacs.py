@@ -69,8 +69,16 @@ def _base() -> ml_collections.ConfigDict:
         max_pixels=12544,
         max_prompt_len=256,
         prompt_len_buckets=(192, 256),
-        on_error="raise",
+        # As configs/aepo.py: prompts are measured at start-up; True drops (and counts) one
+        # longer than the last bucket, False stops the run naming its file and line.
+        drop_overlong_prompts=True,
+        on_error="raise",  # a bad record: 'raise' (names file and line) | 'skip' (counted)
         shuffle_seed=0,
+        # Relative image paths resolve against image_root (None: each data file's directory)
+        # and, like absolute ones, must stay inside it after `..` and symlinks; True lifts that.
+        # Only regular files up to records.MAX_IMAGE_FILE_BYTES (64 MiB) are read.
+        image_root=config_dict.placeholder(str),
+        allow_absolute_image_paths=False,
     )
     # METHOD.md 3.1: 8 samples per problem from the pass-rate model; rates in 9 brackets.
     # The paper takes pass rates from an external model, Revisual-R1 (8 samples each), not from
@@ -222,6 +230,9 @@ SCHEMA = {
     "data.max_prompt_len": (_int, _pos),
     "data.prompt_len_buckets": common.ascending_ints(),
     "data.on_error": common.one_of("raise", "skip"),
+    "data.drop_overlong_prompts": common.is_type(bool),
+    "data.allow_absolute_image_paths": common.is_type(bool),
+    "data.image_root": common.optional(common.is_type(str)),
     "pass_rate.samples": (_int, _pos),
     "pass_rate.temperature": _nonneg,
     "pass_rate.top_p": common.in_range(0.0, 1.0, lo_open=True),
@@ -280,3 +291,4 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 common.fail(key, "is set but data.source='synthetic'; set data.source='files'.")
     common.check_files(c, "data.train_files", required=files, why="for data.source='files'")
     common.check_files(c, "data.val_files", required=False)
+    common.check_path(c, "data.image_root", required=False)

@@ -113,9 +113,21 @@ def _base() -> ml_collections.ConfigDict:
         max_pixels=12544,
         max_prompt_len=256,  # tokens, text + image placeholders; paper 4096
         prompt_len_buckets=(192, 256),  # prompts pad to the smallest bucket; last = max_prompt_len
-        drop_overlong_prompts=True,  # False: an over-long prompt is an error naming the record
+        # Every prompt (text + image tokens) is measured at start-up. True: one longer than the
+        # last bucket is dropped and counted (logged with its file and line); False: it stops
+        # the run naming file and line.
+        drop_overlong_prompts=True,
         shuffle_seed=0,
-        on_error="raise",  # a bad record: 'raise' (names file and line) | 'skip' (counted)
+        # A bad record: 'raise' (names file and line) | 'skip' (counted by reason and logged).
+        # Bad: no question or answer, unreadable or missing image, <image> markers that do not
+        # match the images (no marker at all is fine: images go first), an image path outside
+        # the image root, a prompt the processor refuses. An empty file always raises.
+        on_error="raise",
+        # Relative image paths resolve against image_root (None: each data file's directory)
+        # and, like absolute ones, must stay inside it after `..` and symlinks; True lifts that.
+        # Only regular files up to records.MAX_IMAGE_FILE_BYTES (64 MiB) are read.
+        image_root=config_dict.placeholder(str),
+        allow_absolute_image_paths=False,
     )
 
     # --- Rollout (METHOD.md 4.1, 4.3).
@@ -483,6 +495,9 @@ SCHEMA = {
     "data.max_prompt_len": (_int, _pos),
     "data.prompt_len_buckets": common.ascending_ints(),
     "data.on_error": common.one_of("raise", "skip"),
+    "data.drop_overlong_prompts": common.is_type(bool),
+    "data.allow_absolute_image_paths": common.is_type(bool),
+    "data.image_root": common.optional(common.is_type(str)),
     "rollout.n": (_int, common.in_range(2, None)),
     "rollout.temperature": _pos,
     "rollout.top_p": common.in_range(0.0, 1.0, lo_open=True),
@@ -658,6 +673,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 common.fail(key, "is set but data.source='synthetic'; set data.source='files'.")
     need_val = files and (c.eval.val_before_train or c.eval.every_steps > 0)
     common.check_files(c, "data.train_files", required=files, why="for data.source='files'")
+    common.check_path(c, "data.image_root", required=False)
     common.check_files(
         c,
         "data.val_files",

@@ -259,15 +259,23 @@ def test_sigterm_sets_flag_and_chains(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         assert checkpoint.preempted()
         assert calls == [signal.SIGTERM]
-        # The loop's reaction: a forced save of the current step.
-        ckpt = checkpoint.Checkpointer(tmp_path, every_steps=100, keep=1)
-        assert ckpt.save(7, {"w": jnp.ones(2)}, force=True)
-        ckpt.close()
-        assert (tmp_path / "7").is_dir()
         uninstall()
-        assert not checkpoint.preempted()
+        # The flag outlives the handler: the stage that saw the signal must still stop (this
+        # is what let a preempted stage export and exit 0 before).
+        assert checkpoint.preempted()
+        # The loop's reaction: the step is saved though not due, then Preempted is raised.
+        with checkpoint.Checkpointer(tmp_path, every_steps=100, keep=1) as ckpt:
+            with pytest.raises(checkpoint.Preempted, match="at step 7, checkpoint saved"):
+                checkpoint.save_or_stop(ckpt, 7, {"w": jnp.ones(2)}, stage="test")
+        assert (tmp_path / "7").is_dir()
+        assert not checkpoint.preempted()  # reported once, by the exception
+        with checkpoint.Checkpointer(tmp_path, every_steps=100, keep=1) as ckpt:
+            checkpoint.save_or_stop(ckpt, 8, {"w": jnp.ones(2)}, stage="test")  # not due: no-op
+            assert ckpt.all_steps() == [7]
+        assert signal.getsignal(signal.SIGTERM) is not None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        checkpoint.clear_preemption()
 
 
 def test_resolve_init_order(tmp_path, caplog):

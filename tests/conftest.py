@@ -39,3 +39,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_tpu)
         if "requires_torch" in item.keywords and not has_torch:
             item.add_marker(skip_torch)
+
+
+@pytest.fixture(autouse=True)
+def _no_preemption_carried_over():
+    """A SIGTERM simulated by one test (the flag is process-wide) must not stop the next."""
+    yield
+    from ares_jax import checkpoint
+
+    checkpoint.clear_preemption()

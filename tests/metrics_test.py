@@ -177,3 +177,21 @@ def test_progress_forced_on_writes_the_line():
     bar.close()
     text = stream.getvalue()
     assert "train" in text and "2/4" in text and "loss=0.1235" in text
+
+
+def test_metrics_file_removed_mid_run_is_recreated_with_a_warning(tmp_path, caplog):
+    w = metrics.MetricWriter(tmp_path, tensorboard=False, enabled=True)
+    w.write(1, {"a": 1.0})
+    os.remove(w.path)  # a user cleaning up, a log rotator
+    with caplog.at_level("WARNING"):
+        w.write(2, {"a": 2.0})
+    w.close()
+    assert [r["step"] for r in metrics.read_metrics(w.path)] == [2]
+    assert "was removed during the run" in caplog.text
+    # Moved away (rotated): the new rows go to a new file at the path, the old file keeps its own.
+    with metrics.MetricWriter(tmp_path, tensorboard=False, enabled=True) as w:
+        w.write(3, {"a": 3.0})
+        os.rename(w.path, tmp_path / "old.jsonl")
+        w.write(4, {"a": 4.0})
+    assert [r["step"] for r in metrics.read_metrics(w.path)] == [4]
+    assert [r["step"] for r in metrics.read_metrics(tmp_path / "old.jsonl")] == [2, 3]

@@ -1,8 +1,10 @@
 """The whole pipeline (warm-up, AdaCS, AEPO, evaluation) on its smoke preset, and the charts."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +15,40 @@ from ares_jax import plots
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_pipeline_smoke_produces_every_artefact(tmp_path):
+def test_pipeline_stops_on_sigterm_then_restart_produces_every_artefact(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ares_jax.main",
-            "--config=configs/aepo.py:pipeline_smoke",  # the default command at smoke sizes
-            f"--workdir={tmp_path}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "ares_jax.main",
+        "--config=configs/aepo.py:pipeline_smoke",  # the default command at smoke sizes
+        f"--workdir={tmp_path}",
+    ]
+    # SIGTERM during the warm-up: before, AdaCS and AEPO then ran on a 1-step base model, a
+    # report was written, the exit code was 0, and a restart took every stage as finished.
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (tmp_path / "base" / ".lock").exists():
+        assert first.poll() is None and time.time() < deadline, "the warm-up never started"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=300)
+    stderr = stderr.decode()
+    assert first.returncode == 143, stderr[-3000:]
+    assert "preempted: AdaCS preempted (SIGTERM) at step 1" in stderr
+    assert (tmp_path / "base" / "checkpoints" / "1").is_dir()
+    assert not (tmp_path / "base" / "export").exists()
+    assert not (tmp_path / "base" / "complete.json").exists()
+    assert not (tmp_path / "adacs").exists() and not (tmp_path / "aepo").exists()
+    assert not (tmp_path / "report.md").exists()
+
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "adacs: resumed from workdir checkpoint at step 1" in proc.stderr
     for stage in ("base", "adacs", "aepo"):
         assert (tmp_path / stage / "export" / "model.safetensors").is_file(), stage
+        assert (tmp_path / stage / "complete.json").is_file(), stage
     assert (tmp_path / "adacs" / "curation" / "report.md").is_file()
     report = (tmp_path / "report.md").read_text()
     rows = [

@@ -99,6 +99,7 @@ class PassRateResult:
         last batch and discarded rows of a regenerated torn batch not counted).
       seconds: wall time of this call.
       path: the shard file.
+      stopped: the `stop` callback ended the call before every problem was done.
     """
 
     rates: dict[str, float]
@@ -111,6 +112,7 @@ class PassRateResult:
     tokens_generated: int
     seconds: float
     path: str
+    stopped: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +324,7 @@ def estimate_pass_rates(
     keep_responses: bool = False,
     grade_workers: int = 0,
     generate_fn: Callable[..., Any] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> PassRateResult:
     """Estimates the pass rate of each of this host's problems from `samples` responses.
 
@@ -351,6 +354,9 @@ def estimate_pass_rates(
       generate_fn: the sampler, `sampling.generate` by default (a test seam): called as
         `generate_fn(graphdef, params, inputs=, sampling=, key=, mesh=, cache_len=)` and returning
         a `GenerateOutput` (tokens, lengths, prompt_index and stop_reason are used).
+      stop: asked after each batch is durably written; when it returns True the estimation
+        ends there (e.g. `checkpoint.preempted_here` on SIGTERM) and the result is marked
+        `stopped`; a call with the same arguments resumes.
 
     Returns:
       PassRateResult for this shard.
@@ -423,6 +429,7 @@ def estimate_pass_rates(
     cache_len = max(prompt_len_buckets) + sampling.max_new_tokens
     computed = calls = tokens = 0
     created = not os.path.exists(path)
+    stopped = False
     with open(path, "ab") as f:
         if created:
             _fsync_dir(out_dir)
@@ -492,6 +499,9 @@ def estimate_pass_rates(
                 len(lines),
                 pass_rate=float(np.mean([done[e.id]["pass_rate"] for e in todo])),
             )
+            if stop is not None and stop():
+                stopped = True
+                break
 
     return PassRateResult(
         rates={i: float(done[i]["pass_rate"]) for i in mine if i in done},
@@ -504,6 +514,7 @@ def estimate_pass_rates(
         tokens_generated=tokens,
         seconds=time.monotonic() - start_time,
         path=path,
+        stopped=stopped,
     )
 
 

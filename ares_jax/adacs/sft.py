@@ -23,7 +23,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ares_jax.aepo.learner import LearnerBatch, TrainState, merge, response_logprobs
+from ares_jax.aepo.learner import (
+    LearnerBatch,
+    TrainState,
+    apply_if_finite,
+    merge,
+    response_logprobs,
+)
 from ares_jax.ops import kl as K
 
 
@@ -68,13 +74,8 @@ def sft_step(graphdef, state: TrainState, frozen, batch: LearnerBatch, kl_weight
     loss = (nll + s.kl_coef * kl) / tokens
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def apply(_):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        return optax.apply_updates(state.trainable, updates), opt_state
-
-    trainable, opt_state = jax.lax.cond(
-        finite, apply, lambda _: (state.trainable, state.opt_state), None
+    trainable, opt_state, applied, params_ok = apply_if_finite(
+        optimizer, grads, state.trainable, state.opt_state, finite
     )
     metrics = {
         "train/loss": loss,
@@ -82,6 +83,7 @@ def sft_step(graphdef, state: TrainState, frozen, batch: LearnerBatch, kl_weight
         "train/kl": kl / tokens,
         "train/grad_norm": grad_norm,
         "train/tokens": tokens,
-        "train/skipped": (~finite).astype(jnp.float32),
+        "train/skipped": (~applied).astype(jnp.float32),
+        "train/nonfinite_params": (~params_ok).astype(jnp.float32),
     }
     return state._replace(trainable=trainable, opt_state=opt_state, step=state.step + 1), metrics

@@ -35,7 +35,7 @@ from ares_jax.adacs import pass_rate as PR
 from ares_jax.adacs import report, sft
 from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
-from ares_jax.data import pipeline, records, synthetic
+from ares_jax.data import pipeline, prompts, records, synthetic
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.ops import kl as K
 from ares_jax.parallel import multihost
@@ -44,7 +44,10 @@ from ares_jax.rewards import answers
 log = logging.getLogger(__name__)
 
 
-def _problems(c, split: str) -> list[records.Example]:
+def _problems(c, split: str, tokenizer=None, cfg=None) -> list[records.Example]:
+    """The split's problems. From files, given the tokenizer and the model config, every prompt
+    is measured once here: one longer than the largest prompt bucket is dropped and counted
+    (data.drop_overlong_prompts) or stops the run naming its file and line."""
     d = c.data
     if d.source == "synthetic":
         n = d.synthetic_train_size if split == "train" else d.synthetic_val_size
@@ -52,13 +55,34 @@ def _problems(c, split: str) -> list[records.Example]:
     files = d.train_files if split == "train" else d.val_files
     if files is None:
         return []
-    paths = files.split(",") if isinstance(files, str) else list(files)
-    examples, stats = records.read_many(paths, on_error=d.on_error)
-    if stats.num_skipped:
-        log.warning(
-            "AdaCS: skipped %d bad %s records: %s", stats.num_skipped, split, dict(stats.skipped)
+    paths = [p.strip() for p in files.split(",")] if isinstance(files, str) else list(files)
+    examples, stats = records.read_many(
+        paths,
+        on_error=d.on_error,
+        image_root=d.image_root,
+        allow_absolute_image_paths=d.allow_absolute_image_paths,
+    )
+    if tokenizer is not None:
+        settings = prompts.PromptSettings(
+            template=d.prompt_template,
+            min_pixels=d.min_pixels,
+            max_pixels=d.max_pixels,
+            max_len=max(d.prompt_len_buckets),
+            patch_size=cfg.vision.patch_size,
+            merge_size=cfg.vision.spatial_merge_size,
+            image_token_id=cfg.image_token_id,
         )
-    return examples
+        examples, stats = prompts.check_prompts(
+            examples,
+            tokenizer,
+            settings,
+            drop_overlong=d.drop_overlong_prompts,
+            on_error=d.on_error,
+            stats=stats,
+        )
+    if stats.num_skipped:  # bad rows, and prompts over the largest bucket
+        log.warning("AdaCS: skipped %d %s records: %s", stats.num_skipped, split, stats.summary())
+    return list(examples)
 
 
 def _response_tokens(traces, tokenizer, eos: int, max_len: int):
@@ -114,10 +138,19 @@ def _any_correct_trace(problems, seed: int) -> list[records.Example]:
 
 
 def run(config, workdir: str) -> dict[str, float]:
-    """Runs pass rates, curation and SFT; returns the final evaluation metrics."""
+    """Runs pass rates, curation and SFT; returns the final evaluation metrics.
+
+    Raises:
+      runtime.WorkdirError: the workdir is not writable or another run holds it.
+      checkpoint.Preempted: SIGTERM arrived; the work so far was saved, nothing was exported.
+      metrics.NonFiniteError: more than `sft.max_nonfinite_steps` non-finite steps in a row.
+    """
+    with runtime.stage_run(workdir, "AdaCS") as hold:
+        return _run(config, Path(workdir), hold)
+
+
+def _run(config, work: Path, hold) -> dict[str, float]:
     c = config
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
     # --- Model and tokenizer -----------------------------------------------------------------
@@ -125,12 +158,15 @@ def run(config, workdir: str) -> dict[str, float]:
     rules = tuple(tuple(r) for r in c.mesh.rules) or None
     cfg = model.cfg
     eos = cfg.eos_token_id
-    writer = mt.MetricWriter(work, tensorboard=c.log.tensorboard)
+    writer = hold.enter_context(mt.MetricWriter(work, tensorboard=c.log.tensorboard))
     writer.write_config(c.to_dict())
     buckets = tuple(c.data.prompt_len_buckets)
 
     # --- 1. Pass rates --------------------------------------------------------------------------
-    problems = _problems(c, "train")
+    problems = _problems(c, "train", tokenizer, cfg)
+    val = _problems(c, "val", tokenizer, cfg)  # read now: a bad file stops the run before work
+    if c.eval.max_examples:
+        val = val[: c.eval.max_examples]
     missing = [p for p in problems if p.pass_rate is None] if c.curation.enabled else []
     if missing and not c.pass_rate.enabled:
         raise ValueError(
@@ -169,8 +205,13 @@ def run(config, workdir: str) -> dict[str, float]:
             key=jax.random.PRNGKey(c.seed),
             progress=progress,
             mesh=mesh,
+            stop=ckpt.preempted_here,  # each host writes its own shard: no collective here
         )
         progress.close()
+        if result.stopped:  # SIGTERM: the finished problems are on disk; a restart resumes
+            log.warning("AdaCS: preempted during the pass rates; %d done now.", result.computed)
+            ckpt.clear_preemption()
+            raise ckpt.Preempted("AdaCS (pass rates)")
         rates = PR.merge_pass_rates(str(work / "pass_rates"))
         problems = PR.attach_pass_rates(problems, rates)
         log.info(
@@ -218,11 +259,13 @@ def run(config, workdir: str) -> dict[str, float]:
         jnp.zeros((), jnp.int32),
     )
     stream = pipeline.PromptStream(data, seed=c.data.shuffle_seed, num_epochs=c.sft.epochs)
-    checkpointer = ckpt.Checkpointer(
-        work / "checkpoints",
-        every_steps=c.checkpoint.every_steps or steps,
-        keep=c.checkpoint.keep,
-        async_save=c.checkpoint.async_save,
+    checkpointer = hold.enter_context(  # closed on any exit: an in-flight save completes
+        ckpt.Checkpointer(
+            work / "checkpoints",
+            every_steps=c.checkpoint.every_steps or steps,
+            keep=c.checkpoint.keep,
+            async_save=c.checkpoint.async_save,
+        )
     )
     restored, extra, start = runtime.restore_or_start(
         work, c, checkpointer, writer, {"train": runtime.place_state(state, mesh)}
@@ -230,7 +273,6 @@ def run(config, workdir: str) -> dict[str, float]:
     state = runtime.place_state(restored["train"], mesh)
     if extra:
         stream.set_global_state(extra["data"])
-    uninstall = ckpt.install_preemption_handler()
     guard = mt.NonFiniteGuard(c.sft.max_nonfinite_steps)
     prompt_len = max(buckets)
     s = sft.SFTSettings(
@@ -311,35 +353,28 @@ def run(config, workdir: str) -> dict[str, float]:
             }
         )
         metrics["train/tokens_per_s"] = metrics["train/tokens"] / metrics["time/step_s"]
-        if not guard.check(step, {"train/loss": metrics["train/loss"]}):
-            log.warning("AdaCS step %d: non-finite loss or gradient; the update was skipped.", step)
+        checked = {k: metrics[k] for k in ("train/loss", "train/grad_norm")}
+        checked["train/parameters"] = np.nan if metrics["train/nonfinite_params"] else 0.0
+        if not runtime.check_finite(guard, step, checked, checkpointer):
+            log.warning("AdaCS step %d: non-finite values; the update was skipped.", step)
         if step % c.log.every_steps == 0 or step == steps:
             writer.write(step, metrics)
         progress.update(1, loss=f"{metrics['train/loss']:.3f}")
-        preempted = ckpt.preempted()
-        checkpointer.save(
+        # On SIGTERM: saved, then Preempted ends the stage here (no evaluation, no export).
+        ckpt.save_or_stop(
+            checkpointer,
             step,
             {"train": state},
             {"data": stream.get_global_state()},
-            force=preempted or step == steps,
+            force=step == steps,
+            stage="AdaCS",
         )
-        if preempted:
-            log.warning("AdaCS: preempted at step %d; checkpoint saved, exiting.", step)
-            break
     progress.close()
     checkpointer.wait()
-    checkpointer.close()
-    uninstall()
-    if ckpt.preempted():
-        writer.close()
-        return {}
 
     # --- Evaluation and export ----------------------------------------------------------------
     full_graphdef, params_now = nnx.split(Lr.merge(graphdef, state.trainable, frozen))
     result = {}
-    val = _problems(c, "val")
-    if c.eval.max_examples:
-        val = val[: c.eval.max_examples]
     if val:
         sampling = ev.policy_sampling(
             cfg,
@@ -371,5 +406,5 @@ def run(config, workdir: str) -> dict[str, float]:
     if is_main:
         tokenizer.save_pretrained(work / "export")
         log.info("AdaCS: fine-tuned model exported to %s", work / "export")
-    writer.close()
+    runtime.mark_complete(work, "AdaCS", steps)
     return result

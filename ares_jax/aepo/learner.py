@@ -15,8 +15,9 @@ One update (`train_step`, METHOD.md 4.7, 4.8, 4.11):
      - accumulate the gradient of the sum;
   2. divide by the mini-batch's total denominator (exact accumulation, whatever the micro-batch
      split), clip the global norm, take one AdamW step;
-  3. if the loss or the gradient is not finite, keep the parameters and optimizer state, and
-     report the step as skipped.
+  3. if the loss or the gradient is not finite, or the step would make a parameter non-finite,
+     keep the parameters and optimizer state, and report the step as skipped
+     (`apply_if_finite`).
 """
 
 from __future__ import annotations
@@ -251,22 +252,17 @@ def train_step(
     loss = terms.loss_sum / denom
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def apply(_):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        return optax.apply_updates(state.trainable, updates), opt_state
-
-    def skip(_):
-        return state.trainable, state.opt_state
-
-    trainable, opt_state = jax.lax.cond(finite, apply, skip, None)
+    trainable, opt_state, applied, params_ok = apply_if_finite(
+        optimizer, grads, state.trainable, state.opt_state, finite
+    )
     tokens = jnp.maximum(terms.token_count, 1.0)
     metrics = {
         "train/loss": loss,
         "train/pg_loss": terms.pg_sum / denom,
         "train/kl_loss": terms.kl_sum / denom,
         "train/grad_norm": grad_norm,
-        "train/skipped": (~finite).astype(jnp.float32),
+        "train/skipped": (~applied).astype(jnp.float32),
+        "train/nonfinite_params": (~params_ok).astype(jnp.float32),
         "train/clip_frac_high": terms.clip_high_sum / tokens,
         "train/clip_frac_low": terms.clip_low_sum / tokens,
         "train/dual_clip_frac": terms.dual_clip_sum / tokens,
@@ -280,6 +276,38 @@ def train_step(
     }
     new_state = TrainState(trainable, opt_state, beta, state.kappa, state.step + 1)
     return new_state, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def apply_if_finite(optimizer: optax.GradientTransformation, grads, trainable, opt_state, ok):
+    """One optimizer step, taken only when `ok` (a finite loss and gradient) and when every new
+    parameter is finite; otherwise the parameters and the optimizer state stay as they were.
+
+    A step can overflow parameters that a finite gradient produced (a huge learning rate):
+    refused here, it shows as `params_ok` False instead of as NaN entropies in the next rollout.
+
+    Returns:
+      (trainable, opt_state, applied, params_ok): `applied` is a bool scalar; `params_ok` is
+      False only when the step was refused for non-finite new parameters.
+    """
+
+    def apply(_):
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new = optax.apply_updates(trainable, updates)
+        fine = _all_finite(new)
+        new, new_opt_state = jax.lax.cond(
+            fine, lambda: (new, new_opt_state), lambda: (trainable, opt_state)
+        )
+        return new, new_opt_state, fine, fine
+
+    def skip(_):
+        return trainable, opt_state, jnp.asarray(False), jnp.asarray(True)
+
+    return jax.lax.cond(ok, apply, skip, None)
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, trainable):

@@ -93,6 +93,28 @@ class Rollout(NamedTuple):
     state: RolloutState  # advanced by this phase
 
 
+class NonFiniteRollout(ArithmeticError):
+    """The sampled rollout holds NaN or inf where it counts: the policy's logits are broken.
+
+    Attributes:
+      quantity: which value, e.g. "rollout/entropy" or "rollout/sampler_logp".
+      rows: how many sampled rows hold one.
+    """
+
+    def __init__(self, quantity: str, rows: int, total: int):
+        self.quantity, self.rows = quantity, rows
+        super().__init__(f"{quantity} is NaN or inf in {rows} of {total} sampled responses.")
+
+
+def check_finite(out, entropies: dict[str, np.ndarray]) -> None:
+    """Raises NonFiniteRollout when an entropy or the sampler's log-prob of a sampled token is not
+    finite at a position of the responses (`out.mask`)."""
+    for name, values in (*entropies.items(), ("rollout/sampler_logp", out.logp)):
+        bad = ~np.isfinite(values) & out.mask
+        if bad.any():
+            raise NonFiniteRollout(name, int(bad.any(1).sum()), int(out.mask.shape[0]))
+
+
 def threshold_and_count_entropies(out, estimator: str) -> tuple[np.ndarray, np.ndarray]:
     """(entropy for the threshold, entropy for the counts) per METHOD.md 2.1 and the switch, from
     anything with the sampler's `entropy`, `topk_entropy_tail` and `topk_entropy_raw` [N, T]."""
@@ -235,6 +257,10 @@ def collect(
         )
         gen_seconds += time.perf_counter() - g0
         tokens_generated += int(out.lengths.sum())
+        ent_threshold, ent_count = threshold_and_count_entropies(out, s.estimator)
+        check_finite(
+            out, {"rollout/entropy": ent_count, "rollout/threshold_entropy": ent_threshold}
+        )
         s0 = time.perf_counter()
         texts = [
             tokenizer.decode(out.tokens[r, : out.lengths[r]], skip_special_tokens=True)
@@ -244,7 +270,6 @@ def collect(
         scores = grade(texts, golds, workers=s.score_workers)
         score_seconds += time.perf_counter() - s0
         correct = scores.correct & out.active
-        ent_threshold, ent_count = threshold_and_count_entropies(out, s.estimator)
         if s.threshold == "paper":  # recomputed from this batch, used as it is
             tau = float(
                 H.batch_threshold(

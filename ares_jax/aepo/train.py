@@ -47,7 +47,7 @@ from ares_jax import runtime
 from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.aepo import rollout as RO
-from ares_jax.data import pipeline
+from ares_jax.data import pipeline, prompts
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl import tokenizer as tok
 from ares_jax.ops import hwe as H
@@ -184,19 +184,46 @@ def _kappa_params(k) -> K.KappaControllerParams:
     )
 
 
-def _source(c, split: str):
+def _source(c, split: str, tokenizer=None, cfg=None, paths=None):
+    """The split's Examples (`paths` overrides the split's files). From files, given the
+    tokenizer and the model config, every prompt is measured once here: one longer than the
+    largest prompt bucket is dropped and counted (data.drop_overlong_prompts) or stops the run
+    naming its file and line, instead of stopping the first rollout that draws it."""
     d = c.data
     if d.source == "synthetic":
         n = d.synthetic_train_size if split == "train" else d.synthetic_val_size
         return pipeline.example_source(pipeline.SyntheticSpec(n=n, seed=c.seed, split=split))
-    files = d.train_files if split == "train" else d.val_files
-    if files is None:
-        return None
-    paths = tuple(files.split(",")) if isinstance(files, str) else tuple(files)
-    return pipeline.example_source(pipeline.FilesSpec(paths=paths, on_error=d.on_error))
+    if paths is None:
+        files = d.train_files if split == "train" else d.val_files
+        if files is None:
+            return None
+        paths = [p.strip() for p in files.split(",")] if isinstance(files, str) else files
+    source = pipeline.example_source(
+        pipeline.FilesSpec(
+            paths=tuple(paths),
+            on_error=d.on_error,
+            image_root=d.image_root,
+            allow_absolute_image_paths=d.allow_absolute_image_paths,
+        )
+    )
+    if tokenizer is None:
+        return source
+    settings = prompts.PromptSettings(
+        template=d.prompt_template,
+        min_pixels=d.min_pixels,
+        max_pixels=d.max_pixels,
+        max_len=max(d.prompt_len_buckets),
+        patch_size=cfg.vision.patch_size,
+        merge_size=cfg.vision.spatial_merge_size,
+        image_token_id=cfg.image_token_id,
+    )
+    source, _ = prompts.check_prompts(
+        source, tokenizer, settings, drop_overlong=d.drop_overlong_prompts, on_error=d.on_error
+    )
+    return source
 
 
-def _val_examples(c) -> list:
+def _val_examples(c, tokenizer=None, cfg=None) -> list:
     """Validation problems; from files, each file is one benchmark (its stem names the source
     where the records carry none), so evaluation reports accuracy per file."""
     if c.data.source == "synthetic":
@@ -206,12 +233,18 @@ def _val_examples(c) -> list:
         return []
     else:
         files = c.data.val_files
-        paths = files.split(",") if isinstance(files, str) else list(files)
+        paths = [p.strip() for p in files.split(",")] if isinstance(files, str) else list(files)
         examples = []
         for path in paths:
-            src = pipeline.example_source(
-                pipeline.FilesSpec(paths=(path,), on_error=c.data.on_error)
-            )
+            src = _source(c, "val", tokenizer, cfg, paths=(path,))
+            stats = getattr(src, "read_stats", None)  # a tfds build has none
+            if stats is not None and stats.num_skipped:
+                log.warning(
+                    "AEPO: skipped %d validation records of %s: %s",
+                    stats.num_skipped,
+                    path,
+                    stats.summary(),
+                )
             stem = Path(path).stem
             examples += [
                 dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
@@ -248,10 +281,19 @@ def make_optimizer(c) -> optax.GradientTransformation:
 
 
 def run(config, workdir: str) -> dict[str, float]:
-    """Runs AEPO to `config.train.steps` iterations; returns the last evaluation metrics."""
+    """Runs AEPO to `config.train.steps` iterations; returns the last evaluation metrics.
+
+    Raises:
+      runtime.WorkdirError: the workdir is not writable or another run holds it.
+      checkpoint.Preempted: SIGTERM arrived; the step was saved, nothing was exported.
+      metrics.NonFiniteError: more than `train.max_nonfinite_steps` non-finite steps in a row.
+    """
+    with runtime.stage_run(workdir, "AEPO") as hold:
+        return _run(config, Path(workdir), hold)
+
+
+def _run(config, workdir_path: Path, hold) -> dict[str, float]:
     c = config
-    workdir_path = Path(workdir)
-    workdir_path.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     if c.rollout.prompts_per_iter % jax.process_count():
         raise ValueError(
@@ -285,15 +327,10 @@ def run(config, workdir: str) -> dict[str, float]:
     optimizer = make_optimizer(c)
 
     # --- Data ----------------------------------------------------------------------------------
-    train_source = _source(c, "train")
+    train_source = _source(c, "train", tokenizer, cfg)
     stats = getattr(train_source, "read_stats", None)
-    if stats is not None and stats.num_skipped:
-        log.warning(
-            "AEPO: skipped %d bad training records: %s (first: %s)",
-            stats.num_skipped,
-            dict(stats.skipped),
-            stats.first_errors[:1],
-        )
+    if stats is not None and stats.num_skipped:  # bad rows, and prompts over the largest bucket
+        log.warning("AEPO: skipped %d training records: %s", stats.num_skipped, stats.summary())
     stream = pipeline.PromptStream(train_source, seed=c.data.shuffle_seed)
     per_epoch = len(train_source) // c.rollout.prompts_per_iter
     log.info(
@@ -304,7 +341,7 @@ def run(config, workdir: str) -> dict[str, float]:
         c.train.steps,
         c.train.steps * c.rollout.prompts_per_iter / max(len(train_source), 1),
     )
-    val_examples = _val_examples(c)
+    val_examples = _val_examples(c, tokenizer, cfg)
 
     # --- State and restore ---------------------------------------------------------------------
     state = Lr.TrainState(
@@ -323,13 +360,17 @@ def run(config, workdir: str) -> dict[str, float]:
         targets=BK.init_bucket_targets(alpha_init=c.reward.alpha_init),
     )
     key = jax.random.PRNGKey(c.seed)
-    checkpointer = ckpt.Checkpointer(
-        workdir_path / "checkpoints",
-        every_steps=c.checkpoint.every_steps or c.train.steps,  # 0: only at the end
-        keep=c.checkpoint.keep,
-        async_save=c.checkpoint.async_save,
+    # Both are closed on any exit (the hold's ExitStack): an asynchronous save in flight when an
+    # exception stops the run is finished, not lost.
+    checkpointer = hold.enter_context(
+        ckpt.Checkpointer(
+            workdir_path / "checkpoints",
+            every_steps=c.checkpoint.every_steps or c.train.steps,  # 0: only at the end
+            keep=c.checkpoint.keep,
+            async_save=c.checkpoint.async_save,
+        )
     )
-    writer = mt.MetricWriter(workdir_path, tensorboard=c.log.tensorboard)
+    writer = hold.enter_context(mt.MetricWriter(workdir_path, tensorboard=c.log.tensorboard))
     writer.write_config(c.to_dict())
     # The rollout state and the key are host values between steps; they are checkpointed as
     # replicated arrays on the mesh, since Orbax refuses arrays that live on one process only.
@@ -344,7 +385,6 @@ def run(config, workdir: str) -> dict[str, float]:
     rollout_state, key = multihost.fetch((restored["rollout"], restored["key"]))
     if extra:
         stream.set_global_state(extra["data"])
-    uninstall = ckpt.install_preemption_handler()
     guard = mt.NonFiniteGuard(c.train.max_nonfinite_steps)
 
     # --- Jitted steps ---------------------------------------------------------------------------
@@ -414,19 +454,25 @@ def run(config, workdir: str) -> dict[str, float]:
     for step in range(start + 1, c.train.steps + 1):
         t_step = time.perf_counter()
         full_graphdef, params_now = nnx.split(Lr.merge(graphdef, state.trainable, frozen))
-        rollout = RO.collect(
-            stream,
-            full_graphdef,
-            params_now,
-            tokenizer,
-            cfg,
-            rs,
-            rollout_state,
-            table,
-            jax.random.fold_in(key, step),
-            tau_fallback=c.entropy.threshold_fallback,
-            mesh=mesh,
-        )
+        try:
+            rollout = RO.collect(
+                stream,
+                full_graphdef,
+                params_now,
+                tokenizer,
+                cfg,
+                rs,
+                rollout_state,
+                table,
+                jax.random.fold_in(key, step),
+                tau_fallback=c.entropy.threshold_fallback,
+                mesh=mesh,
+            )
+        except RO.NonFiniteRollout as e:  # broken logits: no update from this rollout
+            runtime.check_finite(guard, step, {e.quantity: np.nan}, checkpointer)
+            log.warning("AEPO step %d: %s The step was skipped.", step, e)
+            ckpt.stop_preempted("AEPO", None, str(checkpointer.directory))
+            continue
         rollout_state = rollout.state
         metrics = dict(rollout.metrics)
 
@@ -450,6 +496,8 @@ def run(config, workdir: str) -> dict[str, float]:
         # that sampled the rollout, as the released trainer takes them before any update: the
         # ratio of mini-batch k > 1 then carries the importance correction of the steps before it.
         minibatches, gaps = [], []
+        nonfinite = {"learner/old_logp": jnp.zeros((), jnp.int32)}
+        nonfinite["learner/ref_logp"] = jnp.zeros((), jnp.int32)
         for first in range(0, n_prompts, c.train.prompts_per_step):
             sel = np.flatnonzero(
                 (rows.prompt >= first) & (rows.prompt < first + c.train.prompts_per_step)
@@ -477,12 +525,14 @@ def run(config, workdir: str) -> dict[str, float]:
                     jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
                     / jnp.maximum(jnp.sum(lb.mask), 1)
                 )
+                nonfinite["learner/old_logp"] += jnp.sum(~jnp.isfinite(old) & lb.mask)
             ref = jnp.zeros_like(old)
             if ls.kl_coef > 0:
                 with jax.set_mesh(mesh):
                     ref, _ = logprob_fn(
                         graphdef, reference[0], reference[1], lb.inputs, lb.tokens, ls
                     )
+                nonfinite["learner/ref_logp"] += jnp.sum(~jnp.isfinite(ref) & lb.mask)
             minibatches.append(lb._replace(old_logp=old, ref_logp=ref))
 
         kappa_obs, step_metrics = [], []
@@ -514,8 +564,8 @@ def run(config, workdir: str) -> dict[str, float]:
                 state.kappa, ctrl, bucket, params=_kappa_params(c.kl), valid=valid
             )
             state = state._replace(kappa=new_kappa)
-        step_metrics, gaps, beta, kappa = multihost.fetch(
-            (step_metrics, gaps, state.beta.beta, state.kappa)
+        step_metrics, gaps, beta, kappa, nonfinite = multihost.fetch(
+            (step_metrics, gaps, state.beta.beta, state.kappa, nonfinite)
         )
         # The iteration's optimizer steps, averaged (a non-finite step stays non-finite).
         metrics.update({k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]})
@@ -528,11 +578,11 @@ def run(config, workdir: str) -> dict[str, float]:
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics["train/tokens_per_s"] = float(rows.mask.sum()) / metrics["time/step_s"]
 
-        if not guard.check(
-            step,
-            {"train/loss": metrics["train/loss"], "train/grad_norm": metrics["train/grad_norm"]},
-        ):
-            log.warning("AEPO step %d: non-finite loss or gradient; the update was skipped.", step)
+        checked = {k: np.nan if int(v) else 0.0 for k, v in nonfinite.items()}
+        checked["train/parameters"] = np.nan if metrics["train/nonfinite_params"] else 0.0
+        checked.update({k: metrics[k] for k in ("train/loss", "train/grad_norm")})
+        if not runtime.check_finite(guard, step, checked, checkpointer):
+            log.warning("AEPO step %d: non-finite values; the update was skipped.", step)
         if c.eval.every_steps and step % c.eval.every_steps == 0 and val_examples:
             last_eval = validate(step)
             metrics.update(last_eval)
@@ -554,18 +604,15 @@ def run(config, workdir: str) -> dict[str, float]:
 
         full = runtime.place_state({"train": state, "rollout": rollout_state, "key": key}, mesh)
         extra = {"data": stream.get_global_state()}
-        preempted = ckpt.preempted()
-        checkpointer.save(step, full, extra, force=preempted or step == c.train.steps)
-        if preempted:
-            log.warning("AEPO: preempted at step %d; checkpoint saved, exiting.", step)
-            break
+        # On SIGTERM: saved, then Preempted ends the stage here (no export, no completion).
+        ckpt.save_or_stop(
+            checkpointer, step, full, extra, force=step == c.train.steps, stage="AEPO"
+        )
     progress.close()
     checkpointer.wait()
-    checkpointer.close()
-    uninstall()
 
     # --- Export ----------------------------------------------------------------------------------
-    if c.train.export and not ckpt.preempted():
+    if c.train.export:
         export = workdir_path / "export"
         policy = Lr.merge(graphdef, state.trainable, frozen)
         # Every process gathers (a collective); process 0 writes.
@@ -573,5 +620,5 @@ def run(config, workdir: str) -> dict[str, float]:
         if is_main:
             tokenizer.save_pretrained(export)
             log.info("AEPO: policy exported to %s", export)
-    writer.close()
+    runtime.mark_complete(workdir_path, "AEPO", c.train.steps)
     return last_eval

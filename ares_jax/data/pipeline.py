@@ -78,8 +78,9 @@ class FilesSpec:
     paths: tuple[str, ...]
     on_error: str = "raise"
     columns: tuple[tuple[str, str], ...] = ()  # (field, column) overrides, see records.COLUMNS
-    image_root: str | None = None
+    image_root: str | None = None  # image files must lie in it (default: each file's directory)
     check_images: bool = True
+    allow_absolute_image_paths: bool = False  # True: image files may lie anywhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,7 @@ def example_source(spec: SourceSpec | Mapping[str, Any]) -> ExampleSource:
             columns=dict(spec.columns) or None,
             image_root=spec.image_root,
             check_images=spec.check_images,
+            allow_absolute_image_paths=spec.allow_absolute_image_paths,
         )
         return InMemoryExamples(examples, stats)
     raise TypeError(f"unsupported data spec {type(spec).__name__}")

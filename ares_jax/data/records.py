@@ -19,14 +19,23 @@ An answer that contains `\\boxed{}` (a worked solution, e.g. a MATH-style `solut
 is reduced to the content of its last `\\boxed{}`.
 
 An image entry is raw bytes (parquet binary), a `{"bytes": ..., "path": ...}` dict (what HF
-`datasets` writes; bytes win), a `data:image/...;base64,` URL, a file path (relative paths are
-resolved against `image_root`, else the data file's directory) or a bare base64 string. A single
-entry instead of a list is one image. Images are stored encoded, as read; `check_images` decodes
-each once with PIL to reject unreadable files early.
+`datasets` writes; bytes win), a `data:image/...;base64,` URL, a file path or a bare base64
+string. A single entry instead of a list is one image. Images are stored encoded, as read;
+`check_images` decodes each once with PIL to reject unreadable files early.
+
+Image files. A relative path is resolved against `image_root`, else the data file's directory
+(the image root), and must stay inside it once `..` and symlinks are resolved; an absolute path
+must lie inside it too, unless `allow_absolute_image_paths` lifts the rule. Only regular files
+are read (not devices, FIFOs or directories), and none larger than `MAX_IMAGE_FILE_BYTES`.
+
+A question's `<image>` markers place its images in the prompt (processor.build_prompt): a
+question with markers must have exactly one per image; one without markers gets all its images
+before the text. A question holding the model's own image token `<|image_pad|>` is refused.
 
 Errors name the file and the place: `path, line N` (JSONL, 1-based), `path, entry N` (a JSON
-array, 0-based) or `path, row N` (parquet, 0-based). With `on_error="skip"` bad rows are skipped
-and counted by reason in `ReadStats`; a missing or unreadable data file always raises.
+array, 0-based) or `path, row N` (parquet, 0-based); each Example keeps that place as `origin`.
+With `on_error="skip"` bad rows are skipped and counted by reason in `ReadStats`; a missing,
+unreadable or empty data file always raises, and so does a data set left empty by skipping.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import io
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -80,6 +90,20 @@ MISSING_ANSWER = "missing_answer"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
 BAD_FIELD = "bad_field"
+MARKER_MISMATCH = "image_marker_mismatch"  # <image> markers != images, or a raw <|image_pad|>
+IMAGE_OUTSIDE_ROOT = "image_outside_root"  # absolute, `..` or symlinked out of the image root
+IMAGE_NOT_A_FILE = "image_not_a_file"  # a device, FIFO, directory, ...
+IMAGE_TOO_LARGE = "image_too_large"  # an image file over MAX_IMAGE_FILE_BYTES
+# Found when a stage measures its prompts (data/prompts.py), not by the readers.
+OVERLONG_PROMPT = "overlong_prompt"  # longer than the largest prompt length bucket
+BAD_IMAGE_SIZE = "bad_image_size"  # an aspect ratio the processor refuses (> 200)
+
+# The largest image file read from disk. Real photos and diagrams are well below it (a 2048 x
+# 2048 PNG of noise is 12 MiB); the cap keeps a wrong path from reading gigabytes.
+MAX_IMAGE_FILE_BYTES = 64 * 2**20
+
+IMAGE_MARKER = "<image>"  # processor.IMAGE_MARKER
+IMAGE_PAD = "<|image_pad|>"  # processor.IMAGE_PAD
 
 _MAX_LOGGED_ERRORS = 10
 _EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -98,6 +122,8 @@ class Example:
       traces: teacher reasoning traces (AdaCS curation picks one per problem).
       pass_rate: fraction of correct samples in [0, 1] (AdaCS, METHOD.md 3.1), if known.
       difficulty: 1 (easiest) to 5, for the synthetic task only.
+      origin: where the row came from, "path, line N" (see the module docstring); "" when not
+        read from a file. Not part of equality or hash.
     """
 
     id: str
@@ -108,6 +134,7 @@ class Example:
     traces: tuple[str, ...] = ()
     pass_rate: float | None = None
     difficulty: int | None = None
+    origin: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
         # Lists are accepted for convenience; stored as tuples so Examples stay hashable.
@@ -119,30 +146,60 @@ class Example:
 
 @dataclasses.dataclass
 class ReadStats:
-    """What a read saw: rows read, examples kept, rows skipped by reason."""
+    """What a read saw: rows read, examples kept, rows skipped by reason, the files read."""
 
     files: int = 0
     rows: int = 0
     examples: int = 0
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     first_errors: list[str] = dataclasses.field(default_factory=list)
+    first_by_reason: dict[str, str] = dataclasses.field(default_factory=dict)
+    paths: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def skip(self, reason: str, message: str) -> None:
+        """Counts one skipped row under `reason`; keeps the first messages."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.first_by_reason.setdefault(reason, message)
+        if len(self.first_errors) < _MAX_LOGGED_ERRORS:
+            self.first_errors.append(message)
+
+    def summary(self) -> str:
+        """The skip counts by reason with each reason's first row, for a log line."""
+        return "; ".join(
+            f"{reason}: {n} (first: {self.first_by_reason.get(reason, '?')})"
+            for reason, n in sorted(self.skipped.items())
+        )
+
     def merge(self, other: ReadStats) -> ReadStats:
         self.files += other.files
+        self.paths.extend(other.paths)
         self.rows += other.rows
         self.examples += other.examples
         for reason, count in other.skipped.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + count
+        for reason, message in other.first_by_reason.items():
+            self.first_by_reason.setdefault(reason, message)
         room = _MAX_LOGGED_ERRORS - len(self.first_errors)
         self.first_errors.extend(other.first_errors[: max(room, 0)])
         return self
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def require_examples(self) -> None:
+        """Raises a `DataError` naming the files and the skip counts when no example is left."""
+        if self.examples:
+            return
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+        first = f"; first: {self.first_errors[0]}" if self.first_errors else ""
+        raise DataError(
+            f"no usable example in {', '.join(self.paths) or 'the data'}: all {self.rows} "
+            f"row(s) were skipped ({counts or 'none read'}){first}"
+        )
 
 
 class DataError(ValueError):
@@ -171,6 +228,7 @@ def iter_examples(
     columns: Mapping[str, str] | None = None,
     image_root: str | os.PathLike | None = None,
     check_images: bool = True,
+    allow_absolute_image_paths: bool = False,
     stats: ReadStats | None = None,
 ) -> Iterator[Example]:
     """Yields the Examples of one .jsonl, .json or .parquet file, in file order.
@@ -181,10 +239,16 @@ def iter_examples(
         "skip" skips it and counts it in `stats.skipped` under its reason.
       columns: field -> column name, overriding `COLUMNS` for that field (e.g.
         `{"pass_rate": "PassRate_7BBase"}`).
-      image_root: directory relative image paths are resolved against (default: the data file's
-        directory).
+      image_root: directory relative image paths are resolved against, and that image files
+        must lie in (default: the data file's directory).
       check_images: decode every image once with PIL; an undecodable one is a bad row.
+      allow_absolute_image_paths: read image files anywhere (absolute paths, `..`, symlinks out
+        of the image root); by default such a path is a bad row.
       stats: updated in place while iterating.
+
+    Raises:
+      DataError: the file is missing, of an unknown type, unreadable or has no row; or (with
+        on_error="raise") a bad row, naming the file and the line.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -200,24 +264,30 @@ def iter_examples(
         )
     stats = ReadStats() if stats is None else stats
     stats.files += 1
-    base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(path)
+    stats.paths.append(path)
+    images = _ImageFiles(
+        os.fspath(image_root) if image_root is not None else os.path.dirname(path),
+        allow_absolute_image_paths,
+    )
     rows = _parquet_rows(path) if ext == ".parquet" else _json_rows(path)
+    count = 0
     for where, default_id, row in rows:
+        count += 1
         stats.rows += 1
         try:
             if isinstance(row, _RowError):
                 raise row
-            example = _to_example(row, default_id, lookup, base_dir, check_images)
+            example = _to_example(row, default_id, f"{path}, {where}", lookup, images, check_images)
         except _RowError as e:
             message = f"{path}, {where}: {e}"
             if on_error == "raise":
                 raise DataError(message, reason=e.reason) from None
-            stats.skipped[e.reason] = stats.skipped.get(e.reason, 0) + 1
-            if len(stats.first_errors) < _MAX_LOGGED_ERRORS:
-                stats.first_errors.append(message)
+            stats.skip(e.reason, message)
             continue
         stats.examples += 1
         yield example
+    if not count:
+        raise DataError(f"data file {path} is empty: it has no rows")
 
 
 def read_examples(
@@ -227,6 +297,7 @@ def read_examples(
     columns: Mapping[str, str] | None = None,
     image_root: str | os.PathLike | None = None,
     check_images: bool = True,
+    allow_absolute_image_paths: bool = False,
 ) -> tuple[list[Example], ReadStats]:
     """All Examples of one data file and the read statistics (see `iter_examples`)."""
     stats = ReadStats()
@@ -237,6 +308,7 @@ def read_examples(
             columns=columns,
             image_root=image_root,
             check_images=check_images,
+            allow_absolute_image_paths=allow_absolute_image_paths,
             stats=stats,
         )
     )
@@ -271,8 +343,14 @@ def read_many(
     columns: Mapping[str, str] | None = None,
     image_root: str | os.PathLike | None = None,
     check_images: bool = True,
+    allow_absolute_image_paths: bool = False,
 ) -> tuple[list[Example], ReadStats]:
-    """The Examples of several files (paths, globs or a list), concatenated in order."""
+    """The Examples of several files (paths, globs or a list), concatenated in order.
+
+    Raises:
+      DataError: as `iter_examples`; also when every row of every file was skipped (naming the
+        files and the counts by reason).
+    """
     stats = ReadStats()
     examples: list[Example] = []
     for path in expand_paths(paths):
@@ -283,9 +361,11 @@ def read_many(
                 columns=columns,
                 image_root=image_root,
                 check_images=check_images,
+                allow_absolute_image_paths=allow_absolute_image_paths,
                 stats=stats,
             )
         )
+    stats.require_examples()
     return examples, stats
 
 
@@ -299,6 +379,7 @@ def write_jsonl(examples: Sequence[Example], path: str | os.PathLike) -> str:
     with open(tmp, "w", encoding="utf-8") as f:
         for ex in examples:
             row = dataclasses.asdict(ex)
+            del row["origin"]  # where this file's rows come from is this file
             row["images"] = [base64.b64encode(b).decode("ascii") for b in ex.images]
             row["traces"] = list(ex.traces)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -390,8 +471,9 @@ def _get(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
 def _to_example(
     row: Mapping[str, Any],
     default_id: str,
+    origin: str,
     lookup: Mapping[str, tuple[str, ...]],
-    base_dir: str,
+    image_files: _ImageFiles,
     check_images: bool,
 ) -> Example:
     turns = _chat_turns(_get(row, lookup["messages"]))
@@ -414,7 +496,8 @@ def _to_example(
         raise _RowError(
             MISSING_ANSWER, f"row has no answer (columns {', '.join(lookup['answer'])})"
         )
-    images = _images(_get(row, lookup["images"]), base_dir, check_images)
+    images = _images(_get(row, lookup["images"]), image_files, check_images)
+    _check_markers(question, len(images))
     raw_id = _get(row, lookup["id"])
     source = _get(row, lookup["source"])
     return Example(
@@ -426,7 +509,25 @@ def _to_example(
         traces=traces,
         pass_rate=_pass_rate(_get(row, lookup["pass_rate"])),
         difficulty=_difficulty(_get(row, lookup["difficulty"])),
+        origin=origin,
     )
+
+
+def _check_markers(question: str, num_images: int) -> None:
+    """The question's `<image>` markers fit its images (processor.build_prompt's rule)."""
+    markers = question.count(IMAGE_MARKER)
+    if markers and markers != num_images:
+        raise _RowError(
+            MARKER_MISMATCH,
+            f"the question has {markers} {IMAGE_MARKER} marker(s) but the row has {num_images} "
+            f"image(s); give one marker per image, or none (images then precede the text)",
+        )
+    if IMAGE_PAD in question:
+        raise _RowError(
+            MARKER_MISMATCH,
+            f"the question contains the model's image token {IMAGE_PAD}; mark images with "
+            f"{IMAGE_MARKER}",
+        )
 
 
 def _chat_turns(value: Any) -> list[tuple[str, str]]:
@@ -540,7 +641,54 @@ def _last_boxed(text: str) -> str | None:
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
-def _images(value: Any, base_dir: str, check: bool) -> tuple[bytes, ...]:
+@dataclasses.dataclass(frozen=True)
+class _ImageFiles:
+    """Where a data file's image paths may point: inside `root` unless `anywhere`."""
+
+    root: str
+    anywhere: bool = False
+
+    def full_path(self, path: str) -> str:
+        return os.path.join(self.root, path)  # an absolute path stays as it is
+
+    def read(self, path: str) -> tuple[bytes, str]:
+        """(bytes, full path) of one image file, refusing what `iter_examples` documents."""
+        full = self.full_path(path)
+        if not self.anywhere:
+            root = os.path.realpath(self.root)
+            real = os.path.realpath(full)
+            if os.path.commonpath([root, real]) != root:
+                raise _RowError(
+                    IMAGE_OUTSIDE_ROOT,
+                    f"image path {path!r} leads to {real}, outside the image root {root}; "
+                    "use paths inside it, or allow absolute image paths",
+                )
+        try:
+            info = os.stat(full)
+        except FileNotFoundError:
+            raise _RowError(MISSING_IMAGE, f"image file {full} does not exist") from None
+        except OSError as e:
+            raise _RowError(UNREADABLE_IMAGE, f"cannot read image file {full}: {e}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise _RowError(IMAGE_NOT_A_FILE, f"image path {full} is not a regular file")
+        too_large = _RowError(
+            IMAGE_TOO_LARGE,
+            f"image file {full} is larger than {MAX_IMAGE_FILE_BYTES} bytes "
+            "(records.MAX_IMAGE_FILE_BYTES)",
+        )
+        if info.st_size > MAX_IMAGE_FILE_BYTES:
+            raise too_large
+        try:
+            with open(full, "rb") as f:
+                data = f.read(MAX_IMAGE_FILE_BYTES + 1)
+        except OSError as e:
+            raise _RowError(UNREADABLE_IMAGE, f"cannot read image file {full}: {e}") from None
+        if len(data) > MAX_IMAGE_FILE_BYTES:  # it grew since stat
+            raise too_large
+        return data, full
+
+
+def _images(value: Any, files: _ImageFiles, check: bool) -> tuple[bytes, ...]:
     if value is None:
         return ()
     items = value if isinstance(value, list | tuple) else [value]
@@ -548,14 +696,14 @@ def _images(value: Any, base_dir: str, check: bool) -> tuple[bytes, ...]:
     for item in items:
         if item is None:
             continue
-        data, name = _image_bytes(item, base_dir)
+        data, name = _image_bytes(item, files)
         if check:
             _check_image(data, name)
         images.append(data)
     return tuple(images)
 
 
-def _image_bytes(item: Any, base_dir: str) -> tuple[bytes, str]:
+def _image_bytes(item: Any, files: _ImageFiles) -> tuple[bytes, str]:
     """(encoded bytes, a name for messages) of one image entry."""
     if isinstance(item, bytes | bytearray | memoryview):
         return bytes(item), "<bytes>"
@@ -566,28 +714,16 @@ def _image_bytes(item: Any, base_dir: str) -> tuple[bytes, str]:
                 return _decode_base64(data, "<base64>"), "<base64>"
             return bytes(data), str(item.get("path") or "<bytes>")
         if item.get("path"):
-            return _read_image_file(str(item["path"]), base_dir)
+            return files.read(str(item["path"]))
         raise _RowError(MISSING_IMAGE, "image entry has neither bytes nor a path")
     if isinstance(item, str):
         if item.startswith("data:"):
             return _decode_base64(item.partition(",")[2], "<data URL>"), "<data URL>"
-        full = item if os.path.isabs(item) else os.path.join(base_dir, item)
         # A file name has a "." (not a base64 character); base64 text is not a file.
-        if not os.path.exists(full) and len(item) >= 16 and _BASE64.match(item):
+        if not os.path.exists(files.full_path(item)) and len(item) >= 16 and _BASE64.match(item):
             return _decode_base64(item, "<base64>"), "<base64>"
-        return _read_image_file(item, base_dir)
+        return files.read(item)
     raise _RowError(BAD_FIELD, f"unsupported image entry of type {type(item).__name__}")
-
-
-def _read_image_file(path: str, base_dir: str) -> tuple[bytes, str]:
-    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
-    try:
-        with open(full, "rb") as f:
-            return f.read(), full
-    except FileNotFoundError:
-        raise _RowError(MISSING_IMAGE, f"image file {full} does not exist") from None
-    except OSError as e:
-        raise _RowError(UNREADABLE_IMAGE, f"cannot read image file {full}: {e}") from None
 
 
 def _decode_base64(text: str, name: str) -> bytes:

@@ -411,3 +411,15 @@ def test_attach_and_write_dataset_round_trip(tiny, tmp_path):
     path = pr.write_pass_rate_dataset(images, {e.id: 0.25 for e in images}, tmp_path / "img.jsonl")
     back, _ = records.read_examples(path)
     assert back == [e.__class__(**{**e.__dict__, "pass_rate": 0.25}) for e in images]
+
+
+def test_stop_ends_after_a_written_batch_and_a_second_call_resumes(tiny, tmp_path):
+    # What SIGTERM does during the pass rates (stop=checkpoint.preempted_here in the stage).
+    problems = _fake_problems(6)
+    reference, _ = _fake_run(tiny, problems, tmp_path / "ref")
+    first = FakeGenerate(tiny[3], tiny[2])
+    result, _ = _fake_run(tiny, problems, tmp_path / "out", fake=first, stop=lambda: True)
+    assert result.stopped and first.generated == [0, 1] and result.computed == 2
+    second_result, second = _fake_run(tiny, problems, tmp_path / "out")
+    assert not second_result.stopped and second.generated == [2, 3, 4, 5]
+    assert second_result.rates == reference.rates

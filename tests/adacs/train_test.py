@@ -95,3 +95,49 @@ def test_sigkill_then_resume_equals_uninterrupted(smoke_run, tmp_path):
     assert sorted(got) == sorted(want)
     for step in sorted(want)[1:]:
         assert got[step] == want[step], step
+
+
+def test_sigterm_in_the_pass_rates_saves_them_exits_143_and_the_restart_completes(tmp_path):
+    cmd, env = _cmd(tmp_path, *ARGS)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (tmp_path / ".lock").exists():  # the handler is on before the lock is taken
+        assert proc.poll() is None and time.time() < deadline, "the run ended or never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    stderr = stderr.decode()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "preempted: AdaCS (pass rates) preempted (SIGTERM)" in stderr
+    assert "Traceback" not in stderr
+    shards = list((tmp_path / "pass_rates").glob("shard-*.jsonl"))
+    done = sum(len(s.read_text().splitlines()) for s in shards)
+    assert 0 < done < 32  # one batch written, the rest left for the restart
+    for later in ("curation", "checkpoints", "export", "complete.json"):
+        assert not (tmp_path / later).exists(), later
+    resumed = _run(tmp_path, *ARGS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"({32 - done} computed now)" in resumed.stderr
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "complete.json").read_text())["stage"] == "AdaCS"
+
+
+def test_overlong_prompt_names_file_and_line_before_pass_rates(tmp_path):
+    """An over-long prompt used to stop the pass-rate sampling that drew it, naming no file;
+    now `_problems` measures every prompt when the stage reads its data."""
+    data = tmp_path / "cold.jsonl"
+    rows = [
+        {"question": "What is 1 + 1?", "answer": "2", "response": "\\boxed{2}"},
+        {"question": "long " * 400, "answer": "1", "response": "\\boxed{1}"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    work = tmp_path / "work"
+    proc = _run(
+        work,
+        "--config.data.source=files",
+        f"--config.data.train_files={data}",
+        "--config.data.drop_overlong_prompts=False",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cold.jsonl, line 2: the prompt has" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (work / "pass_rates").exists()

@@ -177,3 +177,27 @@ def test_non_finite_step_is_skipped(setup):
     assert float(metrics["train/skipped"]) == 1.0
     for x, y in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert float(metrics["train/nonfinite_params"]) == 0.0  # the loss, not the parameters
+
+
+def test_step_that_would_overflow_a_parameter_is_refused(setup):
+    # A finite loss and gradient, but a step so large that parameters overflow float32 (two
+    # scalings of 1e30: each finite, their product not): before, it was applied and the next
+    # rollout's entropies were NaN; now it is refused and reported.
+    cfg, model, prompts, out, rows = setup
+    s = _settings(prompts)
+    lb = _batch(cfg, prompts, rows, 6)
+    denom = PL.loss_denominator(jnp.asarray(rows.mask), agg=s.agg)
+    huge = optax.chain(optax.scale(-1e30), optax.scale(1e30))
+    _, state, _, step = _step(model, lb, denom, s, opt=huge)
+    new, metrics = step(state, lb)
+    assert np.isfinite(float(metrics["train/loss"])) and float(metrics["train/grad_norm"]) > 0
+    assert float(metrics["train/skipped"]) == 1.0
+    assert float(metrics["train/nonfinite_params"]) == 1.0
+    for x, y in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # A sane step on the same batch is applied.
+    _, state, _, step = _step(model, lb, denom, s, opt=optax.sgd(1e-3))
+    new, metrics = step(state, lb)
+    assert float(metrics["train/skipped"]) == 0.0
+    assert float(metrics["train/nonfinite_params"]) == 0.0

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,74 @@ def test_sigkill_then_resume_equals_uninterrupted(smoke_run, tmp_path):
         assert got[step] == want[step], step
 
 
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (code {proc.returncode}) before {path} appeared")
+        if time.time() > deadline:
+            pytest.fail(f"{path} did not appear in {timeout} s")
+        time.sleep(0.1)
+
+
+def test_second_run_refused_then_sigterm_saves_exits_143_and_restart_completes(tmp_path):
+    from ares_jax.checkpoint import PREEMPTED_EXIT_CODE
+
+    cmd, env = _main(tmp_path, "--config.train.steps=8")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(tmp_path / ".lock", first)
+    # A second run on the same workdir is refused in one sentence, before it loads anything.
+    second = _run(tmp_path, "--config.train.steps=8", timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the workdir {tmp_path} is in use by another run (pid ")
+    assert f"pid {first.pid} " in last
+    # SIGTERM: the step in flight is saved, nothing is exported, the code says "requeue me".
+    _wait_for(tmp_path / "checkpoints" / "1", first)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    stderr = stderr.decode()
+    assert first.returncode == PREEMPTED_EXIT_CODE == 143, stderr[-3000:]
+    assert "preempted: AEPO preempted (SIGTERM) at step" in stderr
+    assert "Traceback" not in stderr
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < 8
+    assert not (tmp_path / "export").exists()
+    assert not (tmp_path / "complete.json").exists()
+    # The restart resumes at the saved step, runs the rest once, exports and records completion.
+    resumed = _run(tmp_path, "--config.train.steps=8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from workdir checkpoint at step {saved[-1]}" in resumed.stderr
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(9))
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "complete.json").read_text())["step"] == 8
+
+
+def test_divergence_stops_in_one_sentence_with_a_complete_last_checkpoint(tmp_path):
+    # optim.lr=1e6: the loss and gradient stay finite while the logits break; the rollout's
+    # entropies turn NaN. Before, hwe_counts raised with a traceback and the save in flight was
+    # lost; now the step is counted by the guard and the run stops naming step and quantity.
+    proc = _run(tmp_path, "--config.optim.lr=1e6", "--config.train.steps=8")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    m = re.fullmatch(
+        r"error: Non-finite values at step (\d+) \(1 in a row, more than the 0 allowed\): "
+        r"rollout/entropy\. The last checkpoint: step (\d+) in (.+)\.",
+        last,
+    )
+    assert m, last
+    bad, good = int(m.group(1)), int(m.group(2))
+    assert good == bad - 1 and Path(m.group(3)) == tmp_path / "checkpoints"
+    from ares_jax import checkpoint
+
+    with checkpoint.Checkpointer(m.group(3), every_steps=1, keep=1, read_only=True) as ckpt:
+        assert ckpt.all_steps() == [good]
+        restored = ckpt._manager.restore(good)  # every item complete and readable
+    assert int(np.asarray(restored["state"]["train"]["step"])) > 0
+    assert not (tmp_path / "export").exists() and not (tmp_path / "complete.json").exists()
+
+
 def test_eight_devices_equal_one(smoke_run, tmp_path):
     proc = _run(
         tmp_path,
@@ -178,6 +247,45 @@ def test_bad_data_file_is_named(tmp_path):
         "--config.filter.enabled=False",
     )
     assert skipped.returncode == 0, skipped.stderr[-3000:]
+
+
+def test_overlong_prompt_is_dropped_and_counted_or_names_file_and_line(tmp_path):
+    """A prompt longer than the largest bucket used to pass the reader and stop the first rollout
+    that drew it, with a traceback naming no file. Now every prompt is measured at start-up:
+    drop_overlong_prompts=False stops the run there naming file and line, before any rollout;
+    True drops and counts it, and the run trains on the rest."""
+    data = tmp_path / "train.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(4)]
+    rows.insert(2, {"question": "long " * 400, "answer": "1"})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = (
+        "--config.data.source=files",
+        f"--config.data.train_files={data}",
+        f"--config.data.val_files={data}",
+        "--config.eval.val_before_train=False",
+        "--config.entropy.threshold_init=first_batch",
+        "--config.eval.every_steps=0",
+        "--config.train.steps=1",
+        "--config.rollout.prompts_per_iter=4",
+        "--config.train.prompts_per_step=4",
+        "--config.train.micro_batch_size=4",
+        "--config.filter.enabled=False",
+        "--config.train.export=False",
+    )
+    strict = _run(tmp_path / "strict", *args, "--config.data.drop_overlong_prompts=False")
+    assert strict.returncode == 2, strict.stderr[-3000:]
+    assert "train.jsonl, line 3: the prompt has" in strict.stderr
+    assert "largest prompt length bucket (256)" in strict.stderr
+    assert "Traceback" not in strict.stderr and "AEPO step" not in strict.stderr
+    metrics = tmp_path / "strict" / "metrics.jsonl"
+    assert not metrics.exists() or not read_metrics(metrics)
+
+    dropped = _run(tmp_path / "drop", *args)
+    assert dropped.returncode == 0, dropped.stderr[-3000:]
+    assert "skipped 1 training records: overlong_prompt: 1 (first: " in dropped.stderr
+    assert "train.jsonl, line 3: the prompt has" in dropped.stderr
+    assert "AEPO: 4 training problems" in dropped.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "drop" / "metrics.jsonl")] == [1]
 
 
 # One iteration whose reward differs within a group (tests/moving_reward.py).

@@ -192,3 +192,37 @@ def test_source_spec_rejects_unknown_keys():
         pipeline.source_spec({"kind": "csv"})
     spec = pipeline.source_spec({"kind": "files", "paths": ["a", "b"], "columns": {"id": "key"}})
     assert spec == FilesSpec(paths=("a", "b"), columns=(("id", "key"),))
+
+
+def test_an_empty_data_set_fails_at_read_naming_the_file(tmp_path):
+    """Before, an empty file gave an empty source and a bare "the data source is empty" later."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(records.DataError, match=r"data file .*empty\.jsonl is empty"):
+        pipeline.example_source({"kind": "files", "paths": str(empty), "on_error": "skip"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(
+        records.DataError,
+        match=r"no usable example in .*bad\.jsonl: all 1 row\(s\) were skipped "
+        r"\(missing_answer: 1\)",
+    ):
+        pipeline.example_source({"kind": "files", "paths": str(bad), "on_error": "skip"})
+
+
+def test_files_spec_image_root_and_absolute_paths(tmp_path):
+    import PIL.Image
+
+    (tmp_path / "pics").mkdir()
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "pics" / "a.png")
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "d.jsonl"
+    rows = [{"question": "q", "answer": "1", "images": [p]} for p in ("a.png", "../pics/a.png")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"kind": "files", "paths": str(path), "on_error": "skip"}
+    with pytest.raises(records.DataError, match="no usable example"):  # a.png: missing, ..: out
+        pipeline.example_source(spec)
+    rooted = pipeline.example_source({**spec, "image_root": str(tmp_path / "pics")})
+    assert len(rooted) == 2 and rooted.read_stats.skipped == {}  # both are pics/a.png
+    anywhere = pipeline.example_source({**spec, "allow_absolute_image_paths": True})
+    assert len(anywhere) == 1 and anywhere.read_stats.skipped == {"missing_image": 1}

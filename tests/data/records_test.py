@@ -205,9 +205,40 @@ def test_columns_override_rejects_unknown_field(tmp_path):
             "broken.png cannot be decoded",
         ),
         ({"question": "q", "answer": "1", "pass_rate": 3}, "bad_field", "outside"),
+        # Markers that do not fit the images: the processor would refuse the prompt later.
+        (
+            {"question": "<image> vs <image>", "answer": "1", "images": ["images/a.png"]},
+            "image_marker_mismatch",
+            "2 <image> marker.* 1 image",
+        ),
+        ({"question": "<image> q", "answer": "1"}, "image_marker_mismatch", "0 image"),
+        (
+            {"question": "q <|image_pad|>", "answer": "1", "images": ["images/a.png"]},
+            "image_marker_mismatch",
+            "image token",
+        ),
+        # Image paths must stay in the image root (the data file's directory) ...
+        (
+            {"question": "q", "answer": "1", "images": ["../outside.png"]},
+            "image_outside_root",
+            "outside the image root",
+        ),
+        (
+            {"question": "q", "answer": "1", "images": ["images/link.png"]},
+            "image_outside_root",
+            "outside.png, outside the image root",
+        ),
+        # ... and name regular files.
+        (
+            {"question": "q", "answer": "1", "images": ["images"]},
+            "image_not_a_file",
+            "is not a regular file",
+        ),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path, image_dir, row, reason, message):
+    (tmp_path.parent / "outside.png").write_bytes(png())
+    (image_dir / "link.png").symlink_to(tmp_path.parent / "outside.png")
     good = {"question": "fine", "answer": "1"}
     path = write_lines(tmp_path / "bad.jsonl", [good, good, row, good])
     with pytest.raises(DataError, match=rf"bad\.jsonl, line 3: .*{message}") as info:
@@ -241,6 +272,103 @@ def test_parquet_errors_name_row(tmp_path, image_dir):
         f"{path}, row 2",
         f"{path}, row 3",
     ]
+
+
+def test_markers_place_images_or_images_come_first(tmp_path, image_dir):
+    """No marker with N images is legal (the processor puts the images before the text)."""
+    path = write_lines(
+        tmp_path / "m.jsonl",
+        [
+            {"question": "Two pictures.", "answer": "1", "images": ["images/a.png"] * 2},
+            {"question": "<image> then <image>", "answer": "1", "images": ["images/a.png"] * 2},
+        ],
+    )
+    examples, _ = records.read_examples(path)
+    assert [len(ex.images) for ex in examples] == [2, 2]
+
+
+def test_examples_carry_their_origin(tmp_path, image_dir):
+    path = write_lines(tmp_path / "o.jsonl", ["", {"question": "q", "answer": "1"}])
+    (example,) = records.read_examples(path)[0]
+    assert example.origin == f"{path}, line 2"
+    assert example == Example("o.jsonl:2", "q", "1")  # not part of equality
+    table = tmp_path / "o.parquet"
+    pq.write_table(pa.table({"question": ["a", "b"], "answer": ["1", "2"]}), table)
+    assert records.read_examples(table)[0][1].origin == f"{table}, row 1"
+
+
+def test_absolute_and_escaping_image_paths(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "in.png").write_bytes(png((1, 1, 1)))
+    (tmp_path / "elsewhere").mkdir()
+    outside = tmp_path / "elsewhere" / "out.png"
+    outside.write_bytes(png((2, 2, 2)))
+    (data / "images" / "link.png").symlink_to(outside)
+    rows = [
+        {"question": "in, absolute", "answer": "1", "images": [str(data / "images" / "in.png")]},
+        {"question": "in, by ..", "answer": "1", "images": ["images/../images/in.png"]},
+        {"question": "absolute", "answer": "1", "images": [str(outside)]},
+        {"question": "dotdot", "answer": "1", "images": ["../elsewhere/out.png"]},
+        {"question": "symlink", "answer": "1", "images": [{"path": "images/link.png"}]},
+    ]
+    path = write_lines(data / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d\.jsonl, line 3: image path .*out\.png.* outside"):
+        records.read_examples(path)
+    examples, stats = records.read_examples(path, on_error="skip")
+    assert [ex.question for ex in examples] == ["in, absolute", "in, by .."]
+    assert stats.skipped == {"image_outside_root": 3}
+    allowed, _ = records.read_examples(path, allow_absolute_image_paths=True)
+    assert [ex.images for ex in allowed] == [(png((1, 1, 1)),)] * 2 + [(png((2, 2, 2)),)] * 3
+    # An image root elsewhere: relative paths resolve there, and must stay there.
+    examples, stats = records.read_examples(
+        path, image_root=tmp_path / "elsewhere", on_error="skip"
+    )
+    assert [ex.question for ex in examples] == ["absolute", "dotdot"]  # both inside it now
+    assert stats.skipped == {"image_outside_root": 1, "missing_image": 2}
+    with pytest.raises(DataError, match=r"line 1: image path .*in\.png.* outside"):
+        records.read_examples(path, image_root=tmp_path / "elsewhere")
+
+
+def test_special_and_huge_image_files_are_not_read(tmp_path, monkeypatch):
+    """/dev/zero used to be read until memory ran out; a device is refused before reading, even
+    where absolute paths are allowed, and no image file is read past the size cap."""
+    path = write_lines(
+        tmp_path / "dev.jsonl", [{"question": "q", "answer": "1", "images": ["/dev/zero"]}]
+    )
+    with pytest.raises(DataError, match=r"dev\.jsonl, line 1: image path /dev/zero is not a"):
+        records.read_examples(path, allow_absolute_image_paths=True, check_images=False)
+    (tmp_path / "big.png").write_bytes(png() + b"\0" * 200)
+    monkeypatch.setattr(records, "MAX_IMAGE_FILE_BYTES", 100)
+    path = write_lines(
+        tmp_path / "big.jsonl", [{"question": "q", "answer": "1", "images": ["big.png"]}]
+    )
+    with pytest.raises(DataError, match=r"big\.jsonl, line 1: image file .*larger than 100") as e:
+        records.read_examples(path, check_images=False)
+    assert e.value.reason == "image_too_large"
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_empty_files_are_named(tmp_path, on_error):
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    (tmp_path / "none.json").write_text("[]")
+    pq.write_table(pa.table({"question": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    for name in ("blank.jsonl", "none.json", "none.parquet"):
+        with pytest.raises(DataError, match=rf"data file .*{name} is empty"):
+            records.read_examples(tmp_path / name, on_error=on_error)
+        with pytest.raises(DataError, match=rf"{name} is empty"):
+            records.read_many([str(tmp_path / name)], on_error=on_error)
+
+
+def test_a_data_set_empty_after_skipping_names_files_and_counts(tmp_path):
+    a = write_lines(tmp_path / "a.jsonl", [{"question": "q"}, "{oops"])
+    b = write_lines(tmp_path / "b.jsonl", [{"answer": "1"}])
+    with pytest.raises(
+        DataError,
+        match=r"no usable example in .*a\.jsonl, .*b\.jsonl: all 3 row\(s\) were skipped "
+        r"\(malformed_json: 1, missing_answer: 1, missing_question: 1\); first: .*a\.jsonl, line 1",
+    ):
+        records.read_many([a, b], on_error="skip")
 
 
 def test_file_level_errors(tmp_path):
