@@ -196,7 +196,8 @@ def main(argv):
 
     from absl import flags
 
-    from ares_jax.data import pipeline
+    from ares_jax.data import pipeline, prompts
+    from ares_jax.data.records import DataError
     from ares_jax.models.qwen2_5_vl import params as model_params
     from ares_jax.models.qwen2_5_vl import processor
     from ares_jax.models.qwen2_5_vl import tokenizer as tok
@@ -215,14 +216,29 @@ def main(argv):
         min_pixels, max_pixels = settings.min_pixels, settings.max_pixels
     except FileNotFoundError:
         min_pixels, max_pixels = f.min_pixels, f.max_pixels
-    examples = []
-    for path in f.data.split(","):
-        src = pipeline.example_source(pipeline.FilesSpec(paths=(path,)))
-        stem = Path(path).stem
-        examples += [
-            dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
-        ]
     cfg = model.cfg
+    examples = []
+    # Every prompt is measured when read: one over --prompt_len names its file and line here
+    # rather than stopping the evaluation at its batch (a benchmark is not silently shortened).
+    lengths = prompts.PromptSettings(
+        template=THINK_BOXED_SUFFIX,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        max_len=f.prompt_len,
+        patch_size=cfg.vision.patch_size,
+        merge_size=cfg.vision.spatial_merge_size,
+        image_token_id=cfg.image_token_id,
+    )
+    try:
+        for path in f.data.split(","):
+            src = pipeline.example_source(pipeline.FilesSpec(paths=(path,)))
+            src, _ = prompts.check_prompts(src, tokenizer, lengths, drop_overlong=False)
+            stem = Path(path).stem
+            examples += [
+                dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
+            ]
+    except (DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     sampling = policy_sampling(
         cfg,
         tokenizer,

@@ -71,3 +71,41 @@ def test_command_line_defaults_are_the_papers_evaluation():
     defaults = {name: fv[name].default for name in ("temperature", "top_p", "n", "max_new_tokens")}
     assert defaults == {"temperature": 0.3, "top_p": 0.95, "n": 1, "max_new_tokens": 32768}
     assert fv["prompt_len"].default == 4096
+
+
+def test_command_line_names_an_overlong_prompt_before_generating(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = config.preset("tiny")
+    model = params.init_model(cfg, seed=0)
+    params.save_pretrained(model, tmp_path / "model")
+    tokenizer.build_tokenizer().save_pretrained(tmp_path / "model")
+    data = tmp_path / "bench.jsonl"
+    rows = [{"question": "1 + 1?", "answer": "2"}, {"question": "two " * 300, "answer": "1"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ares_jax.evaluate",
+            f"--model={tmp_path / 'model'}",
+            f"--data={data}",
+            "--prompt_len=128",
+            "--max_new_tokens=4",
+            "--nobf16",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {data}, line 2: the prompt has ") and "(128)" in last, last

@@ -48,7 +48,7 @@ parameters, prompt template and image sizes, length buckets, key, shard, and a h
 shard's ordered ids); resuming with different ones raises `ValueError` instead of silently
 mixing two runs. The model parameters are not fingerprinted: resume with the same model.
 
-Grading is deterministic except for math-verify's per-comparison timeout (answers.TIMEOUT_S),
+Grading is deterministic except for the bound on one response's grading (answers.GRADE_TIMEOUT_S),
 which a pathologically slow expression on a loaded machine could hit in one run and not another.
 """
 

@@ -1,6 +1,11 @@
 """Tests for ares_jax/rewards/answers.py: boxed extraction, format regex, math-verify grading."""
 
 import concurrent.futures
+import random
+import re
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -194,3 +199,243 @@ def test_score_responses_process_pool_matches_serial():
 def test_score_responses_length_mismatch():
     with pytest.raises(ValueError, match="2 responses but 1 golds"):
         answers.score_responses(["a", "b"], ["a"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate output: linear text steps, one deadline per response
+
+_RELEASED_WHITESPACE = re.compile(r"\s*(<|>|/)\s*")  # the released normalisation
+
+
+def _released_normalize(text: str) -> str:
+    return _RELEASED_WHITESPACE.sub(r"\1", text)
+
+
+def _random_strings(pieces, n, max_len, seed):
+    rng = random.Random(seed)
+    return ["".join(rng.choices(pieces, k=rng.randint(0, max_len))) for _ in range(n)]
+
+
+def test_normalize_response_matches_released_regex_on_random_strings():
+    # `\s` of Python's re on str is Unicode whitespace: ideographic and no-break spaces, the
+    # information separators \x1c..\x1f and \x85 count; a zero-width space does not.
+    pieces = [" ", "  ", "\n", "\t", "\r\n", "\u3000", "\xa0", "\x1c", "\x85", "\u200b"]
+    pieces += ["<", ">", "/", "a", "b", "<think>", "</think>", "\\boxed{", "}"]
+    for text in _random_strings(pieces, 20000, 12, seed=0):
+        assert answers.normalize_response(text) == _released_normalize(text), repr(text)
+
+
+def test_format_ok_matches_released_regex_on_random_strings():
+    pieces = ["<think>", "</think>", "\\boxed{", "}", "{", "a", " ", "\n", "<", "/", ">", "think"]
+    for text in _random_strings(pieces, 20000, 10, seed=1):
+        expected = answers.FORMAT_PATTERN.fullmatch(_released_normalize(text)) is not None
+        assert answers.format_ok(text) == expected, repr(text)
+
+
+def _extract_boxed_reference(text):
+    # The scan extract_boxed did before, one character at a time.
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 1, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i]
+    return None
+
+
+def test_extract_boxed_matches_a_plain_scan_on_random_strings():
+    for text in _random_strings(["\\boxed{", "{", "}", "a", "\\frac", " "], 20000, 10, seed=2):
+        assert answers.extract_boxed(text) == _extract_boxed_reference(text), repr(text)
+
+
+MB = 10**6
+# Before, normalising 80k characters of whitespace took 30 s and 1 MB hours; now 1 MB takes
+# about 0.1 s. The bound leaves room for a loaded machine.
+FAST_S = 2.0
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+@pytest.mark.parametrize(
+    "text, normalised",
+    [
+        (" " * MB, " " * MB),
+        ("\n" * MB, "\n" * MB),
+        (" \n\t\u3000" * (MB // 4), " \n\t\u3000" * (MB // 4)),
+        ("a " * (MB // 2), "a " * (MB // 2)),
+        ((" " * 999 + "<" + "\n" * 999 + "/") * 500, "</" * 500),
+        ((" < think > " + " " * 1000) * 1000, "<think>" * 1000),
+        ("\\boxed{" + "{" * MB, "\\boxed{" + "{" * MB),
+    ],
+    ids=["spaces", "newlines", "mixed", "words", "tags", "think_tags", "unbalanced_brace"],
+)
+def test_normalize_response_is_linear(text, normalised):
+    out, seconds = _timed(answers.normalize_response, text)
+    assert seconds < FAST_S
+    assert out == normalised
+
+
+_NESTED_FRAC = "\\frac{" * 3000 + "1" + "}{2}" * 3000  # longer than MAX_ANSWER_CHARS
+
+# name: (response, format_ok, extracted); graded against the gold "1", all incorrect.
+DEGENERATE = {
+    "spaces": (" " * MB, False, None),
+    "newlines": ("\n" * MB, False, None),
+    "mixed": (" \n\t\r\u3000" * (MB // 5), False, None),
+    "whitespace_around_tags": (
+        ("<think>" + " " * 1000 + "</think>" + "\n" * 1000) * 500,
+        False,
+        None,
+    ),
+    "unbalanced_braces": ("\\boxed{" + "{" * MB, False, None),
+    "many_open_boxes": ("\\boxed{" * 200000, False, None),
+    "many_think_ends": ("<think>" + " </think> " * 100000 + "\\boxed{" * 1000, False, None),
+    "nested_frac_3000": (f"<think>x</think>\\boxed{{{_NESTED_FRAC}}}", True, _NESTED_FRAC),
+}
+
+
+@pytest.mark.parametrize("text, formatted, extracted", DEGENERATE.values(), ids=DEGENERATE.keys())
+def test_degenerate_responses_are_graded_fast(text, formatted, extracted):
+    start = time.perf_counter()
+    assert answers.is_correct(text, "1") is False
+    assert answers.format_ok(text) is formatted
+    scores = answers.score_responses([text], ["1"])
+    assert time.perf_counter() - start < FAST_S
+    assert not scores.correct[0] and scores.format_ok[0] == formatted
+    assert scores.extracted == [extracted]
+
+
+def test_megabytes_of_whitespace_around_a_correct_answer():
+    text = "< think >" + " " * MB + "</think>" + "\n" * MB + "\\boxed{ 1 / 2 }" + " \n" * MB
+    start = time.perf_counter()
+    scores = answers.score_responses([text, text], ["0.5", "\\frac{1}{2}"])
+    assert time.perf_counter() - start < FAST_S
+    np.testing.assert_array_equal(scores.correct, [True, True])
+    np.testing.assert_array_equal(scores.format_ok, [True, True])
+    assert scores.extracted == [" 1/2 ", " 1/2 "]
+
+
+def test_nested_frac_3000_levels_matches_as_a_string():
+    # Longer than MAX_ANSWER_CHARS: compared as a string only, so it is fast even when equal.
+    text = f"<think>x</think>\\boxed{{{_NESTED_FRAC}}}"
+    assert answers.is_correct(text, _NESTED_FRAC)
+
+
+# Valid answers on which math-verify (sympy) runs far past any sensible bound: 90 nested \frac
+# (901 characters, under MAX_ANSWER_CHARS) parse for minutes, 10^{10^{10}} is evaluated for longer.
+SLOW = {"nested_frac_90": "\\frac{" * 90 + "1" + "}{2}" * 90, "power_tower": "10^{10^{10}}"}
+BOUND_S = 0.5  # GRADE_TIMEOUT_S in the tests below
+SLACK_S = 1.5  # time to unwind (and, off the main thread, answer from the pool) past the bound
+
+
+@pytest.fixture
+def short_bound(monkeypatch):
+    monkeypatch.setattr(answers, "GRADE_TIMEOUT_S", BOUND_S)
+
+
+@pytest.mark.parametrize("answer", SLOW.values(), ids=SLOW.keys())
+def test_slow_math_verify_is_cut_off_in_the_main_thread(short_bound, answer, caplog):
+    (scores, seconds) = _timed(answers.score_responses, [wrap(answer), wrap("1")] * 2, ["1"] * 4)
+    assert seconds < 2 * BOUND_S + SLACK_S
+    np.testing.assert_array_equal(scores.correct, [False, True, False, True])
+    np.testing.assert_array_equal(scores.format_ok, [True] * 4)  # kept from before the timeout
+    assert scores.extracted == [answer, "1"] * 2
+    timeouts = [r for r in caplog.records if "ran past GRADE_TIMEOUT_S" in r.getMessage()]
+    assert len(timeouts) == 1 and "2 of 4 responses" in timeouts[0].getMessage()
+
+
+def test_the_bound_cuts_off_a_sleeping_verify(short_bound, monkeypatch):
+    monkeypatch.setattr(answers, "_verify", lambda gold, pred: time.sleep(60) or True)
+    correct, seconds = _timed(answers.is_correct, wrap("0.5"), "\\frac{1}{2}")
+    assert correct is False and seconds < BOUND_S + SLACK_S
+    assert answers.is_correct(wrap("1"), "1")  # a string match never reaches math-verify
+
+
+def test_the_bound_keeps_and_restores_a_callers_alarm(short_bound):
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        assert not answers.is_correct(wrap(SLOW["power_tower"]), "1")
+        assert answers.is_correct(wrap("0.5"), "\\frac{1}{2}")
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25.0 < left <= 30.0 and not fired
+        # A caller's timer due before the bound bounds the grading, then fires for the caller.
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        _, seconds = _timed(answers.is_correct, wrap(SLOW["power_tower"]), "1")
+        assert seconds < 0.2 + SLACK_S
+        time.sleep(0.05)
+        assert fired == [1]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _in_thread(fn, *args):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(_timed(fn, *args)))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_the_bound_holds_off_the_main_thread(short_bound):
+    # The first call off the main thread starts the math-verify pool (outside the bound).
+    assert _in_thread(answers.is_correct, wrap("0.5"), "\\frac{1}{2}")[0]
+    for answer in SLOW.values():
+        correct, seconds = _in_thread(answers.is_correct, wrap(answer), "1")
+        assert correct is False and seconds < BOUND_S + SLACK_S
+    scores, seconds = _in_thread(
+        answers.score_responses, [wrap(SLOW["power_tower"])] * 2, ["1"] * 2
+    )
+    assert not scores.correct.any() and seconds < 2 * BOUND_S + SLACK_S
+    assert _in_thread(answers.is_correct, wrap("0.5"), "\\frac{1}{2}")[0]  # the pool still works
+
+
+def test_the_bound_holds_in_the_process_pool(short_bound):
+    responses = [wrap(SLOW["nested_frac_90"]), wrap("0.5"), wrap(SLOW["power_tower"]), wrap("3")]
+    golds = ["1", "\\frac{1}{2}", "1", "3"]
+    answers.score_responses(responses[1:2] * 2, golds[1:2] * 2, workers=2)  # starts the pool
+    scores, seconds = _timed(answers.score_responses, responses, golds, workers=2)
+    assert seconds < 2 * BOUND_S + SLACK_S  # two workers, two slow responses
+    np.testing.assert_array_equal(scores.correct, [False, True, False, True])
+
+
+def _stuck(*args):
+    # A pool task that its alarm cannot stop, as if in one long call into C code.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(60)
+
+
+def test_a_stuck_worker_is_killed_off_the_main_thread(short_bound, monkeypatch):
+    monkeypatch.setattr(answers, "_KILL_GRACE_S", 0.2)
+    assert _in_thread(answers.is_correct, wrap("0.5"), "\\frac{1}{2}")[0]  # the pool is up
+    with monkeypatch.context() as patch:
+        patch.setattr(answers, "_verify_in_worker", _stuck)
+        correct, seconds = _in_thread(answers.is_correct, wrap("0.5"), "\\frac{1}{2}")
+    assert correct is False and seconds < BOUND_S + 0.2 + SLACK_S
+    assert _in_thread(answers.is_correct, wrap("0.5"), "\\frac{1}{2}")[0]  # in a new pool
+
+
+def test_a_stuck_worker_is_killed_in_the_process_pool(short_bound, monkeypatch, caplog):
+    monkeypatch.setattr(answers, "_KILL_GRACE_S", 0.2)
+    responses, golds = [wrap("0.5"), "\\boxed{2}"], ["\\frac{1}{2}", "2"]
+    answers.score_responses(responses, golds, workers=2)  # the pool is up
+    with monkeypatch.context() as patch:
+        patch.setattr(answers, "_score_chunk", _stuck)
+        scores, seconds = _timed(answers.score_responses, responses, golds, workers=2)
+    # One response per worker: the pool is given two rounds of (bound + grace).
+    assert seconds < 2 * (BOUND_S + 0.2) + SLACK_S
+    np.testing.assert_array_equal(scores.correct, [False, False])
+    np.testing.assert_array_equal(scores.format_ok, [True, False])  # redone in this process
+    assert scores.extracted == ["0.5", "2"]
+    assert "2 of 2 responses" in caplog.text
+    np.testing.assert_array_equal(
+        answers.score_responses(responses, golds, workers=2).correct, [True, True]
+    )
