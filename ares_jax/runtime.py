@@ -36,6 +36,7 @@ import numpy as np
 from ares_jax import checkpoint as ckpt
 from ares_jax import metrics as mt
 from ares_jax.aepo import batch as B
+from ares_jax.data import prompts
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl import tokenizer as tok
@@ -263,6 +264,20 @@ def restore_or_start(
     )
     writer.truncate_after(restored.step)
     return restored.state, restored.extra, restored.step
+
+
+def prompt_settings(c, cfg) -> prompts.PromptSettings:
+    """How the stage's prompts are measured when its data is read (`c.data`, the model's `cfg`)."""
+    d = c.data
+    return prompts.PromptSettings(
+        template=d.prompt_template,
+        min_pixels=d.min_pixels,
+        max_pixels=d.max_pixels,
+        max_len=max(d.prompt_len_buckets),
+        patch_size=cfg.vision.patch_size,
+        merge_size=cfg.vision.spatial_merge_size,
+        image_token_id=cfg.image_token_id,
+    )
 
 
 def bucket_up(n: int, buckets) -> int:

@@ -63,15 +63,7 @@ def _problems(c, split: str, tokenizer=None, cfg=None) -> list[records.Example]:
         allow_absolute_image_paths=d.allow_absolute_image_paths,
     )
     if tokenizer is not None:
-        settings = prompts.PromptSettings(
-            template=d.prompt_template,
-            min_pixels=d.min_pixels,
-            max_pixels=d.max_pixels,
-            max_len=max(d.prompt_len_buckets),
-            patch_size=cfg.vision.patch_size,
-            merge_size=cfg.vision.spatial_merge_size,
-            image_token_id=cfg.image_token_id,
-        )
+        settings = runtime.prompt_settings(c, cfg)
         examples, stats = prompts.check_prompts(
             examples,
             tokenizer,

@@ -208,15 +208,7 @@ def _source(c, split: str, tokenizer=None, cfg=None, paths=None):
     )
     if tokenizer is None:
         return source
-    settings = prompts.PromptSettings(
-        template=d.prompt_template,
-        min_pixels=d.min_pixels,
-        max_pixels=d.max_pixels,
-        max_len=max(d.prompt_len_buckets),
-        patch_size=cfg.vision.patch_size,
-        merge_size=cfg.vision.spatial_merge_size,
-        image_token_id=cfg.image_token_id,
-    )
+    settings = runtime.prompt_settings(c, cfg)
     source, _ = prompts.check_prompts(
         source, tokenizer, settings, drop_overlong=d.drop_overlong_prompts, on_error=d.on_error
     )

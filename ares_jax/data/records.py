@@ -661,7 +661,8 @@ class _ImageFiles:
                 raise _RowError(
                     IMAGE_OUTSIDE_ROOT,
                     f"image path {path!r} leads to {real}, outside the image root {root}; "
-                    "use paths inside it, or allow absolute image paths",
+                    "use paths inside it, or set data.image_root to a directory that holds the "
+                    "images, or data.allow_absolute_image_paths=True",
                 )
         try:
             info = os.stat(full)

@@ -108,3 +108,14 @@ def test_usr2_prints_every_thread_stack_and_the_run_goes_on():
     other, current = r.stderr.split("Current thread 0x")
     assert "Thread 0x" in other and "line 4 in parked" in other
     assert 'File "<string>", line 7 in <module>' in current
+
+
+def test_unwritable_workdir_is_one_sentence_before_the_model_loads(tmp_path):
+    # Before: a 17-line traceback once the model had loaded.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    r = run_main("--config=configs/aepo.py:smoke", f"--workdir={blocker / 'run'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot write to the workdir {blocker / 'run'}: "), err
+    assert "starting from" not in r.stderr  # nothing was loaded
