@@ -440,6 +440,9 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
             )
             rollout_state = rollout_state._replace(threshold=H.init_threshold(float(seed_tau)))
             log.info("AEPO: tau for the first step's counts, from validation: %.4f", seed_tau)
+    # A SIGTERM during the start-up (a long validation): stop before a step begins; the state is
+    # the restored checkpoint's, or the start, so nothing is lost.
+    ckpt.stop_preempted("AEPO", start or None, str(checkpointer.directory) if start else None)
 
     # --- Loop ------------------------------------------------------------------------------------
     progress = mt.Progress(c.train.steps, desc="AEPO", initial=start)
