@@ -160,6 +160,21 @@ def test_second_run_refused_then_sigterm_saves_exits_143_and_restart_completes(t
     assert json.loads((tmp_path / "complete.json").read_text())["step"] == 8
 
 
+def test_sigterm_during_the_start_up_stops_before_the_first_step(tmp_path):
+    cmd, env = _main(tmp_path, "--config.train.steps=8")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(tmp_path / ".lock", proc)  # the handler is on before the lock is taken
+    proc.send_signal(signal.SIGTERM)  # while the model loads and validation runs
+    _, stderr = proc.communicate(timeout=300)
+    stderr = stderr.decode()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert (
+        stderr.strip().splitlines()[-1] == "preempted: AEPO preempted (SIGTERM); restart to resume."
+    )
+    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0]
+
+
 def test_divergence_stops_in_one_sentence_with_a_complete_last_checkpoint(tmp_path):
     # optim.lr=1e6: the loss and gradient stay finite while the logits break; the rollout's
     # entropies turn NaN. Before, hwe_counts raised with a traceback and the save in flight was
