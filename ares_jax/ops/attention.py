@@ -1,0 +1,455 @@
+"""Self-attention over packed rows with segment ids, never holding [S, S] scores in memory.
+
+One function, `attention(q, k, v, *, segment_ids, causal, impl="auto")`, for the learner's packed
+batches (several prompt+response sequences per row) and the vision tower (images and windows as
+segments), over the kernels each backend maintains.
+
+Semantics
+- q [B, S, H, Dh]; k, v [B, S, K, Dh] with K dividing H (grouped-query attention: query head h
+  reads KV head h // (H // K)). Output [B, S, H, Dh] in q's dtype. Logits, softmax and the
+  log-sum-exp are float32 whatever the input dtype; the default scale is Dh**-0.5.
+- segment_ids [B, S] int: query i attends to key j only if both carry the same id. Id 0 marks
+  padding: padding keys are never attended and padding queries output 0 with zero gradient. A
+  segment need not be contiguous for the mask, but with `causal` the rule is "key index <= query
+  index", which is position order within a segment only when each segment is contiguous (as in a
+  packed row). A query with no key to attend to (a padding query; an all-padding row) yields 0,
+  never NaN, forward and backward.
+- Self-attention only: q and k/v have the same length (no KV cache; decode needs its own kernel).
+
+Implementations (`impl`); "auto" picks by `jax.default_backend()`:
+- "dense": einsum, mask, softmax. The reference for tests and tiny shapes; holds [B, H, S, S].
+- "xla" (auto on CPU and any other backend): flash-attention-2 in plain JAX. A loop over query
+  blocks with an inner loop over key blocks and a running max and sum; a custom VJP saves only the
+  output and the per-query log-sum-exp and recomputes block scores in the backward pass. Blocks
+  with no query/key pair that may attend (the causal upper triangle, disjoint segments, padding)
+  are skipped under `lax.cond`. Any mask above; S is padded internally to a block multiple.
+- "splash" (auto on TPU): `jax.experimental.pallas.ops.tpu.splash_attention`, vmapped over B,
+  with its SegmentIds and a static CausalMask or FullMask; GQA natively (its MHA kernel maps query
+  head h to KV head h // (H // K)). Any mask above. Splash applies no scale, so q is scaled (in
+  float32, cast back) before the call. S is padded to a multiple of the block (itself a multiple
+  of 128). Static skipping of causal blocks only; segment skipping is per element.
+  `interpret=True` runs it on CPU through the Pallas interpreter (tests).
+- "pallas_gpu": `jax.experimental.pallas.ops.gpu.attention.mha` (Triton), which takes one
+  [B, S] segment-id array for both q and kv, has no GQA (k/v heads are repeated here; their
+  gradients are summed back by autodiff) and pads Dh to a power of two internally. Any mask above;
+  S is padded to a multiple of 128. `interpret=True` runs it on CPU (tests).
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`. This jax exposes only per-row
+  `query_seq_lengths`/`key_value_seq_lengths` (right padding), `is_causal` and a dense bias/mask
+  (which would be [S, S] again); no segment ids. So it expresses exactly one segment per row
+  starting at index 0, followed by padding, and it needs bfloat16/float16 inputs and Dh a multiple
+  of 8 up to 128 (256 on Hopper and later). Forced with segment ids that are concrete and not of
+  that form, it raises; with traced segment ids it takes the nonzero count of each row as its
+  length. Under "auto" on GPU: cudnn when the static conditions hold and the segment ids are of
+  that form (decided in Python when they are concrete, else by `lax.cond` on device, both kernels
+  compiled), else "pallas_gpu".
+
+Dimension letters as in STYLE.md: B rows, S positions, H query heads, K KV heads, G = H // K,
+Dh head dim; bq, bk query and key block lengths; nq, nk block counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("auto", "dense", "xla", "splash", "pallas_gpu", "cudnn")
+_F32 = jnp.float32
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    causal: bool,
+    impl: str = "auto",
+    scale: float | None = None,
+    block_q: int = 512,
+    block_kv: int = 512,
+    interpret: bool = False,
+) -> jax.Array:
+    """Masked multi-head self-attention; see the module docstring for the semantics.
+
+    Args:
+      q: [B, S, H, Dh] queries.
+      k, v: [B, S, K, Dh] keys and values, K dividing H; same dtype as q.
+      segment_ids: [B, S] int; 0 is padding, equal nonzero ids attend to each other.
+      causal: also require key index <= query index.
+      impl: one of IMPLS; "auto" picks by backend.
+      scale: logit scale, Dh**-0.5 when None.
+      block_q, block_kv: block lengths of "xla" and "splash" ("splash" uses block_q for every
+        block and rounds it to a multiple of 128); ignored by the others.
+      interpret: run "splash" / "pallas_gpu" in the Pallas interpreter (CPU tests).
+
+    Returns:
+      [B, S, H, Dh] in q's dtype; exactly 0 at padding queries.
+    """
+    b, s, h, dh = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, s) or k.shape[3] != dh or h % k.shape[2]:
+        raise ValueError(
+            f"attention expects q [B, S, H, Dh] and k, v [B, S, K, Dh] with K dividing H; got "
+            f"q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if segment_ids.shape != (b, s):
+        raise ValueError(f"segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; known: {sorted(IMPLS)}")
+    scale = dh**-0.5 if scale is None else float(scale)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if impl == "auto":
+        impl = {"tpu": "splash", "gpu": "gpu"}.get(jax.default_backend(), "xla")
+    if impl == "dense":
+        return _dense(q, k, v, segment_ids, causal, scale)
+    if impl == "xla":
+        return _xla(q, k, v, segment_ids, causal, scale, block_q, block_kv)
+    if impl == "splash":
+        return _splash(q, k, v, segment_ids, causal, scale, block_q, interpret)
+    if impl == "pallas_gpu":
+        return _pallas_gpu(q, k, v, segment_ids, causal, scale, interpret)
+    if impl == "cudnn":
+        if not _cudnn_shape_ok(q):
+            raise ValueError(
+                f"cudnn attention needs bfloat16/float16 and Dh % 8 == 0 within its limit; got "
+                f"{q.dtype}, Dh={dh}"
+            )
+        if _is_concrete(segment_ids) and not bool(_one_segment_per_row(segment_ids)):
+            raise ValueError(
+                "cudnn attention expresses only one segment per row starting at index 0 followed "
+                "by padding (id 0); use impl='pallas_gpu' or 'auto' for packed rows"
+            )
+        return _cudnn(q, k, v, segment_ids, causal, scale)
+    # "auto" on GPU.
+    pallas = functools.partial(_pallas_gpu, causal=causal, scale=scale, interpret=interpret)
+    if not _cudnn_shape_ok(q):
+        return pallas(q, k, v, segment_ids)
+    cudnn = functools.partial(_cudnn, causal=causal, scale=scale)
+    ok = _one_segment_per_row(segment_ids)
+    if _is_concrete(ok):
+        return (cudnn if bool(ok) else pallas)(q, k, v, segment_ids)
+    return jax.lax.cond(ok, cudnn, pallas, q, k, v, segment_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks and padding shared by the implementations.
+# ---------------------------------------------------------------------------------------------
+
+
+def _allowed(seg_q, seg_k, pos_q, pos_k, causal):
+    """[B, Tq] and [B, Tk] ids, [Tq] and [Tk] indices -> [B, Tq, Tk] bool, True where q sees k."""
+    ok = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q != 0)[:, :, None]
+    if causal:
+        ok &= pos_q[:, None] >= pos_k[None, :]
+    return ok
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_seq(x, s_pad):
+    """Zero-pad axis 1 (positions) to s_pad; padded segment ids are 0, i.e. padding."""
+    pad = s_pad - x.shape[1]
+    return x if pad == 0 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _zero_padding(out, segment_ids):
+    return jnp.where((segment_ids != 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _grouped(q, n_kv):
+    """[B, S, H, Dh] -> [B, S, K, G, Dh]: the G query heads that share each KV head."""
+    b, s, h, dh = q.shape
+    return q.reshape(b, s, n_kv, h // n_kv, dh)
+
+
+# ---------------------------------------------------------------------------------------------
+# "dense": the reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense(q, k, v, segment_ids, causal, scale):
+    b, s, h, dh = q.shape
+    pos = jnp.arange(s)
+    logits = jnp.einsum(
+        "bqkgd,bskd->bkgqs", _grouped(q, k.shape[2]), k, preferred_element_type=_F32
+    )  # [B, K, G, S, S]
+    ok = _allowed(segment_ids, segment_ids, pos, pos, causal)[:, None, None]
+    logits = jnp.where(ok, logits.astype(_F32) * scale, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(ok, jnp.exp(logits - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", p, v.astype(_F32))
+    return out.reshape(b, s, h, dh).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# "xla": blockwise online softmax with a flash-attention-2 backward pass.
+# ---------------------------------------------------------------------------------------------
+
+
+def _xla(q, k, v, segment_ids, causal, scale, block_q, block_kv):
+    b, s, h, dh = q.shape
+    bq = min(block_q, _round_up(s, 8))
+    bk = min(block_kv, _round_up(s, 8))
+    s_pad = _round_up(s, math.lcm(bq, bk))
+    q, k, v, seg = (_pad_seq(x, s_pad) for x in (q, k, v, segment_ids))
+    out = _flash(q, k, v, seg, causal, scale, bq, bk)
+    return out[:, :s]
+
+
+def _blocks(x, n):
+    """[B, S, ...] -> [n, B, S / n, ...]."""
+    return jnp.moveaxis(x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x):
+    """[n, B, S / n, ...] -> [B, S, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _active(seg_q, seg_k, bq, bk, causal):
+    """[nq, B, bq] and [nk, B, bk] ids -> [nq, nk] bool: may any query of block i see block j?
+
+    Compares the ranges of nonzero ids of the two blocks (a necessary condition for an equal
+    pair), plus the causal triangle.
+    """
+    big = jnp.iinfo(jnp.int32).max
+
+    def ranges(seg):
+        lo = jnp.min(jnp.where(seg != 0, seg, big), axis=-1)  # [n, B]
+        hi = jnp.max(jnp.where(seg != 0, seg, 0), axis=-1)
+        return lo, hi
+
+    (qlo, qhi), (klo, khi) = ranges(seg_q), ranges(seg_k)
+    overlap = jnp.maximum(qlo[:, None], klo[None]) <= jnp.minimum(qhi[:, None], khi[None])
+    active = jnp.any(overlap, axis=-1)  # [nq, nk]
+    if causal:
+        last_q = np.arange(seg_q.shape[0])[:, None] * bq + bq - 1  # last query index of block i
+        active &= jnp.asarray(np.arange(seg_k.shape[0])[None, :] * bk <= last_q)
+    return active
+
+
+def _block_scores(q_i, k_j, seg_q, seg_k, i, j, bq, bk, causal, scale):
+    """Masked float32 logits of one block pair: [B, K, G, bq, bk], -inf where not attended."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=_F32) * scale
+    ok = _allowed(seg_q, seg_k, i * bq + jnp.arange(bq), j * bk + jnp.arange(bk), causal)
+    return jnp.where(ok[:, None, None], s, -jnp.inf)
+
+
+def _flash_forward(q, k, v, seg, causal, scale, bq, bk):
+    """Padded inputs -> out [B, S, H, Dh] in q's dtype, lse [nq, B, K, G, bq] float32.
+
+    lse is 0 for queries that attend to nothing (their output is 0).
+    """
+    b, s, h, dh = q.shape
+    n_kv = k.shape[2]
+    nq, nk = s // bq, s // bk
+    q_blk = _blocks(_grouped(q, n_kv), nq)  # [nq, B, bq, K, G, Dh]
+    k_blk, v_blk = _blocks(k, nk), _blocks(v, nk)  # [nk, B, bk, K, Dh]
+    seg_q, seg_k = _blocks(seg, nq), _blocks(seg, nk)
+    active = _active(seg_q, seg_k, bq, bk, causal)
+    g = h // n_kv
+
+    def q_block(xs):
+        q_i, sq_i, i = xs
+
+        def kv_step(j, carry):
+            def update(carry):
+                m, total, acc = carry
+                sc = _block_scores(q_i, k_blk[j], sq_i, seg_k[j], i, j, bq, bk, causal, scale)
+                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.exp(sc - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                total = alpha * total + jnp.sum(p, axis=-1)
+                pv = jnp.einsum(
+                    "bkgqs,bskd->bkgqd", p.astype(v.dtype), v_blk[j], preferred_element_type=_F32
+                )
+                return m_new, total, alpha[..., None] * acc + pv
+
+            return jax.lax.cond(active[i, j], update, lambda c: c, carry)
+
+        init = (
+            jnp.full((b, n_kv, g, bq), -jnp.inf, _F32),
+            jnp.zeros((b, n_kv, g, bq), _F32),
+            jnp.zeros((b, n_kv, g, bq, dh), _F32),
+        )
+        m, total, acc = jax.lax.fori_loop(0, nk, kv_step, init)
+        seen = total > 0
+        total = jnp.where(seen, total, 1.0)
+        out = jnp.where(seen[..., None], acc / total[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(total), 0.0)
+        return jnp.moveaxis(out, 3, 1).astype(q.dtype), lse  # [B, bq, K, G, Dh]
+
+    out, lse = jax.lax.map(q_block, (q_blk, seg_q, jnp.arange(nq)))
+    return _unblocks(out).reshape(b, s, h, dh), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, seg, causal, scale, bq, bk):
+    return _flash_forward(q, k, v, seg, causal, scale, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, seg, causal, scale, bq, bk):
+    out, lse = _flash_forward(q, k, v, seg, causal, scale, bq, bk)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(causal, scale, bq, bk, res, d_out):
+    """Flash-attention-2 backward: per key block, loop over query blocks; dq accumulates."""
+    q, k, v, seg, out, lse = res
+    b, s, h, dh = q.shape
+    n_kv = k.shape[2]
+    nq, nk = s // bq, s // bk
+    q_blk = _blocks(_grouped(q, n_kv), nq)  # [nq, B, bq, K, G, Dh]
+    do_blk = _blocks(_grouped(d_out.astype(q.dtype), n_kv), nq)
+    delta = jnp.sum(out.astype(_F32) * d_out.astype(_F32), axis=-1)  # [B, S, H]
+    delta_blk = jnp.moveaxis(_blocks(_grouped(delta[..., None], n_kv)[..., 0], nq), 2, -1)
+    # delta_blk: [nq, B, K, G, bq], laid out like lse.
+    seg_q, seg_k = _blocks(seg, nq), _blocks(seg, nk)
+    active = _active(seg_q, seg_k, bq, bk, causal)
+
+    def kv_block(dq, xs):
+        k_j, v_j, sk_j, j = xs
+
+        def q_step(i, carry):
+            def update(carry):
+                dq, dk, dv = carry
+                q_i, do_i = q_blk[i], do_blk[i]
+                sc = _block_scores(q_i, k_j, seg_q[i], sk_j, i, j, bq, bk, causal, scale)
+                p = jnp.exp(sc - lse[i][..., None])  # [B, K, G, bq, bk]; 0 where masked
+                dv = dv + jnp.einsum(
+                    "bkgqs,bqkgd->bskd", p.astype(do_i.dtype), do_i, preferred_element_type=_F32
+                )
+                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, preferred_element_type=_F32)
+                ds = (p * (dp - delta_blk[i][..., None]) * scale).astype(q.dtype)
+                dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, preferred_element_type=_F32)
+                dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, preferred_element_type=_F32)
+                return dq.at[i].add(dq_i), dk, dv
+
+            return jax.lax.cond(active[i, j], update, lambda c: c, carry)
+
+        zeros = jnp.zeros((b, bk, n_kv, dh), _F32)
+        dq, dk, dv = jax.lax.fori_loop(0, nq, q_step, (dq, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq0 = jnp.zeros(q_blk.shape, _F32)
+    xs = (_blocks(k, nk), _blocks(v, nk), seg_k, jnp.arange(nk))
+    dq, (dk, dv) = jax.lax.scan(kv_block, dq0, xs)
+    dq = _unblocks(dq).reshape(b, s, h, dh).astype(q.dtype)
+    return dq, _unblocks(dk).astype(k.dtype), _unblocks(dv).astype(v.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# "splash": the TPU Pallas kernel.
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(s: int, h: int, causal: bool, block: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    kind = sa.CausalMask if causal else sa.FullMask
+    mask = sa.MultiHeadMask([kind((s, s)) for _ in range(h)])
+    sizes = sa.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    # Concrete mask-info arrays even when first called under jit, so the cached kernel holds no
+    # tracers.
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(
+            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
+
+
+def _splash(q, k, v, segment_ids, causal, scale, block, interpret):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, s, h, dh = q.shape
+    block = min(_round_up(block, 128), _round_up(s, 128))
+    s_pad = _round_up(s, block)
+    kernel = _splash_kernel(s_pad, h, bool(causal), block, bool(interpret))
+    q = (q.astype(_F32) * scale).astype(q.dtype)
+    q, k, v, seg = (_pad_seq(x, s_pad) for x in (q, k, v, segment_ids))
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, S, N, Dh] -> [B, N, S, Dh]
+
+    def one_row(q, k, v, seg):
+        return kernel(q, k, v, sa.SegmentIds(q=seg, kv=seg))
+
+    out = jax.vmap(one_row)(heads_first(q), heads_first(k), heads_first(v), seg)
+    return _zero_padding(heads_first(out)[:, :s], segment_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# "pallas_gpu" and "cudnn": the GPU kernels.
+# ---------------------------------------------------------------------------------------------
+
+
+def _pallas_gpu(q, k, v, segment_ids, causal, scale, interpret):
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    b, s, h, dh = q.shape
+    g = h // k.shape[2]
+    s_pad = _round_up(s, 128)  # its default blocks: 128 forward, 32 backward
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    q, k, v, seg = (_pad_seq(x, s_pad) for x in (q, k, v, segment_ids))
+    # Padding queries attend to padding keys there (0 == 0), so no row is empty; zeroed below.
+    out = gpu_attention.mha(
+        q, k, v, seg, sm_scale=scale, causal=bool(causal), interpret=bool(interpret)
+    )
+    return _zero_padding(out[:, :s], segment_ids)
+
+
+def _cudnn(q, k, v, segment_ids, causal, scale):
+    lengths = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=bool(causal),
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation="cudnn",
+    )
+    return _zero_padding(out, segment_ids)
+
+
+def _cudnn_shape_ok(q) -> bool:
+    dh = q.shape[-1]
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or dh % 8:
+        return False
+    if dh <= 128:
+        return True
+    cc = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return dh <= 256 and tuple(int(x) for x in str(cc).split(".")[:2]) >= (9, 0)
+
+
+def _one_segment_per_row(segment_ids):
+    """True if every row is one nonzero id from index 0, then only padding (cuDNN's mask)."""
+    n = jnp.sum(segment_ids != 0, axis=1, keepdims=True)
+    first = segment_ids[:, :1]
+    expected = jnp.where(jnp.arange(segment_ids.shape[1]) < n, first, 0)
+    return jnp.all(segment_ids == expected) & jnp.all(n > 0)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)

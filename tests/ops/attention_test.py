@@ -1,0 +1,197 @@
+"""Tests of ares_jax.ops.attention: every implementation against the dense reference.
+
+"splash" and "pallas_gpu" run in the Pallas interpreter on CPU; "cudnn" and the compiled kernels
+run only on their hardware (markers gpu / tpu, skipped elsewhere by conftest.py).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ares_jax.ops.attention import attention
+
+B, S, H, K, DH = 2, 200, 4, 2, 32
+# Row 0: three segments of unequal length, padding in the middle and at the end.
+# Row 1: two segments and trailing padding. S = 200 is no multiple of any block used below.
+SEGMENTS = np.array(
+    [
+        [1] * 70 + [2] * 50 + [0] * 10 + [3] * 40 + [0] * 30,
+        [5] * 23 + [9] * 157 + [0] * 20,
+    ],
+    np.int32,
+)
+# What each implementation is called with on CPU: small "xla" blocks so that S spans several
+# blocks of unequal query and key length.
+CPU_IMPLS = {
+    "xla": dict(impl="xla", block_q=64, block_kv=32),
+    "splash": dict(impl="splash", interpret=True, block_q=128),
+    "pallas_gpu": dict(impl="pallas_gpu", interpret=True),
+}
+
+
+def _inputs(seed, dtype=jnp.float32, b=B, s=S, h=H, k=K, dh=DH):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, s, h, dh)), dtype)
+    kk = jnp.asarray(rng.normal(size=(b, s, k, dh)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, s, k, dh)), dtype)
+    cot = jnp.asarray(rng.normal(size=(b, s, h, dh)), jnp.float32)
+    return q, kk, v, cot
+
+
+def _value_and_grads(fn, q, k, v, cot):
+    """Output and d(sum(out * cot))/d(q, k, v), all as float32 NumPy."""
+
+    def loss(q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * cot), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+
+def _assert_close(got, want, tol, what):
+    """Max abs error relative to the largest reference magnitude."""
+    assert np.all(np.isfinite(got)), what
+    err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+
+
+def _check_against_dense(kwargs, segments, causal, dtype, tol, seed=0):
+    q, k, v, cot = _inputs(seed, dtype, b=segments.shape[0], s=segments.shape[1])
+    seg = jnp.asarray(segments)
+    got = _value_and_grads(
+        functools.partial(attention, segment_ids=seg, causal=causal, **kwargs), q, k, v, cot
+    )
+    # The reference sees the same (possibly bfloat16-rounded) values in float32.
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = _value_and_grads(
+        functools.partial(attention, segment_ids=seg, causal=causal, impl="dense"), *f32, cot
+    )
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        _assert_close(g, w, tol, f"{kwargs['impl']} causal={causal} {name}")
+    padding = segments == 0
+    assert np.all(got[0][padding] == 0), "padding queries must output exactly 0"
+    assert np.all(got[1][padding] == 0), "padding queries must get zero gradient"
+    # Padding keys are never attended, so their k and v get zero gradient.
+    assert np.all(got[2][padding] == 0) and np.all(got[3][padding] == 0)
+    return got
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", sorted(CPU_IMPLS))
+def test_matches_dense_float32(name, causal):
+    _check_against_dense(CPU_IMPLS[name], SEGMENTS, causal, jnp.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CPU_IMPLS))
+def test_all_padding_row_is_zero_not_nan(name):
+    segments = SEGMENTS.copy()
+    segments[1] = 0
+    got = _check_against_dense(CPU_IMPLS[name], segments, True, jnp.float32, tol=1e-5)
+    for x in got:
+        assert np.all(x[1] == 0)
+
+
+@pytest.mark.parametrize("name", ["xla", "splash"])
+def test_bfloat16_against_float32_dense(name):
+    _check_against_dense(CPU_IMPLS[name], SEGMENTS, True, jnp.bfloat16, tol=2e-2)
+
+
+def test_dense_matches_plain_softmax_per_segment():
+    """The reference itself: each segment alone through a textbook causal softmax in NumPy."""
+    q, k, v, _ = _inputs(1)
+    out = np.asarray(
+        attention(q, k, v, segment_ids=jnp.asarray(SEGMENTS), causal=True, impl="dense")
+    )
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    k, v = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)
+    for row in range(B):
+        for seg_id in set(SEGMENTS[row]) - {0}:
+            idx = np.flatnonzero(SEGMENTS[row] == seg_id)
+            logits = np.einsum("qhd,shd->hqs", q[row, idx], k[row, idx]) * DH**-0.5
+            logits = np.where(np.tril(np.ones((len(idx),) * 2, bool)), logits, -np.inf)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            want = np.einsum("hqs,shd->qhd", p, v[row, idx])
+            np.testing.assert_allclose(out[row, idx], want, rtol=1e-5, atol=1e-5)
+        assert np.all(out[row, SEGMENTS[row] == 0] == 0)
+
+
+def test_auto_is_xla_on_cpu_and_unknown_impl_raises():
+    q, k, v, _ = _inputs(2, s=40)
+    seg = jnp.asarray(SEGMENTS[:, :40])
+    auto = attention(q, k, v, segment_ids=seg, causal=True)
+    xla = attention(q, k, v, segment_ids=seg, causal=True, impl="xla")
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(xla))
+    with pytest.raises(ValueError, match="known"):
+        attention(q, k, v, segment_ids=seg, causal=True, impl="flash")
+
+
+def test_cudnn_refuses_packed_rows():
+    q, k, v, _ = _inputs(3, dtype=jnp.bfloat16, s=40)
+    with pytest.raises(ValueError, match="one segment per row"):
+        attention(q, k, v, segment_ids=jnp.asarray(SEGMENTS[:, :40]), causal=True, impl="cudnn")
+
+
+def test_xla_sharded_over_batch_and_heads_matches_single_device():
+    q, k, v, cot = _inputs(4)
+    seg = jnp.asarray(SEGMENTS)
+    fn = functools.partial(attention, segment_ids=seg, causal=True, impl="xla", block_q=64)
+    want = _value_and_grads(fn, q, k, v, cot)
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    heads = NamedSharding(mesh, P("data", None, "model", None))
+    q, k, v, cot = (jax.device_put(x, heads) for x in (q, k, v, cot))
+    got = _value_and_grads(fn, q, k, v, cot)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def _temp_bytes(impl, s=8192, h=2, dh=64):
+    """Temp memory of the compiled forward+backward at B=1."""
+    spec = jax.ShapeDtypeStruct((1, s, h, dh), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, s), jnp.int32)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(attention(q, k, v, segment_ids=seg, causal=True, impl=impl))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad.lower(spec, spec, spec, seg).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_xla_never_holds_seq_by_seq_scores():
+    one_scores = 8192 * 8192 * 4  # one [S, S] float32 array: 256 MiB
+    xla, dense = _temp_bytes("xla"), _temp_bytes("dense")
+    mib = lambda n: f"{n / 2**20:.1f} MiB"
+    print(f"temp memory at S=8192, H=2, Dh=64: xla {mib(xla)}, dense {mib(dense)}")
+    assert xla < one_scores // 4
+    assert dense > one_scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware-only: the compiled kernels.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_right_padded_rows_on_gpu(causal):
+    segments = np.array([[1] * 180 + [0] * 20, [4] * 200], np.int32)
+    _check_against_dense(dict(impl="cudnn"), segments, causal, jnp.bfloat16, tol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_pallas_gpu_and_auto_on_gpu(causal):
+    _check_against_dense(dict(impl="pallas_gpu"), SEGMENTS, causal, jnp.bfloat16, tol=2e-2)
+    _check_against_dense(dict(impl="auto"), SEGMENTS, causal, jnp.bfloat16, tol=2e-2)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_splash_on_tpu(causal):
+    _check_against_dense(dict(impl="splash"), SEGMENTS, causal, jnp.bfloat16, tol=2e-2)
