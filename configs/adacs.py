@@ -221,7 +221,7 @@ SCHEMA = {
     "model.preset": common.one_of("tiny", "small", "3b", "7b"),
     "model.dtype": common.one_of("float32", "bfloat16"),
     "model.param_dtype": common.one_of("float32", "bfloat16"),
-    "model.attention": common.one_of("xla", "cudnn"),
+    "model.attention": common.one_of("xla", "cudnn", "blockwise"),
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),
     "data.synthetic_val_size": (_int, _nonneg),

@@ -94,7 +94,9 @@ def _base() -> ml_collections.ConfigDict:
         # METHOD.md 6: the vision tower is trainable during RL (freeze_vision_tower: false).
         # AdaCS (METHOD.md 3.3) trains the LLM only; that is configs/adacs.py's default.
         freeze_vision=False,
-        attention="xla",  # 'xla' (XLA's fused attention, everywhere) | 'cudnn' (GPU flash)
+        # 'xla' (XLA's fused attention, everywhere) | 'cudnn' (GPU flash) | 'blockwise' (the
+        # learner's full forward by online softmax, no [T, T] scores; decode and vision: 'xla')
+        attention="xla",
     )
 
     # --- Data (METHOD.md 4.1).
@@ -486,7 +488,7 @@ SCHEMA = {
     "model.preset": common.one_of("tiny", "small", "3b", "7b"),
     "model.dtype": common.one_of("float32", "bfloat16"),
     "model.param_dtype": common.one_of("float32", "bfloat16"),
-    "model.attention": common.one_of("xla", "cudnn"),
+    "model.attention": common.one_of("xla", "cudnn", "blockwise"),
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),
     "data.synthetic_val_size": (_int, _pos),

@@ -201,3 +201,34 @@ def test_step_that_would_overflow_a_parameter_is_refused(setup):
     new, metrics = step(state, lb)
     assert float(metrics["train/skipped"]) == 0.0
     assert float(metrics["train/nonfinite_params"]) == 0.0
+
+
+def test_blockwise_attention_equals_the_dense_mask(setup):
+    # The learner's full forward through ops.attention (segment ids, no [T, T] scores) against
+    # today's masked XLA attention: log-probs, entropies and one step's parameter change, on
+    # left-padded prompts with images.
+    cfg, model, prompts, out, rows = setup
+    blockwise = params.init_model(cfg, seed=2, attention_impl="blockwise")
+    s = _settings(prompts)
+    lb = _batch(cfg, prompts, rows, 6)
+    lb = lb._replace(old_logp=lb.old_logp - 0.1, ref_logp=lb.ref_logp - 0.2)
+    denom = PL.loss_denominator(jnp.asarray(rows.mask), agg=s.agg)
+    results = []
+    for m in (model, blockwise):
+        g, trainable, frozen = Lr.split_params(m, freeze_vision=False)
+        logp, ent = jax.jit(Lr.logprob_pass, static_argnums=(0, 5))(
+            g, trainable, frozen, lb.inputs, lb.tokens, s
+        )
+        _, state, _, step = _step(m, lb, denom, s, opt=optax.sgd(1e3))
+        new, metrics = step(state, lb)
+        delta = jax.tree.map(lambda a, b: (a - b) / 1e3, new.trainable, state.trainable)
+        results.append((np.asarray(logp), np.asarray(ent), delta, metrics))
+    (lp_a, en_a, d_a, m_a), (lp_b, en_b, d_b, m_b) = results
+    mask = np.asarray(lb.mask)
+    np.testing.assert_allclose(lp_b[mask], lp_a[mask], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(en_b[mask], en_a[mask], rtol=1e-5, atol=1e-5)
+    assert float(m_b["train/loss"]) == pytest.approx(float(m_a["train/loss"]), rel=1e-5)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(d_a))
+    assert scale > 0
+    for x, y in zip(jax.tree.leaves(d_a), jax.tree.leaves(d_b), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-4 * scale)

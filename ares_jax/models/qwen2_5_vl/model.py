@@ -20,7 +20,7 @@ from flax import nnx
 from ares_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from ares_jax.models.qwen2_5_vl.layers import param
 from ares_jax.models.qwen2_5_vl.rope import text_cos_sin
-from ares_jax.models.qwen2_5_vl.text import TextModel, attention
+from ares_jax.models.qwen2_5_vl.text import BLOCKWISE, TextModel, attention
 from ares_jax.models.qwen2_5_vl.vision import VisionTower
 from ares_jax.parallel import rules as R
 
@@ -144,8 +144,11 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         x = self.embed(inputs, features)
         cos, sin = self._cos_sin(inputs.position_ids)
         t = inputs.input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None] & inputs.attention_mask[:, None, :]
+        if self.attention_impl == BLOCKWISE:  # segment ids, attended causally, no [T, T] mask
+            mask = inputs.attention_mask.astype(jnp.int32)
+        else:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & inputs.attention_mask[:, None, :]
         return self.language_model(
             x,
             cos,

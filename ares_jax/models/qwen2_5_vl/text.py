@@ -2,8 +2,9 @@
 
 Grouped-query attention with q/k/v bias and no output bias, RMSNorm, SwiGLU MLP. Attention runs
 through `jax.nn.dot_product_attention` (float32 logits and softmax; `implementation='cudnn'`
-selects cuDNN flash attention on GPUs). Masks are boolean, never additive, so rows of left padding
-cannot produce NaN (QWEN2_5_VL.md 8.4).
+selects cuDNN flash attention on GPUs), or, with `implementation='blockwise'`, the full forward
+through `ops.attention`'s blockwise path, which never holds [T, T] scores. Masks are boolean,
+never additive, so rows of left padding cannot produce NaN (QWEN2_5_VL.md 8.4).
 
 Parameter layout (logical axes in brackets): embed [vocab, embed]; per layer, stacked on a leading
 [layers] axis: q [embed, heads, head_dim] + bias, k/v [embed, kv_heads, head_dim] + bias,
@@ -26,7 +27,11 @@ from ares_jax.models.qwen2_5_vl.layers import (
     zeros_init,
 )
 from ares_jax.models.qwen2_5_vl.rope import apply_rotary
+from ares_jax.ops import attention as ops_attention
 from ares_jax.parallel import rules as R
+
+# `attention_impl` of the full forward (training, log-probs) through `ops.attention`.
+BLOCKWISE = "blockwise"
 
 
 def attention(
@@ -34,8 +39,16 @@ def attention(
 ) -> jax.Array:
     """q [B, T, H, hd], k/v [B, S, K, hd], mask [B, T, S] bool -> [B, T, H, hd].
 
-    K must divide H (grouped-query attention). Softmax in float32.
+    K must divide H (grouped-query attention). Softmax in float32. With implementation
+    'blockwise' a full forward (T == S) passes its [B, T] segment ids (the attention mask as
+    int32: 0 is padding) instead of the mask, attended causally by `ops.attention` (online
+    softmax over key blocks: no [T, T] scores, forward or backward; padding queries give 0); a
+    KV-cache step, whose mask is [B, T, S], takes the dense path.
     """
+    if implementation == BLOCKWISE:
+        if mask.ndim == 2:
+            return ops_attention.attention(q, k, v, segment_ids=mask, causal=True, impl="xla")
+        implementation = None
     impl = None if implementation in (None, "xla") else implementation
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
 

@@ -66,7 +66,8 @@ class VisionBlock(nnx.Module):
         # Rotary in float32, cast back (transformers' apply_rotary_pos_emb_vision).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(dt)
-        impl = None if implementation in (None, "xla") else implementation
+        # 'blockwise' is the text model's; the tower keeps XLA's attention per frame for now.
+        impl = None if implementation in (None, "xla", "blockwise") else implementation
 
         def grouped(rows_per_group):
             def attend(q, k, v):
