@@ -169,6 +169,19 @@ def frames_needed(prompts: Prompts, rows: Rows, micro_batch_size: int) -> int:
     return most
 
 
+def windows_needed(prompts: Prompts, which: Sequence[int], cfg) -> int:
+    """The most attention windows one image frame of prompts `which` has (the vision layout pads
+    every frame to this many)."""
+    v = cfg.vision
+    win = v.window_size // v.spatial_merge_size // v.patch_size
+    most = 1
+    for p in which:
+        for _, h, w in np.asarray(prompts.grids[p]).reshape(-1, 3).tolist():
+            gh, gw = h // v.spatial_merge_size, w // v.spatial_merge_size
+            most = max(most, -(-gh // win) * -(-gw // win))
+    return most
+
+
 def learner_batch(
     prompts: Prompts,
     rows: Rows,
@@ -182,7 +195,8 @@ def learner_batch(
     """Rows (prompt + response) in `num_micro` micro-batches of `micro_batch_size` rows.
 
     Rows beyond N are padding (row_valid False, empty masks). old_logp and ref_logp are zeros, to
-    be filled by the learner's log-prob passes.
+    be filled by the learner's log-prob passes. Every micro-batch's image frames are padded to
+    `windows_per_frame` windows, by default the largest frame's of the whole batch.
     """
     n, t = rows.tokens.shape
     mb = micro_batch_size
@@ -199,6 +213,9 @@ def learner_batch(
     pos = np.concatenate(
         [prompts.positions[:, r.prompt], np.broadcast_to(resp_pos, (3, len(idx), t))], 2
     ).astype(np.int32)
+    if prompts.has_images and windows_per_frame is None:
+        # One frame layout for every micro-batch (they are stacked): the largest frame of all.
+        windows_per_frame = windows_needed(prompts, sorted(set(r.prompt.tolist())), cfg)
     micro_inputs = []
     for m in range(num_micro):
         sl = slice(m * mb, (m + 1) * mb)

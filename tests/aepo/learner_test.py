@@ -232,3 +232,53 @@ def test_blockwise_attention_equals_the_dense_mask(setup):
     assert scale > 0
     for x, y in zip(jax.tree.leaves(d_a), jax.tree.leaves(d_b), strict=True):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_micro_batches_with_different_largest_images_stack():
+    # One micro-batch holds a small image, the other a large one: each frame layout used to be its
+    # own micro-batch's largest, and stacking them raised in np.stack.
+    cfg = config.preset("tiny")
+    tok = tokenizer.build_tokenizer()
+    prompts = B.encode_prompts(
+        ["Small?", "Large?"],
+        [[_png(28, 28, 0)], [_png(168, 224, 1)]],
+        tok,
+        cfg,
+        template="Answer in \\boxed{}.",
+        min_pixels=784,
+        max_pixels=168 * 224,
+        length_buckets=(128,),
+    )
+    rows = B.Rows(
+        prompt=np.array([0, 1]),
+        tokens=np.ones((2, 4), np.int32),
+        mask=np.ones((2, 4), bool),
+        advantages=np.zeros(2, np.float32),
+        bucket=np.zeros(2, np.int32),
+        correct=np.ones(2, bool),
+        soft_cost=np.zeros(2, np.float32),
+        window_mask=np.zeros((2, 4), bool),
+    )
+    per_micro = [B.windows_needed(prompts, [p], cfg) for p in (0, 1)]
+    assert per_micro[0] < per_micro[1]
+    frames = B.frames_needed(prompts, rows, 1)
+    lb = B.learner_batch(prompts, rows, cfg, micro_batch_size=1, num_micro=2, num_frames=frames)
+    assert lb.inputs.vision is not None and lb.inputs.input_ids.shape[0] == 2
+    # The small image's micro-batch computes the same features as it does alone.
+    model = params.init_model(cfg, seed=0)
+    alone = B.learner_batch(
+        prompts,
+        rows.select(np.array([0])),
+        cfg,
+        micro_batch_size=1,
+        num_micro=1,
+        num_frames=frames,
+    )
+    first = jax.tree.map(lambda x: jnp.asarray(x[0]), lb.inputs)
+    own = jax.tree.map(lambda x: jnp.asarray(x[0]), alone.inputs)
+    np.testing.assert_allclose(
+        np.asarray(model.image_features(first.vision))[: int((own.image_index >= 0).sum())],
+        np.asarray(model.image_features(own.vision))[: int((own.image_index >= 0).sum())],
+        rtol=1e-5,
+        atol=1e-5,
+    )
