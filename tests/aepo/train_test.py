@@ -319,8 +319,18 @@ def _exported(workdir) -> dict[str, np.ndarray]:
     return load_file(str(workdir / "export" / "model.safetensors"))
 
 
-def test_fsdp_by_tensor_mesh_equals_one_device(tmp_path):
-    """One AEPO iteration on a data=1 x fsdp=4 x tensor=2 mesh of 8 devices against one device.
+@pytest.fixture(scope="module")
+def one_device_iteration(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one_device")
+    one = _run(workdir, *_MOVING, env={"XLA_FLAGS": _FAST_COMPILE})
+    assert one.returncode == 0, one.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.parametrize("attention", ["xla", "blockwise"])
+def test_fsdp_by_tensor_mesh_equals_one_device(one_device_iteration, tmp_path, attention):
+    """One AEPO iteration on a data=1 x fsdp=4 x tensor=2 mesh of 8 devices against one device
+    (with the XLA attention; the sharded run also with the blockwise attention).
 
     Tolerances. Metrics decided on the host (tokens, lengths, HWE counts, rewards, buckets, tau,
     controllers) are equal exactly. The learner's sums run in another order when sharded: its
@@ -332,18 +342,17 @@ def test_fsdp_by_tensor_mesh_equals_one_device(tmp_path):
     mean square difference be below 1e-3 * lr; a missing or doubled gradient shard would change
     the moves of many weights by up to 2 * lr.
     """
-    one = _run(tmp_path / "one", *_MOVING, env={"XLA_FLAGS": _FAST_COMPILE})
-    assert one.returncode == 0, one.stderr[-3000:]
     eight = _run(
         tmp_path / "eight",
         *_MOVING,
+        f"--config.model.attention={attention}",
         "--config.mesh.shape.data=1",
         "--config.mesh.shape.fsdp=4",
         "--config.mesh.shape.tensor=2",
         env={"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {_FAST_COMPILE}"},
     )
     assert eight.returncode == 0, eight.stderr[-3000:]
-    (want,) = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    (want,) = read_metrics(one_device_iteration / "metrics.jsonl")
     (got,) = read_metrics(tmp_path / "eight" / "metrics.jsonl")
     assert want["train/grad_norm"] > 1e-3  # a real update, not rounding noise
     assert _comparable(got).keys() == _comparable(want).keys()
@@ -353,7 +362,7 @@ def test_fsdp_by_tensor_mesh_equals_one_device(tmp_path):
         else:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
     lr = 1e-5  # configs/aepo.py optim.lr
-    p1, p8 = _exported(tmp_path / "one"), _exported(tmp_path / "eight")
+    p1, p8 = _exported(one_device_iteration), _exported(tmp_path / "eight")
     assert sorted(p1) == sorted(p8)
     squares, count = 0.0, 0
     for name in sorted(p1):
