@@ -45,9 +45,14 @@ def _smoke(shape):
     return c
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2), (1, 1, 1)], ids=["fsdp4_tensor2", "one_device"])
-def test_planned_bytes_match_placed_arrays_and_compiled_step(shape):
+@pytest.mark.parametrize(
+    "shape, attention",
+    [((1, 4, 2), "xla"), ((1, 1, 1), "xla"), ((1, 4, 2), "blockwise")],
+    ids=["fsdp4_tensor2", "one_device", "fsdp4_tensor2_blockwise"],
+)
+def test_planned_bytes_match_placed_arrays_and_compiled_step(shape, attention):
     c = _smoke(shape)
+    c.model.attention = attention
     mesh = make_mesh(dict(c.mesh.shape), devices=jax.devices()[: np.prod(shape)])
     x = memory.setup(c, mesh)
     items = memory.analytic_items(x)

@@ -396,6 +396,10 @@ def split(x: Setup) -> Split:
     )
 
 
+# The query and key block of ops/attention.py's blockwise path (its default).
+BLOCKWISE_BLOCK = 512
+
+
 def text_activations(
     cfg,
     sp: Split,
@@ -406,6 +410,7 @@ def text_activations(
     remat: bool,
     backward: bool,
     flash: bool = False,
+    blockwise: bool = False,
 ) -> int:
     """Bytes per device of the text decoder's activations for `rows` rows of `seq` tokens.
 
@@ -418,16 +423,23 @@ def text_activations(
     and the final hidden states. Forward only, one layer is alive at a time. With backward,
     every layer's tensors are kept (remat off), or each layer's input only and one layer
     recomputed (remat on), and one layer's gradients live beside them. `flash` (cuDNN attention)
-    keeps one softmax statistic per query and head instead of the scores.
+    keeps one softmax statistic per query and head instead of the scores. `blockwise`
+    (ops/attention.py) keeps that statistic too, works on one [block, block] tile of float32
+    scores per row and head at a time, and takes [seq] segment ids per row instead of the
+    [seq, seq] mask.
     """
     t = cfg.text
     d, dh = t.hidden_size, t.head_dim
     h, k = t.num_attention_heads / sp.heads, t.num_key_value_heads / sp.kv_heads
     f = t.intermediate_size / sp.mlp
     linear = rows * seq * c * (4 * d + (3 * h + 3 * k) * dh + h * dh + 4 * f)
-    scores = rows * h * seq * (1 if flash else seq)
+    scores = rows * h * seq * (1 if flash or blockwise else seq)
     residual = rows * seq * d * c
-    shared = rows * seq * seq + 2 * rows * seq * dh * c + 2 * residual
+    mask = rows * seq * 4 if blockwise else rows * seq * seq
+    shared = mask + 2 * rows * seq * dh * c + 2 * residual
+    if blockwise:  # one tile of logits, probabilities and their gradient at a time
+        tile = min(BLOCKWISE_BLOCK, seq)
+        shared += 3 * rows * h * tile * tile * 4
     if not backward:
         return int(shared + linear + scores * (4 + c))
     if remat:
@@ -532,7 +544,15 @@ def analytic_items(x: Setup) -> dict[str, int]:
     vrows = _vision_rows(cfg, z.image_tokens, z.learner_frames) if z.image_tokens else 0
 
     def micro_batch(backward: bool) -> int:
-        total = text_activations(cfg, sp, rows=rows, seq=z.seq_len, backward=backward, **common)
+        total = text_activations(
+            cfg,
+            sp,
+            rows=rows,
+            seq=z.seq_len,
+            backward=backward,
+            blockwise=x.c.model.attention == "blockwise",  # the full forward's; not the prefill's
+            **common,
+        )
         total += head_activations(
             cfg,
             sp,
