@@ -244,6 +244,24 @@ def _block_scores(q_i, k_j, seg_q, seg_k, i, j, bq, bk, causal, scale):
     return jnp.where(ok[:, None, None], s, -jnp.inf)
 
 
+def _while_loop(n: int, body, init):
+    """`body(i, carry)` for i in 0..n-1, as a `lax.while_loop`, never a scan.
+
+    The block loops run inside the custom VJP, so nothing differentiates them. As scans
+    (`fori_loop` with static bounds) they are still partially evaluated when the attention sits
+    in a differentiated `lax.scan` (the decoder's layer scan): JAX then hoists the per-block
+    masks and score buffers of every (query block, key block) pair out of the loops, [nq, nk,
+    ..., bq, bk] arrays that are the whole [S, S] score matrix again (25 GiB per row at S=20480).
+    A while loop is opaque to that. `tests/ops/attention_test.py` checks the jaxpr.
+    """
+
+    def step(carry):
+        i, c = carry
+        return i + 1, body(i, c)
+
+    return jax.lax.while_loop(lambda c: c[0] < n, step, (jnp.asarray(0, jnp.int32), init))[1]
+
+
 def _flash_forward(q, k, v, seg, causal, scale, bq, bk):
     """Padded inputs -> out [B, S, H, Dh] in q's dtype, lse [nq, B, K, G, bq] float32.
 
@@ -282,7 +300,7 @@ def _flash_forward(q, k, v, seg, causal, scale, bq, bk):
             jnp.zeros((b, n_kv, g, bq), _F32),
             jnp.zeros((b, n_kv, g, bq, dh), _F32),
         )
-        m, total, acc = jax.lax.fori_loop(0, nk, kv_step, init)
+        m, total, acc = _while_loop(nk, kv_step, init)
         seen = total > 0
         total = jnp.where(seen, total, 1.0)
         out = jnp.where(seen[..., None], acc / total[..., None], 0.0)
@@ -338,7 +356,7 @@ def _flash_bwd(causal, scale, bq, bk, res, d_out):
             return jax.lax.cond(active[i, j], update, lambda c: c, carry)
 
         zeros = jnp.zeros((b, bk, n_kv, dh), _F32)
-        dq, dk, dv = jax.lax.fori_loop(0, nq, q_step, (dq, zeros, zeros))
+        dq, dk, dv = _while_loop(nq, q_step, (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq0 = jnp.zeros(q_blk.shape, _F32)

@@ -5,6 +5,7 @@ run only on their hardware (markers gpu / tpu, skipped elsewhere by conftest.py)
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,31 @@ def test_xla_never_holds_seq_by_seq_scores():
     print(f"temp memory at S=8192, H=2, Dh=64: xla {mib(xla)}, dense {mib(dense)}")
     assert xla < one_scores // 4
     assert dense > one_scores
+
+
+def test_xla_inside_a_differentiated_layer_scan_holds_no_block_pair_buffers():
+    """As the decoder runs it: in a `lax.scan` over layers (with remat), differentiated. With
+    scans for its block loops, JAX hoisted a [nq, nk, ..., bq, bk] mask and score buffer per
+    block pair out of them, which is the [S, S] scores again."""
+    s, h, dh = 4096, 2, 64
+    spec = jax.ShapeDtypeStruct((1, s, h * dh), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, s), jnp.int32)
+
+    def loss(x, seg):
+        def layer(x, w):
+            q = (x * w).reshape(1, s, h, dh)
+            return attention(q, q, q, segment_ids=seg, causal=True, impl="xla").reshape(x.shape)
+
+        x, _ = jax.lax.scan(lambda x, w: (jax.checkpoint(layer)(x, w), None), x, jnp.ones(3))
+        return jnp.sum(x)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(spec, seg))
+    nq = nk = s // 512
+    assert not re.findall(rf"\[{nq},{nk}(,\d+){{3,}}\]", jaxpr)  # [nq, nk, B] tables only
+    temp = jax.jit(jax.grad(loss)).lower(spec, seg).compile().memory_analysis().temp_size_in_bytes
+    scores = s * s * h * 4  # one layer's [H, S, S] float32 scores: 128 MiB
+    print(f"temp of 3 scanned layers at S={s}: {temp / 2**20:.1f} MiB")
+    assert temp < scores // 4
 
 
 # ---------------------------------------------------------------------------------------------
