@@ -286,9 +286,7 @@ def bucket_up(n: int, buckets) -> int:
     return fitting[0] if fitting else max(buckets)
 
 
-def pow2(n: int) -> int:
-    """The power of two at or above n (a bucket that changes rarely)."""
-    return 1 << max(0, int(n) - 1).bit_length()
+pow2 = B.pow2  # the power of two at or above n (a bucket that changes rarely)
 
 
 def left_pad_prompts(prompts: B.Prompts, length: int) -> B.Prompts:

@@ -89,14 +89,24 @@ def _base() -> ml_collections.ConfigDict:
         path=config_dict.placeholder(str),  # Hugging Face checkpoint dir (config.json+safetensors)
         dtype="float32",  # compute dtype: 'float32' | 'bfloat16'
         param_dtype="float32",  # parameter (master weight) dtype
+        # The KL reference's copy of the trainable parameters (it only runs forward):
+        # 'compute' = in model.dtype (bfloat16: half the bytes of float32 master weights, 7.0 GiB
+        # less for 3B and 15.4 GiB for 7B over the mesh); its log-probs equal a float32 copy's
+        # bit for bit with train.logprob_head_dtype='compute', as the model casts each weight to
+        # model.dtype where it uses it | 'param' = in param_dtype. The same where param_dtype
+        # equals dtype (paper_*). Measured: benchmarks/precision.py.
+        reference_dtype="compute",
         remat=False,  # rematerialise each decoder layer in the backward pass
         scan_layers=True,  # stack layers and lax.scan over them (fast compiles)
         # METHOD.md 6: the vision tower is trainable during RL (freeze_vision_tower: false).
         # AdaCS (METHOD.md 3.3) trains the LLM only; that is configs/adacs.py's default.
         freeze_vision=False,
-        # 'xla' (XLA's fused attention, everywhere) | 'cudnn' (GPU flash) | 'blockwise' (the
-        # learner's full forward by online softmax, no [T, T] scores; decode and vision: 'xla')
-        attention="xla",
+        # 'blockwise' (full forwards and prefills by online softmax over key blocks,
+        # ops/attention.py: no [T, T] scores or masks, forward or backward; packed rows' segments)
+        # | 'xla' (XLA's attention with a dense [T, T] mask) | 'cudnn' (GPU flash attention, one
+        # segment per row). Decode steps use XLA's attention and the vision tower's full
+        # attention the blockwise path, whatever this says.
+        attention="blockwise",
     )
 
     # --- Data (METHOD.md 4.1).
@@ -306,6 +316,11 @@ def _base() -> ml_collections.ConfigDict:
         steps=20,  # iterations (rollout + updates); paper ~250
         prompts_per_step=4,  # prompts per optimizer step; paper 128 (4 steps per 512 iteration)
         micro_batch_size=32,  # sequences per gradient-accumulation micro-batch, whole mesh
+        # Packed learner rows (aepo/batch.py): each device's share of a micro-batch laid end to
+        # end (prompts without padding, responses without their padding), one row of this many
+        # tokens the memory plan assumes (a step whose share needs more packs longer rows and
+        # says so); 0 = padded rows, prompt bucket + response bucket each.
+        pack_tokens=0,
         ppo_epochs=1,
         # 'learner' = old log-probs recomputed by the learner after the rollout (released code);
         # 'sampler' = taken from the sampler (same parameters here, saves one forward pass).
@@ -315,6 +330,13 @@ def _base() -> ml_collections.ConfigDict:
         export=True,  # write the final policy as a Hugging Face checkpoint to WORKDIR/export
         logprob_chunk_size=64,  # sequence chunk of the log-prob/entropy kernel
         logprob_vocab_chunk_size=config_dict.placeholder(int),  # None = whole vocabulary
+        # dtype of the unembedding in the learner's log-prob head: 'compute' = cast to
+        # model.dtype, as the sampler's logits are (bfloat16 matmuls accumulating in float32; the
+        # gradient reaches the float32 master weight through the cast; log-probs move by
+        # bfloat16 rounding, about 1e-3) | 'param' = as stored (float32 master weights: 3 of the
+        # head's 4 vocabulary matmuls in float32, and a float32 [D, V] gathered for the head).
+        # Measured: benchmarks/precision.py.
+        logprob_head_dtype="compute",
     )
 
     # --- In-training evaluation (METHOD.md 4.1, 6): T 0.5, n 1, every 5 steps.
@@ -385,7 +407,15 @@ def _paper_scale(c: ml_collections.ConfigDict, size: str) -> None:
     # authors' runs did not reach; a global step that finds the data exhausted starts the next
     # epoch without an update. Here one iteration always updates, and the stream wraps into the
     # next epoch seamlessly; set train.steps for a longer run.
-    c.train.update(steps=250, prompts_per_step=128, micro_batch_size=32, logprob_chunk_size=256)
+    # Packed rows of 32768 tokens: 8 sequences per v5p chip (4 per H100) at 4k tokens on average;
+    # padded they would take 8 x 20480.
+    c.train.update(
+        steps=250,
+        prompts_per_step=128,
+        micro_batch_size=32,
+        logprob_chunk_size=256,
+        pack_tokens=32768,
+    )
     c.entropy.update(trigger_words="released")  # the authors' 174 words (METHOD.md 2.4)
     c.eval.update(max_response_len=16384)
     c.mesh.shape.update(data=1, fsdp=-1, tensor=1)  # FSDP over all devices (verl: FSDP, 8 GPUs)
@@ -488,7 +518,8 @@ SCHEMA = {
     "model.preset": common.one_of("tiny", "small", "3b", "7b"),
     "model.dtype": common.one_of("float32", "bfloat16"),
     "model.param_dtype": common.one_of("float32", "bfloat16"),
-    "model.attention": common.one_of("xla", "cudnn", "blockwise"),
+    "model.attention": common.one_of("blockwise", "xla", "cudnn"),
+    "model.reference_dtype": common.one_of("compute", "param"),
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),
     "data.synthetic_val_size": (_int, _pos),
@@ -577,7 +608,9 @@ SCHEMA = {
     "train.max_nonfinite_steps": (_int, _nonneg),
     "train.score_workers": (_int, _nonneg),
     "train.logprob_chunk_size": (_int, _pos),
+    "train.pack_tokens": (_int, _nonneg),
     "train.logprob_vocab_chunk_size": common.optional(common.is_type(int)),
+    "train.logprob_head_dtype": common.one_of("compute", "param"),
     "eval.every_steps": (_int, _nonneg),  # 0 = no periodic evaluation
     "eval.temperature": _nonneg,  # 0 = greedy
     "eval.top_p": common.in_range(0.0, 1.0, lo_open=True),
@@ -624,6 +657,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "train.micro_batch_size",
             f"{c.train.micro_batch_size} must divide train.prompts_per_step * rollout.n "
             f"({c.train.prompts_per_step * c.rollout.n}).",
+        )
+    longest = c.data.max_prompt_len + c.rollout.max_response_len
+    if c.train.pack_tokens and c.train.pack_tokens < longest:
+        common.fail(
+            "train.pack_tokens",
+            f"{c.train.pack_tokens} is shorter than the longest sequence, data.max_prompt_len + "
+            f"rollout.max_response_len = {longest}; 0 turns packing off.",
         )
     cadence = c.kl.beta_cadence.ranks * max(c.kl.beta_cadence.micro_batch, 1)
     if c.train.micro_batch_size % cadence:

@@ -46,7 +46,7 @@ class SFTSettings:
 def _loss(trainable, frozen, graphdef, mb: LearnerBatch, kl_weight, s: SFTSettings):
     """(sum of token NLL (+ weighted KL), (nll_sum, kl_sum, tokens)); kl_weight [mb] per row."""
     model = merge(graphdef, trainable, frozen)
-    logp, _ = response_logprobs(model, mb.inputs, mb.tokens, s)
+    logp, _ = response_logprobs(model, mb.inputs, mb.tokens, s, mb.packing)
     mask = mb.mask & mb.row_valid[:, None]
     nll = jnp.sum(jnp.where(mask, -logp, 0.0))
     kl = jnp.zeros(())

@@ -316,12 +316,7 @@ def _run(config, work: Path, hold) -> dict[str, float]:
             soft_cost=np.zeros(n, np.float32),
             window_mask=np.zeros_like(mask),
         )
-        frames = (
-            runtime.pow2(max(1, B.frames_needed(prompts, rows, mb))) if prompts.has_images else None
-        )
-        lb = B.learner_batch(
-            prompts, rows, cfg, micro_batch_size=mb, num_micro=num_micro, num_frames=frames
-        )
+        lb = B.learner_batch(prompts, rows, cfg, micro_batch_size=mb, num_micro=num_micro)
         brackets = np.asarray([C.bracket_of(e.pass_rate) for e in batch])
         kl_w = np.zeros(num_micro * mb, np.float32)
         kl_w[:n] = weights[brackets]

@@ -3,9 +3,10 @@
 A batch of prompts is encoded once (`encode_prompts`): token ids left-padded to a length bucket,
 M-RoPE positions, and each prompt's image patches. From it the sampler gets one row per prompt
 (`sampler_inputs`). The learner gets micro-batches of (prompt + response) rows (`learner_batch`).
-Each micro-batch carries the images of the prompts its rows belong to, laid out for the vision
-tower with static (frames, windows) sizes, so every micro-batch has the same shapes and one
-compiled update serves the whole run.
+Each micro-batch carries the images of the prompts its rows belong to, packed for the vision
+tower into one sequence of attention windows padded to a bucket shared by all the
+micro-batches of a step (`window_bucket`), so they stack and one compiled update serves every
+step of that bucket.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ares_jax.aepo.learner import LearnerBatch
+from ares_jax.aepo.learner import LearnerBatch, Packing
 from ares_jax.models.qwen2_5_vl import inputs as model_inputs
 from ares_jax.models.qwen2_5_vl import positions, processor
 from ares_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
@@ -100,7 +101,7 @@ def encode_examples(examples: Sequence, tokenizer, cfg: Qwen2_5_VLConfig, **kwar
     )
 
 
-def _vision(prompts: Prompts, which: Sequence[int], cfg, num_frames, windows_per_frame):
+def _vision(prompts: Prompts, which: Sequence[int], cfg, num_windows: int):
     """VisionInputs for the images of prompts `which`, in that order, and each prompt's first
     feature row."""
     v = cfg.vision
@@ -113,8 +114,7 @@ def _vision(prompts: Prompts, which: Sequence[int], cfg, num_frames, windows_per
         merge_size=v.spatial_merge_size,
         window_size=v.window_size,
         patch_size=v.patch_size,
-        num_frames=num_frames,
-        windows_per_frame=windows_per_frame,
+        num_windows=num_windows,
     )
     tokens = [int(np.prod(g, 1).sum()) // v.spatial_merge_size**2 for g in grids]
     offsets = np.concatenate([[0], np.cumsum(tokens)[:-1]]).astype(np.int64)
@@ -126,14 +126,15 @@ def _prompt_image_index(ids_row, mask_row, image_token_id, offset):
     return np.where(is_image, offset + np.cumsum(is_image) - 1, -1)
 
 
-def sampler_inputs(
-    prompts: Prompts, cfg, *, num_frames=None, windows_per_frame=None
-) -> ModelInputs:
-    """One row per prompt, with all the batch's images."""
+def sampler_inputs(prompts: Prompts, cfg, *, num_windows: int | None = None) -> ModelInputs:
+    """One row per prompt, with all the batch's images, their windows padded to `num_windows`
+    (default: `window_bucket` of what they need, so few shapes ever compile)."""
     vision, index = None, None
     if prompts.has_images:
         order = list(range(prompts.size))
-        vision, offsets = _vision(prompts, order, cfg, num_frames, windows_per_frame)
+        if num_windows is None:
+            num_windows = window_bucket(windows_of(prompts, order, cfg))
+        vision, offsets = _vision(prompts, order, cfg, num_windows)
         index = np.stack(
             [
                 _prompt_image_index(prompts.ids[b], prompts.mask[b], cfg.image_token_id, offsets[b])
@@ -160,26 +161,116 @@ class Rows:
         return Rows(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
 
 
-def frames_needed(prompts: Prompts, rows: Rows, micro_batch_size: int) -> int:
-    """The largest number of image frames one micro-batch of consecutive rows needs."""
+def pow2(n: int) -> int:
+    """The power of two at or above n (a bucket that changes rarely: window counts, lengths)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def window_bucket(n: int) -> int:
+    """The static window count of a packed vision layout holding n windows: n rounded up to an
+    eighth of the power of two above it (at most 4 sizes per octave, at most 25% padding; 8 and
+    below: the power of two)."""
+    p = pow2(n)
+    if p <= 8:
+        return p
+    step = p // 8
+    return -(-int(n) // step) * step
+
+
+def windows_of(prompts: Prompts, which: Sequence[int], cfg) -> int:
+    """Attention windows of the packed vision layout of the images of prompts `which`."""
+    v = cfg.vision
+    grids = [np.asarray(prompts.grids[p]).reshape(-1, 3) for p in which]
+    return positions.num_windows(
+        np.concatenate(grids) if grids else np.zeros((0, 3), np.int64),
+        merge_size=v.spatial_merge_size,
+        window_size=v.window_size,
+        patch_size=v.patch_size,
+    )
+
+
+def windows_needed(prompts: Prompts, rows: Rows, micro_batch_size: int, cfg) -> int:
+    """The most attention windows the images of one micro-batch of consecutive rows need."""
     most = 0
     for start in range(0, len(rows.prompt), micro_batch_size):
-        which = dict.fromkeys(rows.prompt[start : start + micro_batch_size].tolist())
-        most = max(most, sum(int(prompts.grids[p][:, 0].sum()) for p in which))
+        which = list(dict.fromkeys(rows.prompt[start : start + micro_batch_size].tolist()))
+        most = max(most, windows_of(prompts, which, cfg))
     return most
 
 
-def windows_needed(prompts: Prompts, which: Sequence[int], cfg) -> int:
-    """The most attention windows one image frame of prompts `which` has (the vision layout pads
-    every frame to this many)."""
-    v = cfg.vision
-    win = v.window_size // v.spatial_merge_size // v.patch_size
-    most = 1
-    for p in which:
-        for _, h, w in np.asarray(prompts.grids[p]).reshape(-1, 3).tolist():
-            gh, gw = h // v.spatial_merge_size, w // v.spatial_merge_size
-            most = max(most, -(-gh // win) * -(-gw // win))
-    return most
+def sequence_lengths(prompts: Prompts, rows: Rows) -> np.ndarray:
+    """[N] tokens of each row's packed sequence: its prompt without padding, then its response
+    (the mask's prefix; a response is contiguous from position 0)."""
+    resp = rows.mask.sum(1)
+    if not (rows.mask == (np.arange(rows.mask.shape[1])[None] < resp[:, None])).all():
+        raise ValueError("learner_batch: a response mask is not a prefix of its row.")
+    return prompts.mask[rows.prompt].sum(1) + resp
+
+
+def pack_length_needed(prompts: Prompts, rows: Rows, micro_batch_size: int, pack_rows: int) -> int:
+    """The most tokens one packed row needs when each micro-batch of consecutive rows is split
+    into `pack_rows` equal, consecutive shares, one packed row each (`learner_batch`)."""
+    if micro_batch_size % pack_rows:
+        raise ValueError(
+            f"learner_batch: pack_rows={pack_rows} must divide the micro-batch of "
+            f"{micro_batch_size} rows."
+        )
+    lengths = sequence_lengths(prompts, rows)
+    share = micro_batch_size // pack_rows
+    padded = np.zeros(-(-len(lengths) // share) * share, np.int64)
+    padded[: len(lengths)] = lengths
+    return int(padded.reshape(-1, share).sum(1).max(initial=0))
+
+
+def pack_bucket(n: int) -> int:
+    """The static length of a packed row holding n tokens: `window_bucket` of n, at least 128
+    (a multiple of 128 from 1024 tokens on, as the attention kernels' blocks want)."""
+    return max(window_bucket(n), 128)
+
+
+def _packed_micro(prompts, r, valid, sl, cfg, pack_rows, pack_len, t, offsets):
+    """One micro-batch (rows `sl` of `r`) packed into `pack_rows` rows of `pack_len` tokens.
+
+    Returns (ids, segments, positions [3, R, L], image_index or None, targets [R, L],
+    index [mb, t]): targets[j] is the token position j predicts when j + 1 is a response token of
+    the same sequence (0 elsewhere); index[i, k] is the flat position (in R * L) whose hidden state
+    predicts response token k of row i (0 where the row has no token k).
+    """
+    rows = np.arange(sl.start, sl.stop)
+    mb = len(rows)
+    share = mb // pack_rows
+    ids = np.full((pack_rows, pack_len), cfg.pad_token_id, np.int32)
+    segments = np.zeros((pack_rows, pack_len), np.int32)
+    pos = np.zeros((3, pack_rows, pack_len), np.int32)
+    image = np.full((pack_rows, pack_len), -1, np.int32) if offsets is not None else None
+    targets = np.zeros((pack_rows, pack_len), np.int32)
+    index = np.zeros((mb, t), np.int32)
+    fill = np.zeros(pack_rows, np.int64)  # tokens used in each packed row
+    for i, row in enumerate(rows):
+        pr = i // share
+        start = int(fill[pr])
+        if not valid[row]:
+            continue
+        p = r.prompt[row]
+        keep = prompts.mask[p]
+        n_prompt, n_resp = int(keep.sum()), int(r.mask[row].sum())
+        end = start + n_prompt + n_resp
+        if end > pack_len:
+            raise ValueError(f"learner_batch: a share needs {end} tokens, pack length {pack_len}.")
+        seq = np.concatenate([prompts.ids[p][keep], r.tokens[row, :n_resp]])
+        ids[pr, start:end] = seq
+        segments[pr, start:end] = i % share + 1
+        pos[:, pr, start : start + n_prompt] = prompts.positions[:, p][:, keep]
+        pos[:, pr, start + n_prompt : end] = prompts.next_pos[p] + np.arange(n_resp)
+        if image is not None:
+            image[pr, start : start + n_prompt] = _prompt_image_index(
+                prompts.ids[p], prompts.mask[p], cfg.image_token_id, offsets[p]
+            )[keep]
+        first = start + n_prompt - 1  # predicts response token 0
+        targets[pr, first : first + n_resp] = r.tokens[row, :n_resp]
+        index[i, :n_resp] = pr * pack_len + first + np.arange(n_resp)
+        fill[pr] = end
+    return ids, segments, pos, image, targets, index
 
 
 def learner_batch(
@@ -189,14 +280,25 @@ def learner_batch(
     *,
     micro_batch_size: int,
     num_micro: int,
-    num_frames: int | None = None,
-    windows_per_frame: int | None = None,
+    num_windows: int | None = None,
+    pack_rows: int | None = None,
+    pack_len: int | None = None,
 ) -> LearnerBatch:
     """Rows (prompt + response) in `num_micro` micro-batches of `micro_batch_size` rows.
 
+    Padded (`pack_rows` None): each row is its left-padded prompt then its response, [mb, P + T].
+    Packed: each micro-batch's rows are split into `pack_rows` consecutive shares (one per device
+    of the batch axes, so a device packs the rows it would hold), and each share's sequences
+    (prompt without padding, then the response's real tokens) are laid end to end in one row of
+    `pack_len` tokens (default: `pack_bucket` of the longest share): the inputs are [pack_rows,
+    pack_len], `attention_mask` holds segment ids (1, 2, ... per sequence, 0 at padding) and
+    positions restart per sequence; `packing` says which positions predict which response token.
+    Everything per row or per response token ([mb], [mb, T]) is laid out as when padded.
+
     Rows beyond N are padding (row_valid False, empty masks). old_logp and ref_logp are zeros, to
-    be filled by the learner's log-prob passes. Every micro-batch's image frames are padded to
-    `windows_per_frame` windows, by default the largest frame's of the whole batch.
+    be filled by the learner's log-prob passes. Every micro-batch's packed images are padded to
+    `num_windows` attention windows, by default the `window_bucket` of the most any micro-batch
+    needs (they are stacked).
     """
     n, t = rows.tokens.shape
     mb = micro_batch_size
@@ -213,16 +315,25 @@ def learner_batch(
     pos = np.concatenate(
         [prompts.positions[:, r.prompt], np.broadcast_to(resp_pos, (3, len(idx), t))], 2
     ).astype(np.int32)
-    if prompts.has_images and windows_per_frame is None:
-        # One frame layout for every micro-batch (they are stacked): the largest frame of all.
-        windows_per_frame = windows_needed(prompts, sorted(set(r.prompt.tolist())), cfg)
-    micro_inputs = []
+    if prompts.has_images and num_windows is None:
+        num_windows = window_bucket(windows_needed(prompts, r, mb, cfg))
+    if pack_rows is not None and pack_len is None:
+        pack_len = pack_bucket(pack_length_needed(prompts, rows, mb, pack_rows))
+    micro_inputs, packing = [], []
     for m in range(num_micro):
         sl = slice(m * mb, (m + 1) * mb)
-        vision, index = None, None
+        vision, index, offsets = None, None, None
         if prompts.has_images:
             which = list(dict.fromkeys(r.prompt[sl].tolist()))
-            vision, offsets = _vision(prompts, which, cfg, num_frames, windows_per_frame)
+            vision, offsets = _vision(prompts, which, cfg, num_windows)
+        if pack_rows is not None:
+            p_ids, seg, p_pos, p_image, targets, gather = _packed_micro(
+                prompts, r, valid, sl, cfg, pack_rows, pack_len, t, offsets
+            )
+            micro_inputs.append(ModelInputs(p_ids, seg, p_pos, p_image, vision))
+            packing.append((targets, gather))
+            continue
+        if prompts.has_images:
             index = np.stack(
                 [
                     np.concatenate(
@@ -267,6 +378,11 @@ def learner_batch(
         row_valid=micro(valid),
         old_logp=zeros,
         ref_logp=zeros.copy(),
+        packing=None
+        if pack_rows is None
+        else Packing(
+            targets=np.stack([p[0] for p in packing]), index=np.stack([p[1] for p in packing])
+        ),
     )
 
 
@@ -286,5 +402,8 @@ def learner_shardings(batch: LearnerBatch, mesh, rules=None) -> LearnerBatch:
         row_valid=rows,
         old_logp=(*rows, None),
         ref_logp=(*rows, None),
+        packing=None
+        if batch.packing is None
+        else Packing(targets=(*rows, None), index=(*rows, None)),
     )
     return R.tree_shardings(mesh, axes, batch, rules)

@@ -36,10 +36,23 @@ from ares_jax.ops import policy_loss as PL
 from ares_jax.ops.entropy import token_logprobs_and_entropy
 
 
-class LearnerBatch(NamedTuple):
-    """M micro-batches of mb rows; S = prompt length P + response length T."""
+class Packing(NamedTuple):
+    """Where a packed micro-batch's response tokens sit (`batch.learner_batch`): R packed rows of
+    L tokens hold the micro-batch's mb sequences end to end."""
 
-    inputs: ModelInputs  # leaves [M, ...]: ids [M, mb, S], vision per micro-batch
+    targets: jax.Array  # [M, R, L] int32: the token position j predicts (0 where none)
+    index: jax.Array  # [M, mb, T] int32: flat position in R * L predicting response token t
+
+
+class LearnerBatch(NamedTuple):
+    """M micro-batches of mb rows; S = prompt length P + response length T.
+
+    Padded, each micro-batch's inputs are its mb rows [mb, S]; packed (`packing` set), they are
+    R rows of L tokens with segment ids in `attention_mask`. Everything else is per row or per
+    response token either way.
+    """
+
+    inputs: ModelInputs  # leaves [M, ...]: ids [M, mb, S] or [M, R, L], vision per micro-batch
     tokens: jax.Array  # [M, mb, T] int32 response tokens
     mask: jax.Array  # [M, mb, T] bool response positions (False on padding rows)
     advantages: jax.Array  # [M, mb] float32
@@ -50,6 +63,12 @@ class LearnerBatch(NamedTuple):
     row_valid: jax.Array  # [M, mb] bool, False on padding rows
     old_logp: jax.Array  # [M, mb, T] float32
     ref_logp: jax.Array  # [M, mb, T] float32
+    packing: Packing | None = None
+
+
+# Where the log-prob head's unembedding and the reference's parameters are kept: 'param' = as
+# stored (the master weights' dtype), 'compute' = cast to the compute dtype.
+HEAD_DTYPES = REFERENCE_DTYPES = ("param", "compute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +100,20 @@ class LearnerSettings:
     second_chance_soft_cost_min: float = 0.5
     second_chance_easy_only: bool = True
     second_chance_incorrect_only: bool = True
+    # dtype of the unembedding [D, V] in the log-prob head (config train.logprob_head_dtype):
+    # 'param' = as stored (float32 master weights make 3 of the kernel's 4 vocabulary matmuls run
+    # in float32 and gather a float32 copy of [D, V]); 'compute' = cast to the hidden states'
+    # dtype, as the sampler's logits are (`Qwen2_5_VL.logits`). Either way the logits accumulate
+    # in float32 and the gradient reaches the stored parameter (through the cast).
+    head_dtype: str = "param"
+
+    def __post_init__(self):
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(
+                f"LearnerSettings: head_dtype={self.head_dtype!r} is not one of "
+                + ", ".join(repr(x) for x in HEAD_DTYPES)
+                + "."
+            )
 
 
 class TrainState(NamedTuple):
@@ -101,6 +134,34 @@ def split_params(model: nnx.Module, *, freeze_vision: bool):
     return graphdef, trainable, nnx.State({})
 
 
+def reference_params(trainable, compute_dtype, reference_dtype: str = "param"):
+    """The KL reference's copy of the trainable parameters (config model.reference_dtype).
+
+    'param': a copy as stored; 'compute': a copy in `compute_dtype` (in bfloat16, half the bytes
+    of float32 master weights). The reference only runs forward, and the model casts every
+    weight to its compute dtype where it uses it, so the reference's hidden states are the same
+    either way, bit for bit, and so are its log-probs when the head casts too
+    (`LearnerSettings.head_dtype='compute'`). With head_dtype='param' the reference's head runs
+    in the compute dtype and the policy's in float32: the KL to the reference then starts at
+    bfloat16 rounding instead of 0. Always a fresh copy on the parameters' shardings (the update
+    donates the trainable state). A frozen part (`split_params`) is not copied: the reference
+    shares the policy's.
+    """
+    if reference_dtype not in REFERENCE_DTYPES:
+        raise ValueError(
+            f"reference_params: reference_dtype={reference_dtype!r} is not one of "
+            + ", ".join(repr(x) for x in REFERENCE_DTYPES)
+            + "."
+        )
+
+    def copy(x):
+        if reference_dtype == "compute" and jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.array(x, dtype=compute_dtype, copy=True)
+        return jnp.copy(x)
+
+    return jax.tree.map(copy, trainable)
+
+
 def merge(graphdef, trainable, frozen) -> nnx.Module:
     """The model from its two parameter parts."""
     if len(frozen) == 0:
@@ -108,14 +169,41 @@ def merge(graphdef, trainable, frozen) -> nnx.Module:
     return nnx.merge(graphdef, trainable, frozen)
 
 
-def response_logprobs(model, inputs: ModelInputs, tokens, s: LearnerSettings):
-    """Teacher-forced log-probs and entropies [mb, T] of the response tokens."""
+def head_unembedding(model, hidden_dtype, s) -> jax.Array:
+    """The unembedding [D, V] the log-prob head multiplies by: as stored, or in the compute dtype
+    (`LearnerSettings.head_dtype`). `s` may be another stage's settings without the field
+    (adacs/sft.py's SFTSettings): the parameter as stored, as before."""
+    w = model.unembed()
+    if getattr(s, "head_dtype", "param") == "compute":
+        w = w.astype(hidden_dtype)
+    return w
+
+
+def response_logprobs(model, inputs: ModelInputs, tokens, s: LearnerSettings, packing=None):
+    """Teacher-forced log-probs and entropies [mb, T] of the response tokens.
+
+    Packed (`packing`, one micro-batch's [R, L] targets and [mb, T] index): the head runs over
+    the R * L packed positions, whose targets are the tokens they predict, and each response
+    token's values are gathered from the position that predicts it.
+    """
     hidden = model.hidden_states(inputs)
+    if packing is not None:
+        logp, entropy = token_logprobs_and_entropy(
+            hidden,
+            head_unembedding(model, hidden.dtype, s),
+            packing.targets,
+            temperature=s.temperature,
+            chunk_size=s.chunk_size,
+            vocab_chunk_size=s.vocab_chunk_size,
+        )
+        flat = packing.index.reshape(-1)
+        take = lambda x: jnp.take(x.reshape(-1), flat).reshape(packing.index.shape)  # noqa: E731
+        return take(logp), take(entropy)
     t = tokens.shape[1]
     h = jax.lax.dynamic_slice_in_dim(hidden, s.prompt_len - 1, t, axis=1)
     return token_logprobs_and_entropy(
         h,
-        model.unembed(),
+        head_unembedding(model, h.dtype, s),
         tokens,
         temperature=s.temperature,
         chunk_size=s.chunk_size,
@@ -127,14 +215,17 @@ def _micro(batch: LearnerBatch, i):
     return jax.tree.map(lambda x: x[i], batch)
 
 
-def logprob_pass(graphdef, trainable, frozen, inputs: ModelInputs, tokens, s: LearnerSettings):
-    """Log-probs and entropies [M, mb, T] of every micro-batch, one after the other (lax.map)."""
+def logprob_pass(
+    graphdef, trainable, frozen, inputs: ModelInputs, tokens, s: LearnerSettings, packing=None
+):
+    """Log-probs and entropies [M, mb, T] of every micro-batch, one after the other (lax.map).
+    `packing`: the batch's, when it is packed."""
 
     def one(xs):
-        inp, tok = xs
-        return response_logprobs(merge(graphdef, trainable, frozen), inp, tok, s)
+        inp, tok, pk = xs
+        return response_logprobs(merge(graphdef, trainable, frozen), inp, tok, s, pk)
 
-    return jax.lax.map(one, (inputs, tokens))
+    return jax.lax.map(one, (inputs, tokens, packing))
 
 
 def _sample_factor(mb: LearnerBatch, s: LearnerSettings):
@@ -153,7 +244,7 @@ def _sample_factor(mb: LearnerBatch, s: LearnerSettings):
 
 def _loss(trainable, frozen, graphdef, mb: LearnerBatch, beta: K.BetaState, kappa, s):
     model = merge(graphdef, trainable, frozen)
-    logp, entropy = response_logprobs(model, mb.inputs, mb.tokens, s)
+    logp, entropy = response_logprobs(model, mb.inputs, mb.tokens, s, mb.packing)
     mask = mb.mask & mb.row_valid[:, None]
     kld, weights = None, None
     if s.kl_coef > 0:

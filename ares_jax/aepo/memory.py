@@ -78,7 +78,8 @@ class Sizes:
     rows_per_prompt: int  # n, plus the spare rows of branching
     decode_prompts: int  # prompts per generate call
     image_tokens: int  # merged image tokens of a prompt's image (a square number)
-    learner_frames: int  # image frames per learner micro-batch (a power of two)
+    learner_images: int  # images per learner micro-batch (one per prompt)
+    pack_tokens: int  # tokens of one packed learner row (train.pack_tokens); 0: padded rows
 
     @property
     def seq_len(self) -> int:
@@ -118,16 +119,18 @@ def sizes(c, cfg: model_config.Qwen2_5_VLConfig) -> Sizes:
             c.rollout.prompts_per_iter, max(1, c.rollout.decode_batch_size // rows_per_prompt)
         ),
         image_tokens=side * side,
-        learner_frames=runtime.pow2(per_micro),
+        learner_images=per_micro,
+        pack_tokens=int(c.train.pack_tokens),
     )
 
 
-def _vision_rows(cfg: model_config.Qwen2_5_VLConfig, image_tokens: int, frames: int) -> int:
-    """Patch rows of `frames` frames of one square image each (positions.vision_metadata)."""
+def _vision_rows(cfg: model_config.Qwen2_5_VLConfig, image_tokens: int, images: int) -> int:
+    """Patch rows of the packed vision layout of `images` square images (positions.VisionMeta),
+    their windows padded as the stages bucket them (`batch.window_bucket`)."""
     v = cfg.vision
     win = v.window_size // v.spatial_merge_size // v.patch_size  # merged units per window side
     windows = (-(-math.isqrt(image_tokens) // win)) ** 2
-    return frames * windows * win * win * v.spatial_merge_size**2
+    return B.window_bucket(images * windows) * win * win * v.spatial_merge_size**2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,12 +217,12 @@ def _opt_state(optimizer, trainable):
     return _placed(shapes, Lr.opt_state_shardings(optimizer, trainable))
 
 
-def _vision_inputs(rows: int, frames: int, lead: tuple, patch_dim: int) -> VisionInputs:
-    """Unsharded VisionInputs of `rows` patch rows in `frames` frames, leading shape `lead`."""
+def _vision_inputs(rows: int, lead: tuple, patch_dim: int) -> VisionInputs:
+    """Unsharded VisionInputs of `rows` patch rows (packed layout), leading shape `lead`."""
     return VisionInputs(
         pixels=SDS((*lead, rows, patch_dim), jnp.float32),
         rotary_pos=SDS((*lead, rows, 2), jnp.int32),
-        valid=SDS((*lead, frames, rows // frames), jnp.bool_),
+        segment_ids=SDS((*lead, rows), jnp.int32),
         unpermute=SDS((*lead, rows // 4), jnp.int32),
     )
 
@@ -229,19 +232,29 @@ def _placed(tree, shardings):
     return jax.tree.map(lambda x, s: SDS(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def pack_rows(mesh, rules, z: Sizes) -> int:
+    """Packed rows per learner micro-batch: one per device of the batch axes (aepo/train.py)."""
+    return R.ways(mesh, rules, R.BATCH, z.micro_batch)
+
+
 def _learner_batch(mesh, rules, cfg, z: Sizes) -> Lr.LearnerBatch:
     """The abstract LearnerBatch of one optimizer step, placed as aepo/train.py places it
-    (`batch.learner_shardings`: rows over the batch axes, images whole)."""
+    (`batch.learner_shardings`: rows over the batch axes, images whole); packed rows of
+    `z.pack_tokens` tokens when the config packs."""
     m, mb, s, t = z.num_micro, z.micro_batch, z.seq_len, z.response_len
+    rows, mask_dtype, packing = mb, jnp.bool_, None
+    if z.pack_tokens:
+        rows, s, mask_dtype = pack_rows(mesh, rules, z), z.pack_tokens, jnp.int32
+        packing = Lr.Packing(targets=SDS((m, rows, s), jnp.int32), index=SDS((m, mb, t), jnp.int32))
     vision, index = None, None
     if z.image_tokens:
-        vrows = _vision_rows(cfg, z.image_tokens, z.learner_frames)
-        vision = _vision_inputs(vrows, z.learner_frames, (m,), cfg.vision.patch_dim)
-        index = SDS((m, mb, s), jnp.int32)
+        vrows = _vision_rows(cfg, z.image_tokens, z.learner_images)
+        vision = _vision_inputs(vrows, (m,), cfg.vision.patch_dim)
+        index = SDS((m, rows, s), jnp.int32)
     inputs = ModelInputs(
-        input_ids=SDS((m, mb, s), jnp.int32),
-        attention_mask=SDS((m, mb, s), jnp.bool_),
-        position_ids=SDS((m, 3, mb, s), jnp.int32),
+        input_ids=SDS((m, rows, s), jnp.int32),
+        attention_mask=SDS((m, rows, s), mask_dtype),
+        position_ids=SDS((m, 3, rows, s), jnp.int32),
         image_index=index,
         vision=vision,
     )
@@ -259,6 +272,7 @@ def _learner_batch(mesh, rules, cfg, z: Sizes) -> Lr.LearnerBatch:
         row_valid=per_row(jnp.bool_),
         old_logp=per_token(jnp.float32),
         ref_logp=per_token(jnp.float32),
+        packing=packing,
     )
     return _placed(batch, B.learner_shardings(batch, mesh, rules))
 
@@ -308,7 +322,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
     b, p = z.decode_prompts, z.prompt_len
     vision, index = None, None
     if z.image_tokens:
-        vision = _vision_inputs(_vision_rows(cfg, z.image_tokens, b), b, (), cfg.vision.patch_dim)
+        vision = _vision_inputs(_vision_rows(cfg, z.image_tokens, b), (), cfg.vision.patch_dim)
         index = SDS((b, p), jnp.int32)
     prompts = ModelInputs(
         input_ids=SDS((b, p), jnp.int32),
@@ -372,17 +386,14 @@ class Split:
     vision_mlp: int
 
 
-def _ways(mesh, rules, name: str, size: int) -> int:
-    spec = R.logical_to_spec((name,), rules, shape=(size,), mesh=mesh)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return math.prod(mesh.shape[a] for a in axes)
+_ways = R.ways
 
 
 def split(x: Setup) -> Split:
     """The `Split` of a plan, by the same rules that shard its arrays."""
     mesh, rules, cfg, z = x.mesh, _rules(x.c), x.cfg, x.sizes
     t, v = cfg.text, cfg.vision
-    vrows = _vision_rows(cfg, z.image_tokens, z.learner_frames) if z.image_tokens else 1
+    vrows = _vision_rows(cfg, z.image_tokens, z.learner_images) if z.image_tokens else 1
     return Split(
         batch=_ways(mesh, rules, R.BATCH, z.micro_batch),
         decode_batch=_ways(mesh, rules, R.BATCH, z.decode_rows),
@@ -473,24 +484,28 @@ def vision_activations(
     sp: Split,
     *,
     vrows: int,
-    frames: int,
     c: int,
     remat: bool,
     backward: bool,
     flash: bool = False,
 ) -> int:
-    """Bytes per device of the vision tower on `vrows` patch rows in `frames` frames, rows split
+    """Bytes per device of the vision tower on `vrows` patch rows (packed layout), rows split
     `sp.patches` ways. As `text_activations`, per row and block: the norms (4 Dv), q, k, v and the
-    rotated q, k in float32, the attention output, the MLP (4 Fv/t), and the scores of the larger
-    attention (full attention over a frame's rows: float32 logits and probabilities, and one
-    gradient of them backward; one statistic per query with `flash`); then the merger's inputs
-    and outputs."""
+    rotated q, k in float32, the attention output, the MLP (4 Fv/t), and the scores of the window
+    attention (float32 logits and probabilities over a window's rows, and one gradient of them
+    backward); full attention is blockwise (`ops.attention`), one statistic per query, whatever
+    the model's attention (`flash` is accepted for symmetry with `text_activations`); then the
+    merger's inputs and outputs."""
+    del flash
     v = cfg.vision
     r = vrows / sp.patches
     dv, hd = v.hidden_size, v.head_dim
     h, f = v.num_heads / sp.vision_heads, v.intermediate_size / sp.vision_mlp
     linear = r * (c * (4 * dv + 4 * h * hd + 4 * f) + 4 * 2 * h * hd)
-    scores = r * h * (1 if flash else vrows // frames)
+    window_rows = (
+        v.window_size // v.spatial_merge_size // v.patch_size
+    ) ** 2 * v.spatial_merge_size**2
+    scores = r * h * (window_rows + 1)
     residual = r * dv * c
     features = r / 4 * (4 * dv + cfg.text.hidden_size) * c
     if not backward:
@@ -541,14 +556,20 @@ def analytic_items(x: Setup) -> dict[str, int]:
         flash=x.c.model.attention == "cudnn",
     )
     rows = z.micro_batch / sp.batch
-    vrows = _vision_rows(cfg, z.image_tokens, z.learner_frames) if z.image_tokens else 0
+    vrows = _vision_rows(cfg, z.image_tokens, z.learner_images) if z.image_tokens else 0
+    # Padded: every row is prompt + response long and the head runs on the response positions.
+    # Packed: one row of pack_tokens per device, and the head runs on all of its positions.
+    seq_rows, seq, head_tokens = rows, z.seq_len, z.response_len
+    if z.pack_tokens:
+        seq_rows = pack_rows(x.mesh, _rules(x.c), z) / sp.batch
+        seq = head_tokens = z.pack_tokens
 
     def micro_batch(backward: bool) -> int:
         total = text_activations(
             cfg,
             sp,
-            rows=rows,
-            seq=z.seq_len,
+            rows=seq_rows,
+            seq=seq,
             backward=backward,
             blockwise=x.c.model.attention == "blockwise",  # the full forward's; not the prefill's
             **common,
@@ -556,15 +577,13 @@ def analytic_items(x: Setup) -> dict[str, int]:
         total += head_activations(
             cfg,
             sp,
-            rows=rows,
-            tokens=z.response_len,
+            rows=seq_rows,
+            tokens=head_tokens,
             chunk=x.c.train.logprob_chunk_size,
             backward=backward,
         )
         if vrows:
-            total += vision_activations(
-                cfg, sp, vrows=vrows, frames=z.learner_frames, backward=backward, **common
-            )
+            total += vision_activations(cfg, sp, vrows=vrows, backward=backward, **common)
         return total
 
     # The rollout: the prefill's forward over one generate call's prompts (layers unrolled, no
@@ -584,7 +603,6 @@ def analytic_items(x: Setup) -> dict[str, int]:
             cfg,
             dataclasses.replace(sp, patches=ways(R.PATCHES, prefill_rows)),
             vrows=prefill_rows,
-            frames=z.decode_prompts,
             backward=False,
             **common,
         )
@@ -660,7 +678,13 @@ def lower_logprob(x: Setup):
     fn = jax.jit(Lr.logprob_pass, static_argnums=(0, 5))
     with jax.set_mesh(x.mesh):
         return fn.lower(
-            x.graphdef, x.trainable, x.frozen, x.batch.inputs, x.batch.tokens, x.settings
+            x.graphdef,
+            x.trainable,
+            x.frozen,
+            x.batch.inputs,
+            x.batch.tokens,
+            x.settings,
+            x.batch.packing,
         )
 
 
@@ -699,7 +723,7 @@ def argument_bytes(name: str, x: Setup) -> int:
     """Bytes per device of the arguments of compiled function `name` (shard sizes)."""
     trees = {
         "update": (x.state, x.frozen, x.batch),
-        "logprob": (x.trainable, x.frozen, x.batch.inputs, x.batch.tokens),
+        "logprob": (x.trainable, x.frozen, x.batch.inputs, x.batch.tokens, x.batch.packing),
         "prefill": (x.trainable, x.frozen, x.prefill_inputs),
         "decode": (x.trainable, x.frozen, x.cache),
     }

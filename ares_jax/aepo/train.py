@@ -54,6 +54,7 @@ from ares_jax.ops import hwe as H
 from ares_jax.ops import kl as K
 from ares_jax.ops import policy_loss as PL
 from ares_jax.parallel import multihost
+from ares_jax.parallel import rules as R
 from ares_jax.rewards import buckets as BK
 from ares_jax.rewards import entropy_shaping as ES
 from ares_jax.rewards import triggers as TR
@@ -171,6 +172,7 @@ def _learner_settings(c, prompt_len: int) -> Lr.LearnerSettings:
         second_chance_soft_cost_min=k.second_chance.soft_cost_min,
         second_chance_easy_only=k.second_chance.easy_only,
         second_chance_incorrect_only=k.second_chance.incorrect_only,
+        head_dtype=c.train.logprob_head_dtype,
     )
 
 
@@ -298,7 +300,12 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
     rules = tuple(tuple(r) for r in c.mesh.rules) or None
     cfg = model.cfg
     graphdef, trainable, frozen = Lr.split_params(model, freeze_vision=c.model.freeze_vision)
-    reference = (jax.tree.map(jnp.copy, trainable), frozen)  # the frozen initial policy
+    # The frozen initial policy. Rebuilt from the initial weights at every start (never
+    # checkpointed), so a resumed run holds the same reference bit for bit.
+    reference = (
+        Lr.reference_params(trainable, runtime.DTYPES[c.model.dtype], c.model.reference_dtype),
+        frozen,
+    )
     del model
 
     # --- Settings ----------------------------------------------------------------------------
@@ -484,9 +491,27 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
         sampler_logp = rollout.sampler_logp[:, :t_bucket]
         prompts = runtime.left_pad_prompts(rollout.prompts, prompt_len)
         n_prompts = prompts.size
-        frames = None
+        windows = None  # one window bucket for every mini-batch of the iteration
         if prompts.has_images:
-            frames = runtime.pow2(max(1, B.frames_needed(prompts, rows, mb)))
+            windows = B.window_bucket(B.windows_needed(prompts, rows, mb, cfg))
+        pack_rows = pack_len = None  # one packed length for every mini-batch of the iteration
+        if c.train.pack_tokens:
+            pack_rows = R.ways(mesh, rules, R.BATCH, mb)
+            needed = B.pack_length_needed(prompts, rows, mb, pack_rows)
+            pack_len = B.pack_bucket(needed)
+            capacity = -(-n_prompts // c.train.prompts_per_step) * num_micro * pack_rows * pack_len
+            metrics["learner/pack_len"] = float(pack_len)
+            metrics["learner/pack_fill"] = float(B.sequence_lengths(prompts, rows).sum() / capacity)
+            if pack_len > c.train.pack_tokens:
+                log.warning(
+                    "AEPO step %d: a device's share of a micro-batch packs %d tokens, more than "
+                    "train.pack_tokens=%d that the memory plan assumes (rows of %d tokens this "
+                    "step); if it runs out of memory, lower train.micro_batch_size.",
+                    step,
+                    needed,
+                    c.train.pack_tokens,
+                    pack_len,
+                )
         # Old-policy and reference log-probs of every mini-batch come first, from the parameters
         # that sampled the rollout, as the released trainer takes them before any update: the
         # ratio of mini-batch k > 1 then carries the importance correction of the steps before it.
@@ -503,7 +528,9 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
                 cfg,
                 micro_batch_size=mb,
                 num_micro=num_micro,
-                num_frames=frames,
+                num_windows=windows,
+                pack_rows=pack_rows,
+                pack_len=pack_len,
             )
             old_sampler = np.zeros(lb.old_logp.shape, np.float32).reshape(-1, t_bucket)
             old_sampler[: len(sel)] = sampler_logp[sel]
@@ -515,7 +542,9 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
                 old = old_sampler
             else:
                 with jax.set_mesh(mesh):  # the model's sharding constraints need the mesh
-                    old, _ = logprob_fn(graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls)
+                    old, _ = logprob_fn(
+                        graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls, lb.packing
+                    )
                 gaps.append(
                     jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
                     / jnp.maximum(jnp.sum(lb.mask), 1)
@@ -525,7 +554,7 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
             if ls.kl_coef > 0:
                 with jax.set_mesh(mesh):
                     ref, _ = logprob_fn(
-                        graphdef, reference[0], reference[1], lb.inputs, lb.tokens, ls
+                        graphdef, reference[0], reference[1], lb.inputs, lb.tokens, ls, lb.packing
                     )
                 nonfinite["learner/ref_logp"] += jnp.sum(~jnp.isfinite(ref) & lb.mask)
             minibatches.append(lb._replace(old_logp=old, ref_logp=ref))

@@ -37,6 +37,7 @@ Resolution of a spec (`logical_to_spec`), dimension by dimension from the first:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import jax
@@ -238,3 +239,10 @@ def tree_shardings(
         shapes_tree,
         is_leaf=_is_axes,
     )
+
+
+def ways(mesh, rules, name: str, size: int) -> int:
+    """Into how many shards logical axis `name` of length `size` is split on `mesh`."""
+    spec = logical_to_spec((name,), rules, shape=(size,), mesh=mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)

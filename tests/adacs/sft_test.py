@@ -7,7 +7,6 @@ import numpy as np
 import optax
 import pytest
 
-from ares_jax import runtime
 from ares_jax.adacs import sft
 from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
@@ -52,12 +51,8 @@ def setup():
 
 
 def _batch(cfg, prompts, rows, mb):
-    frames = runtime.pow2(B.frames_needed(prompts, rows, mb))
     return jax.tree.map(
-        jnp.asarray,
-        B.learner_batch(
-            prompts, rows, cfg, micro_batch_size=mb, num_micro=8 // mb, num_frames=frames
-        ),
+        jnp.asarray, B.learner_batch(prompts, rows, cfg, micro_batch_size=mb, num_micro=8 // mb)
     )
 
 

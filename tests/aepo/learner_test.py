@@ -70,9 +70,9 @@ def _settings(prompts, **kw):
 
 def _batch(cfg, prompts, rows, mb):
     num_micro = -(-len(rows.prompt) // mb)
-    frames = B.frames_needed(prompts, rows, mb)
+    windows = B.windows_needed(prompts, rows, mb, cfg)
     lb = B.learner_batch(
-        prompts, rows, cfg, micro_batch_size=mb, num_micro=num_micro, num_frames=frames + 1
+        prompts, rows, cfg, micro_batch_size=mb, num_micro=num_micro, num_windows=windows + 1
     )
     return jax.tree.map(jnp.asarray, lb)
 
@@ -259,10 +259,10 @@ def test_micro_batches_with_different_largest_images_stack():
         soft_cost=np.zeros(2, np.float32),
         window_mask=np.zeros((2, 4), bool),
     )
-    per_micro = [B.windows_needed(prompts, [p], cfg) for p in (0, 1)]
+    per_micro = [B.windows_of(prompts, [p], cfg) for p in (0, 1)]
     assert per_micro[0] < per_micro[1]
-    frames = B.frames_needed(prompts, rows, 1)
-    lb = B.learner_batch(prompts, rows, cfg, micro_batch_size=1, num_micro=2, num_frames=frames)
+    windows = B.windows_needed(prompts, rows, 1, cfg)
+    lb = B.learner_batch(prompts, rows, cfg, micro_batch_size=1, num_micro=2, num_windows=windows)
     assert lb.inputs.vision is not None and lb.inputs.input_ids.shape[0] == 2
     # The small image's micro-batch computes the same features as it does alone.
     model = params.init_model(cfg, seed=0)
@@ -272,7 +272,7 @@ def test_micro_batches_with_different_largest_images_stack():
         cfg,
         micro_batch_size=1,
         num_micro=1,
-        num_frames=frames,
+        num_windows=windows,
     )
     first = jax.tree.map(lambda x: jnp.asarray(x[0]), lb.inputs)
     own = jax.tree.map(lambda x: jnp.asarray(x[0]), alone.inputs)
@@ -282,3 +282,129 @@ def test_micro_batches_with_different_largest_images_stack():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: the head's unembedding and the reference's copy in the compute dtype.
+
+
+class _FixedHidden:
+    """A model whose final hidden states are given: `response_logprobs` through it runs only the
+    head (a compilation of seconds), with the model's own unembedding."""
+
+    def __init__(self, model, hidden):
+        self.model, self.hidden = model, hidden
+
+    def hidden_states(self, inputs):
+        return self.hidden
+
+    def unembed(self):
+        return self.model.unembed()
+
+
+def _hidden(model, lb, trainable=None):
+    """Final hidden states of the first micro-batch (`trainable` replaces the model's)."""
+    g, own, frozen = Lr.split_params(model, freeze_vision=False)
+    trainable = own if trainable is None else trainable
+    inputs = jax.tree.map(lambda x: x[0], lb.inputs)
+    return jax.jit(lambda tr: Lr.merge(g, tr, frozen).hidden_states(inputs))(trainable)
+
+
+def _head_run(model, hidden, lb, s, trainable=None, grad=False):
+    """Log-probs and entropies [mb, T] of the first micro-batch through `response_logprobs` from
+    the given hidden states, and with `grad` the gradient, through the head, of the masked sum of
+    log-probs and entropies with respect to the trainable parameters, as a model."""
+    g, own, frozen = Lr.split_params(model, freeze_vision=False)
+    trainable = own if trainable is None else trainable
+    inputs, tokens, mask = jax.tree.map(lambda x: x[0], (lb.inputs, lb.tokens, lb.mask))
+
+    def objective(tr):
+        head = _FixedHidden(Lr.merge(g, tr, frozen), hidden)
+        logp, ent = Lr.response_logprobs(head, inputs, tokens, s)
+        return jnp.sum(jnp.where(mask, logp + ent, 0.0)), (logp, ent)
+
+    if not grad:
+        _, (logp, ent) = jax.jit(objective)(trainable)
+        return np.asarray(logp), np.asarray(ent)
+    grads, (logp, ent) = jax.jit(jax.grad(objective, has_aux=True))(trainable)
+    return np.asarray(logp), np.asarray(ent), Lr.merge(g, grads, frozen)
+
+
+def test_head_in_compute_dtype(setup):
+    """head_dtype='compute' casts the float32 unembedding to bfloat16 for the head: log-probs and
+    entropies move by bfloat16 rounding only, the gradient still reaches the float32 master
+    weight, and nothing changes where the parameters are already in the compute dtype. (The
+    hidden states are computed once; the head runs through `response_logprobs`.)"""
+    cfg, _, prompts, _, rows = setup
+    lb = _batch(cfg, prompts, rows, 12)
+    mask = np.asarray(lb.mask[0])
+    head = {h: _settings(prompts, head_dtype=h) for h in Lr.HEAD_DTYPES}
+    mixed = params.init_model(cfg, seed=2, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    hidden = _hidden(mixed, lb)
+    lp_p, en_p, g_p = _head_run(mixed, hidden, lb, head["param"], grad=True)
+    lp_c, en_c, g_c = _head_run(mixed, hidden, lb, head["compute"], grad=True)
+    dlp, den = np.abs(lp_c - lp_p)[mask], np.abs(en_c - en_p)[mask]
+    assert dlp.max() > 0  # the cast happened
+    # bfloat16 rounding of the weight (measured: 6.6e-4 max, 2.3e-4 mean on |logp| ~ 6.3; the
+    # random model's near-uniform entropies move by 4e-6).
+    assert dlp.max() < 4e-3 and dlp.mean() < 1e-3, (dlp.max(), dlp.mean())
+    assert den.max() < 1e-3, den.max()
+    w_p, w_c = np.asarray(g_p.lm_head[...]), np.asarray(g_c.lm_head[...])
+    assert g_c.lm_head[...].dtype == jnp.float32 and np.all(np.isfinite(w_c))
+    assert np.abs(w_p).max() > 0
+    rel = np.linalg.norm(w_c - w_p) / np.linalg.norm(w_p)
+    assert rel < 1e-2, rel  # measured 1.7e-3
+    # Parameters already in the compute dtype: the same bits.
+    model = params.init_model(cfg, seed=2, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    hidden = _hidden(model, lb)
+    (lp_a, en_a, g_a), (lp_b, en_b, g_b) = (
+        _head_run(model, hidden, lb, head[h], grad=True) for h in head
+    )
+    np.testing.assert_array_equal(lp_b, lp_a)
+    np.testing.assert_array_equal(en_b, en_a)
+    np.testing.assert_array_equal(np.asarray(g_b.lm_head[...]), np.asarray(g_a.lm_head[...]))
+    with pytest.raises(ValueError, match="head_dtype='float16' is not one of 'param', 'compute'"):
+        _settings(prompts, head_dtype="float16")
+
+
+def test_reference_in_compute_dtype(setup):
+    """reference_dtype='compute' keeps a bfloat16 copy of the float32 trainable parameters; with
+    the head in the compute dtype its log-probs are the policy's bit for bit (the model casts
+    every weight to the compute dtype where it uses it), so the KL starts at exactly 0."""
+    cfg, _, prompts, _, rows = setup
+    lb = _batch(cfg, prompts, rows, 12)
+    mask = np.asarray(lb.mask[0])
+    model = params.init_model(cfg, seed=2, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    _, trainable, _ = Lr.split_params(model, freeze_vision=False)
+    ref = Lr.reference_params(trainable, jnp.bfloat16, "compute")
+    same = Lr.reference_params(trainable, jnp.bfloat16, "param")
+    leaves, ref_leaves = jax.tree.leaves(trainable), jax.tree.leaves(ref)
+    assert len(ref_leaves) == len(leaves) > 10
+    for x, r, c in zip(leaves, ref_leaves, jax.tree.leaves(same), strict=True):
+        assert x.dtype == jnp.float32 and r.dtype == jnp.bfloat16 and c.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(r), np.asarray(x.astype(jnp.bfloat16)))
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(x))
+        # Fresh buffers: the update donates the trainable state.
+        for copy in (r, c):
+            assert copy.unsafe_buffer_pointer() != x.unsafe_buffer_pointer()
+    ref_bytes = sum(x.nbytes for x in ref_leaves)
+    assert 2 * ref_bytes == sum(x.nbytes for x in leaves)
+    hidden, hidden_ref = _hidden(model, lb), _hidden(model, lb, trainable=ref)
+    # The whole forward, vision tower included, is the policy's bit for bit.
+    np.testing.assert_array_equal(np.asarray(hidden_ref), np.asarray(hidden))
+    s = _settings(prompts, head_dtype="compute")
+    lp, en = _head_run(model, hidden, lb, s)
+    lp_ref, en_ref = _head_run(model, hidden_ref, lb, s, trainable=ref)
+    np.testing.assert_array_equal(lp_ref, lp)
+    np.testing.assert_array_equal(en_ref, en)
+    kl = np.asarray(K.kl_divergence(jnp.asarray(lp), jnp.asarray(lp_ref), "k3"))
+    assert np.all(kl[mask] == 0.0)
+    # With the head kept in float32 the policy's head is float32, the reference's bfloat16: the
+    # KL at the start is then bfloat16 rounding, not 0.
+    s = _settings(prompts, head_dtype="param")
+    lp, _ = _head_run(model, hidden, lb, s)
+    lp_ref, _ = _head_run(model, hidden_ref, lb, s, trainable=ref)
+    d = np.abs(lp_ref - lp)[mask]
+    assert 0 < d.max() < 4e-3, d.max()  # measured 6.6e-4
+    with pytest.raises(ValueError, match="reference_dtype='float16' is not one of"):
+        Lr.reference_params(trainable, jnp.bfloat16, "float16")

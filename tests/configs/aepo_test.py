@@ -352,6 +352,30 @@ def test_bad_enum_is_rejected_naming_key(key):
 
 
 @pytest.mark.parametrize(
+    "arg", ["stage", "smoke", "paper_3b", "paper_7b", "corrected_3b", "corrected_7b", ""]
+)
+def test_precision_switches(arg):
+    """The head's unembedding and the reference's copy are in the compute dtype by default
+    (benchmarks/precision.py); the learner gets the head's setting; a bad value names its key."""
+    from ares_jax.aepo import train as aepo_train
+
+    c = aepo.get_config(arg)
+    c = c.aepo if arg == "" else c
+    assert c.model.reference_dtype == "compute" and c.train.logprob_head_dtype == "compute"
+    assert aepo_train._learner_settings(c, 64).head_dtype == "compute"
+    c = aepo.get_config("stage")
+    c.train.logprob_head_dtype = "param"
+    aepo.validate(c)
+    assert aepo_train._learner_settings(c, 64).head_dtype == "param"
+    for key in ("model.reference_dtype", "train.logprob_head_dtype"):
+        c = aepo.get_config("stage")
+        parent, leaf = key.rsplit(".", 1)
+        common.get_path(c, parent)[leaf] = "bfloat16"
+        with pytest.raises(ValueError, match=rf"config\.{key}='bfloat16' must be one of"):
+            aepo.validate(c)
+
+
+@pytest.mark.parametrize(
     "key, value, match",
     [
         ("rollout.top_p", 1.5, r"config\.rollout\.top_p=1\.5 must be in"),

@@ -182,7 +182,7 @@ def test_vision_metadata_matches_hf(grids):
     hf_index = hf_index.numpy()
     n = int((grid.prod(1)).sum())
     assert meta.num_patches == n and meta.num_tokens == n // 4
-    assert meta.source.dtype == np.int32 and meta.valid.sum() == n
+    assert meta.source.dtype == np.int32 and (meta.segment_ids > 0).sum() == n
     # Every real patch row appears exactly once; units keep their 4 rows together, in order.
     real = meta.source[meta.source >= 0]
     np.testing.assert_array_equal(np.sort(real), np.arange(n))
@@ -193,12 +193,16 @@ def test_vision_metadata_matches_hf(grids):
     hf_windows = np.split(hf_index, (np.asarray(hf_cu_window.numpy()) // 4)[1:-1])
     ours = [w for w in _blocks(meta, 64) if w]
     assert ours == [sorted(w.tolist()) for w in hf_windows]
-    # Full attention: frame blocks hold HF's cu_seqlens segments.
+    # Full attention: the segments hold HF's cu_seqlens segments, in order, and padding is 0.
     hf_frames = [
         list(range(a // 4, b // 4)) for a, b in zip(hf_cu_full[:-1], hf_cu_full[1:], strict=True)
     ]
-    ours = [f for f in _blocks(meta, meta.valid.shape[1]) if f]
+    unit_seg = meta.segment_ids.reshape(-1, 4)[:, 0]
+    ours = [sorted(set(rows[unit_seg == f, 0] // 4)) for f in range(1, unit_seg.max() + 1)]
     assert ours == hf_frames
+    np.testing.assert_array_equal(meta.segment_ids > 0, meta.source >= 0)
+    # Packed: the frames' windows follow each other, nothing padded beyond the last window.
+    assert len(meta.source) == 64 * positions.num_windows(grid)
     # Rotary positions follow their rows.
     np.testing.assert_array_equal(meta.rotary_pos[meta.source >= 0], hf_rot[real])
     assert (meta.rotary_pos[meta.source < 0] == 0).all()
@@ -212,41 +216,41 @@ def test_vision_metadata_matches_hf(grids):
 def test_vision_metadata_small_image_and_nonmultiple_grid():
     # 6 x 4 patches = 3 x 2 units: one clipped window holding all 6 units, row-major.
     meta = positions.vision_metadata(np.array([[1, 6, 4]]))
-    assert meta.valid.shape == (1, 64)
+    assert meta.segment_ids.shape == (64,)
     # Units sit at their place in the 4 x 4 window; the clipped part is padding.
     slots = meta.source.reshape(4, 4, 4)[..., 0] // 4
     assert slots.tolist() == [[0, 1, -1, -1], [2, 3, -1, -1], [4, 5, -1, -1], [-1] * 4]
     np.testing.assert_array_equal(meta.source[meta.source >= 0], np.arange(24))
     # 16 x 20 patches = 8 x 10 units: windows of 4 x 4, the last column of windows 4 x 2.
     meta = positions.vision_metadata(np.array([[1, 16, 20]]))
-    assert meta.valid.shape == (1, 6 * 64)
+    assert meta.segment_ids.shape == (6 * 64,)
     first_window = meta.source.reshape(-1, 4)[:16, 0] // 4
     np.testing.assert_array_equal(first_window, (np.arange(4)[:, None] * 10 + np.arange(4)).ravel())
-    sizes = meta.valid.reshape(6, 64).sum(1) // 4
+    sizes = (meta.segment_ids > 0).reshape(6, 64).sum(1) // 4
     assert sizes.tolist() == [16, 16, 8, 16, 16, 8]
 
 
 def test_vision_metadata_buckets():
     grid = np.array(GRIDS)
     exact = positions.vision_metadata(grid)
-    # 3 frames; the largest (8 x 10 units and 5 x 14 units) needs 6 and 8 windows.
-    assert exact.valid.shape == (3, 8 * 64)
-    meta = positions.vision_metadata(grid, num_frames=4, windows_per_frame=10)
-    assert meta.valid.shape == (4, 640) and meta.unpermute.shape == (4 * 640 // 4,)
-    assert meta.valid.sum() == 624 and not meta.valid[3].any()
-    np.testing.assert_array_equal(
-        np.sort(meta.source[meta.source >= 0]), np.sort(exact.source[exact.source >= 0])
-    )
-    with pytest.raises(ValueError, match="num_frames=2 is less than the 3 image frames"):
-        positions.vision_metadata(grid, num_frames=2)
-    with pytest.raises(ValueError, match="windows_per_frame=4 is less than the 8 windows"):
-        positions.vision_metadata(grid, windows_per_frame=4)
+    # 8 x 10 units: 6 windows; 3 x 2 units: 1; 5 x 14 units: 8. Packed, no frame padded to the
+    # largest (which would be 3 x 8 windows).
+    assert positions.num_windows(grid) == 15
+    assert exact.segment_ids.shape == (15 * 64,)
+    frame_windows = (exact.segment_ids.reshape(15, 64).max(1)).tolist()
+    assert frame_windows == [1] * 6 + [2] + [3] * 8
+    meta = positions.vision_metadata(grid, num_windows=16)
+    assert meta.segment_ids.shape == (16 * 64,) and meta.unpermute.shape == (16 * 64 // 4,)
+    assert (meta.segment_ids > 0).sum() == 624 and not meta.segment_ids[15 * 64 :].any()
+    np.testing.assert_array_equal(meta.source[: 15 * 64], exact.source)
+    with pytest.raises(ValueError, match="num_windows=14 is less than the 15 attention windows"):
+        positions.vision_metadata(grid, num_windows=14)
 
 
 def test_vision_metadata_no_images():
-    meta = positions.vision_metadata(np.zeros((0, 3), np.int32), num_frames=2)
+    meta = positions.vision_metadata(np.zeros((0, 3), np.int32), num_windows=2)
     assert meta.num_tokens == 0 and meta.num_patches == 0
-    assert meta.valid.shape == (2, 64) and not meta.valid.any()
+    assert meta.segment_ids.shape == (128,) and not meta.segment_ids.any()
     assert (meta.source == -1).all() and meta.unpermute.shape == (32,)
 
 

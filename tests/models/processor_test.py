@@ -314,7 +314,7 @@ def test_encode_batch(tokenizer):
     assert (out["image_feature_index"][~mask] == 0).all()
     vision = out["vision"]
     assert isinstance(vision, positions.VisionMeta)
-    assert vision.num_tokens == 156 and vision.valid.sum() == 624
+    assert vision.num_tokens == 156 and (vision.segment_ids > 0).sum() == 624
 
 
 def test_encode_batch_buckets(tokenizer):
@@ -326,12 +326,12 @@ def test_encode_batch_buckets(tokenizer):
         min_pixels=MIN_PIXELS,
         max_pixels=MAX_PIXELS,
         length_buckets=[64, 512, 256],
-        num_frames=4,
-        windows_per_frame=8,
+        num_windows=16,
     )
     assert out["input_ids"].shape == (3, 256)
     assert out["pixel_values"].shape == (624, 1176)
-    assert out["vision"].valid.shape == (4, 512) and out["vision"].valid.sum() == 624
+    segments = out["vision"].segment_ids
+    assert segments.shape == (16 * 64,) and (segments > 0).sum() == 624
     with pytest.raises(ValueError, match=r"prompt of \d+ tokens .* largest length bucket 128"):
         processor.encode_batch(
             prompts,
@@ -341,14 +341,14 @@ def test_encode_batch_buckets(tokenizer):
             max_pixels=MAX_PIXELS,
             length_buckets=[64, 128],
         )
-    with pytest.raises(ValueError, match="num_frames=2 is less than the 3 image frames"):
+    with pytest.raises(ValueError, match="num_windows=2 is less than the 15 attention windows"):
         processor.encode_batch(
             prompts,
             images,
             tokenizer,
             min_pixels=MIN_PIXELS,
             max_pixels=MAX_PIXELS,
-            num_frames=2,
+            num_windows=2,
         )
 
 

@@ -14,9 +14,10 @@ import pytest
 from jax.sharding import Mesh
 
 from ares_jax.models.qwen2_5_vl import inputs as model_inputs
-from ares_jax.models.qwen2_5_vl import params
+from ares_jax.models.qwen2_5_vl import params, positions
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
-from tests.hf_tiny import IMG
+from ares_jax.models.qwen2_5_vl.processor import preprocess_image
+from tests.hf_tiny import IMG, MIN_PIXELS
 from tests.hf_tiny import hf_batch as _batch
 from tests.hf_tiny import hf_model as _hf_model
 
@@ -72,6 +73,37 @@ def test_image_features_match(pair):
     np.testing.assert_allclose(got[: ref.shape[0]], ref.numpy(), atol=1e-5, rtol=1e-4)
 
 
+def test_image_features_of_one_large_and_many_tiny_images_match(pair):
+    """The packed layout: one large image among tiny ones costs its own windows only (no frame
+    padded to the largest), and the features equal transformers' for every image."""
+    hf, ours, _ = pair
+    rng = np.random.default_rng(1)
+    sizes = [(28, 28), (900, 1600), (40, 30), (28, 56), (56, 28), (30, 40)]
+    pix, grids = zip(
+        *[
+            preprocess_image(
+                rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8),
+                min_pixels=MIN_PIXELS,
+                max_pixels=28 * 28 * 1280,
+            )
+            for h, w in sizes
+        ],
+        strict=True,
+    )
+    pixels, grid = np.concatenate(pix).astype(np.float32), np.asarray(grids, np.int64)
+    with torch.no_grad():
+        ref = hf.model.get_image_features(torch.tensor(pixels), torch.tensor(grid)).pooler_output
+    ref = torch.cat(list(ref)) if isinstance(ref, list | tuple) else ref
+    meta = positions.vision_metadata(grid)
+    windows = positions.num_windows(grid)
+    big = positions.num_windows(grid[1:2])
+    assert windows < 2 * big  # padded to the largest frame it would be 6 * big
+    assert meta.source.shape == (64 * windows,)
+    vision = model_inputs.vision_inputs(pixels, meta)
+    got = np.asarray(ours.image_features(jax.tree.map(jnp.asarray, vision)))
+    np.testing.assert_allclose(got[: ref.shape[0]], ref.numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_scan_and_unrolled_layers_agree(pair):
     _, ours, path = pair
     batch = _batch()
@@ -85,10 +117,8 @@ def test_padded_patch_bucket_gives_same_logits(pair):
     _, ours, _ = pair
     batch = _batch()
     inp = model_inputs.from_hf(ours.cfg, **batch)
-    frames, rows = inp.vision.valid.shape
-    padded = model_inputs.from_hf(
-        ours.cfg, **batch, num_frames=frames + 1, windows_per_frame=rows // 64 + 2
-    )
+    windows = inp.vision.segment_ids.shape[0] // 64
+    padded = model_inputs.from_hf(ours.cfg, **batch, num_windows=windows + 5)
     assert padded.vision.pixels.shape[0] > inp.vision.pixels.shape[0]
     valid = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(

@@ -116,6 +116,27 @@ def test_statistics_with_images_and_temperature(tiny):
     np.testing.assert_allclose(np.asarray(ent)[m], out.entropy[m], atol=1e-5)
 
 
+def test_blockwise_prefill_equals_the_dense_cache_mask(tiny):
+    """With the blockwise attention the prefill attends over the prompt's own keys with its mask
+    as segment ids (no [B, T, cache] mask): same hidden states, same greedy rollout."""
+    blockwise = params.init_model(tiny.cfg, seed=1, attention_impl="blockwise")
+    inputs = jax.tree.map(jnp.asarray, _image_prompts(tiny.cfg))
+    cache_len = inputs.input_ids.shape[1] + 8
+    got, _ = blockwise.prefill(inputs, blockwise.init_cache(2, cache_len))
+    want, _ = tiny.prefill(inputs, tiny.init_cache(2, cache_len))
+    real = np.asarray(inputs.attention_mask)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+    cache = blockwise.init_cache(2, cache_len)
+    mask = f"bool[2,{inputs.input_ids.shape[1]},{cache_len}]"  # the dense path's key mask
+    assert mask in str(jax.make_jaxpr(tiny.prefill)(inputs, cache))
+    assert mask not in str(jax.make_jaxpr(blockwise.prefill)(inputs, cache))
+    sp = SamplingParams(n=1, max_new_tokens=6, temperature=0.0)
+    a = generate(blockwise, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0))
+    b = generate(tiny, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logp[a.mask], b.logp[b.mask], atol=1e-5)
+
+
 def test_same_key_same_tokens_other_key_other_tokens(tiny):
     inputs = _text_prompts()
     sp = SamplingParams(n=4, max_new_tokens=8, temperature=1.0, top_k=50)

@@ -24,7 +24,7 @@ def vision_inputs(pixel_values: np.ndarray, meta: positions.VisionMeta) -> Visio
     return VisionInputs(
         pixels=padded[meta.source],  # source -1 picks the zero row
         rotary_pos=meta.rotary_pos,
-        valid=meta.valid,
+        segment_ids=meta.segment_ids,
         unpermute=meta.unpermute,
     )
 
@@ -43,8 +43,7 @@ def from_hf(
     pixel_values=None,
     image_grid_thw=None,
     *,
-    num_frames: int | None = None,
-    windows_per_frame: int | None = None,
+    num_windows: int | None = None,
 ) -> ModelInputs:
     """`ModelInputs` (NumPy) from input_ids [B, T], attention_mask [B, T], pixel_values
     [P, patch_in] in the processor's order and image_grid_thw [n, 3], as the Hugging Face
@@ -94,8 +93,7 @@ def from_hf(
             merge_size=v.spatial_merge_size,
             window_size=v.window_size,
             patch_size=v.patch_size,
-            num_frames=num_frames,
-            windows_per_frame=windows_per_frame,
+            num_windows=num_windows,
         )
         vision = vision_inputs(pixels, meta)
     return ModelInputs(

@@ -26,11 +26,11 @@ from ares_jax.parallel import rules as R
 
 
 class VisionInputs(NamedTuple):
-    """Patch rows of all images of a batch in the vision layout (positions.VisionMeta)."""
+    """Patch rows of all images of a batch in the packed vision layout (positions.VisionMeta)."""
 
     pixels: jax.Array  # [R, patch_in] float, zeros at padding
     rotary_pos: jax.Array  # [R, 2] int32
-    valid: jax.Array  # [F, R / F] bool
+    segment_ids: jax.Array  # [R] int32, the row's frame, 0 at padding
     unpermute: jax.Array  # [R / 4] int32
 
 
@@ -38,7 +38,9 @@ class ModelInputs(NamedTuple):
     """One batch of token rows, left-padded, with their images."""
 
     input_ids: jax.Array  # [B, T] int32
-    attention_mask: jax.Array  # [B, T] bool, False at padding
+    # [B, T] bool, False at padding; or, in a full forward of packed rows (`hidden_states`), int32
+    # segment ids: 1, 2, ... per sequence laid end to end in the row, 0 at padding.
+    attention_mask: jax.Array
     position_ids: jax.Array  # [3, B, T] int32, M-RoPE (temporal, height, width)
     image_index: jax.Array | None = None  # [B, T] int32: feature row per image token, -1 else
     vision: VisionInputs | None = None
@@ -71,7 +73,7 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         dtype=jnp.float32,
         scan_layers: bool = True,
         remat: bool = False,
-        attention_impl: str | None = None,
+        attention_impl: str | None = BLOCKWISE,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
@@ -144,11 +146,15 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         x = self.embed(inputs, features)
         cos, sin = self._cos_sin(inputs.position_ids)
         t = inputs.input_ids.shape[1]
+        segments = inputs.attention_mask.astype(jnp.int32)
         if self.attention_impl == BLOCKWISE:  # segment ids, attended causally, no [T, T] mask
-            mask = inputs.attention_mask.astype(jnp.int32)
+            mask = segments
         else:
+            # A query sees the earlier keys of its own segment; a padding query (id 0) every
+            # earlier real key, as with a boolean mask (never an empty row after the first key).
             causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & inputs.attention_mask[:, None, :]
+            q, k = segments[:, :, None], segments[:, None, :]
+            mask = causal[None] & (k != 0) & ((q == k) | (q == 0))
         return self.language_model(
             x,
             cos,
@@ -188,23 +194,37 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
             next_pos=jnp.zeros((batch,), jnp.int32),
         )
 
-    def _cached_layers(self, x, cos, sin, cache: KVCache, valid: jax.Array):
-        """Runs the decoder on x [B, T, D] written at slots index..index+T-1 of the cache."""
+    def _cached_layers(
+        self, x, cos, sin, cache: KVCache, valid: jax.Array, fresh: jax.Array | None = None
+    ):
+        """Runs the decoder on x [B, T, D] written at slots index..index+T-1 of the cache.
+
+        `fresh` [B, T] (the prompt's mask), given when the cache is empty before this call (a
+        prefill): with the blockwise attention the queries then attend to the T new keys only,
+        through `ops.attention` with the mask as segment ids, and no [B, T, cache length] mask
+        or scores exist.
+        """
         graphdef, state = nnx.split(self.language_model.layers)
         s = cache.valid.shape[1]
         t = x.shape[1]
         slots = cache.index + jnp.arange(t)
-        # Query at slot `slots[i]` sees valid keys up to its own slot.
-        key_ok = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= slots[None, :, None])
+        blockwise = fresh is not None and self.attention_impl == BLOCKWISE
+        if blockwise:
+            segments = fresh.astype(jnp.int32)
+        else:
+            # Query at slot `slots[i]` sees valid keys up to its own slot.
+            key_ok = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= slots[None, :, None])
         new_k, new_v = [], []
         for i in range(len(cache.k)):
             layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
             q, k, v = layer.qkv(x, cos, sin)
             k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, cache.index, axis=1)
             v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, cache.index, axis=1)
-            x = layer.finish(
-                x, attention(q, k_all, v_all, key_ok, implementation=self.attention_impl)
-            )
+            if blockwise:
+                attn = attention(q, k, v, segments, implementation=BLOCKWISE)
+            else:
+                attn = attention(q, k_all, v_all, key_ok, implementation=self.attention_impl)
+            x = layer.finish(x, attn)
             new_k.append(k_all)
             new_v.append(v_all)
         return self.language_model.final_norm(x), tuple(new_k), tuple(new_v)
@@ -219,7 +239,7 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         valid = jax.lax.dynamic_update_slice_in_dim(
             cache.valid, inputs.attention_mask, cache.index, axis=1
         )
-        hidden, k, v = self._cached_layers(x, cos, sin, cache, valid)
+        hidden, k, v = self._cached_layers(x, cos, sin, cache, valid, inputs.attention_mask)
         last_pos = jnp.max(jnp.where(inputs.attention_mask, inputs.position_ids, -1), axis=(0, 2))
         return hidden, KVCache(k, v, valid, cache.index + t, last_pos + 1)
 

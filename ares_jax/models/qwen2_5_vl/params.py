@@ -198,7 +198,7 @@ def from_pretrained(
     rules=None,
     scan_layers: bool = True,
     remat: bool = False,
-    attention_impl: str | None = None,
+    attention_impl: str | None = "blockwise",
 ) -> Qwen2_5_VL:
     """Loads a Hugging Face Qwen2.5-VL checkpoint directory (config.json + safetensors).
 
@@ -209,6 +209,10 @@ def from_pretrained(
       param_dtype: dtype the parameters are stored in (default: `dtype`).
       mesh: place each parameter on this mesh by its logical axes (default: one device).
       rules: logical-axis rule overrides (`ares_jax.parallel.rules`).
+      scan_layers, remat: run the layers under `lax.scan`; recompute them in the backward pass.
+      attention_impl: 'blockwise' (full forwards and prefills through `ops.attention`'s
+        blockwise path: no [T, T] scores or masks, forward or backward), 'xla' (XLA's attention
+        with a dense mask) or 'cudnn' (GPU). Decode steps use XLA's attention in every case.
 
     Returns:
       The model, parameters filled from the checkpoint.

@@ -151,32 +151,36 @@ def decode_positions(num_valid: np.ndarray, rope_deltas: np.ndarray) -> np.ndarr
 
 
 class VisionMeta(NamedTuple):
-    """Where each patch row of a batch's images sits in the vision tower's padded layout.
+    """Where each patch row of a batch's images sits in the vision tower's packed layout.
 
-    The layout groups rows so that both kinds of vision attention are dense batched attention
-    over static shapes (QWEN2_5_VL.md 3.1): F frames (one per image and temporal frame, padded
-    with empty frames to a bucket), each holding W windows (padded to the largest frame's count
-    or a bucket), each holding S = (window_size / patch_size / merge)^2 merged units of
-    m2 = merge^2 patch rows (S * m2 = 64 rows for the real models). A window lists its units
-    row-major, windows run row-major over the frame's merged grid (the last ones clipped), and the
-    empty slots of a clipped window are padding. So a window-attention block attends within each
-    run of S * m2 rows and a full-attention block within each frame's W * S * m2 rows, padding
-    masked out of the keys: exactly the segments of transformers' cu_window_seqlens and
-    cu_seqlens.
+    All images of a batch are packed into one sequence of windows (QWEN2_5_VL.md 3.1): each
+    frame (one per image and temporal frame) contributes its own windows, one after the other,
+    and the sequence is padded with empty windows to a bucket of W windows. A window holds
+    S = (window_size / patch_size / merge)^2 merged units of m2 = merge^2 patch rows (S * m2 = 64
+    rows for the real models); it lists its units row-major, windows run row-major over the
+    frame's merged grid (the last ones clipped), and the empty slots of a clipped window are
+    padding. No frame is padded to another's size: a batch of one large and many small images
+    costs its real windows only.
+
+    Both kinds of vision attention follow (exactly transformers' cu_window_seqlens and
+    cu_seqlens): a window-attention block attends within each run of S * m2 rows, padding
+    masked out of the keys; a full-attention block attends within each frame, the frames being
+    segments of the packed sequence (`segment_ids`, 0 at padding), through `ops.attention`,
+    which never holds [R, R] scores.
 
     The device code does:
       x = patch_embed(pixel_values[source])    # zero rows where source == -1
       cos/sin from rotary_pos, row for row
-      window blocks: rows.reshape(F * W, S * m2), keys masked by valid
-      full blocks:   rows.reshape(F, W * S * m2), keys masked by valid
+      window blocks: rows.reshape(W, S * m2), keys where segment_ids != 0
+      full blocks:   attention over all R rows with segment_ids
       merged = merger(x)                       # [R / m2] slots: rows m2*u .. m2*u+m2-1
       features = merged[unpermute]             # original unit (= image token) order first
 
-    Fields (R = F * W * S * m2 rows):
+    Fields (R = W * S * m2 rows):
       source: [R] int32 patch row of pixel_values (original order) for each layout row, -1 at
         padding.
       rotary_pos: [R, 2] int32 (hpos, wpos) of each row; (0, 0) at padding.
-      valid: [F, W * S * m2] bool, True at real rows.
+      segment_ids: [R] int32, the row's frame (1, 2, ... over the batch's frames), 0 at padding.
       unpermute: [R / m2] int32 slot of each merged unit in original order (num_tokens of them),
         followed by the padding slots.
       num_tokens: real merged units = image tokens (sum of t * h * w / m2).
@@ -185,14 +189,21 @@ class VisionMeta(NamedTuple):
 
     source: np.ndarray
     rotary_pos: np.ndarray
-    valid: np.ndarray
+    segment_ids: np.ndarray
     unpermute: np.ndarray
     num_tokens: int
     num_patches: int
 
-    @property
-    def num_frames(self) -> int:
-        return self.valid.shape[0]
+
+def num_windows(
+    image_grid_thw: np.ndarray, *, merge_size: int = 2, window_size: int = 112, patch_size: int = 14
+) -> int:
+    """Attention windows of the packed vision layout of these images (`vision_metadata`)."""
+    grid = _grids(image_grid_thw, merge_size)
+    win = max(window_size // merge_size // patch_size, 1)
+    return sum(
+        t * -(-(h // merge_size) // win) * -(-(w // merge_size) // win) for t, h, w in grid.tolist()
+    )
 
 
 def vision_rotary_positions(image_grid_thw: np.ndarray, *, merge_size: int = 2) -> np.ndarray:
@@ -258,15 +269,14 @@ def vision_metadata(
     merge_size: int = 2,
     window_size: int = 112,
     patch_size: int = 14,
-    num_frames: int | None = None,
-    windows_per_frame: int | None = None,
+    num_windows: int | None = None,
 ) -> VisionMeta:
-    """Builds the padded vision layout of `VisionMeta` (QWEN2_5_VL.md 3.1, 5.4, pitfall 8.3).
+    """Builds the packed vision layout of `VisionMeta` (QWEN2_5_VL.md 3.1, 5.4, pitfall 8.3).
 
     Args:
       image_grid_thw: [n, 3] (t, h, w) patch grids, in the order of the pixel rows.
-      num_frames: F, pad the frames up to this many (static shapes); None: the real count.
-      windows_per_frame: W, pad every frame to this many windows; None: the largest frame's.
+      num_windows: W, pad the sequence with empty windows up to this many (static shapes);
+        None: the real count (at least 1).
 
     Raises:
       ValueError: bad grids, or a bucket smaller than the batch needs.
@@ -280,34 +290,38 @@ def vision_metadata(
             f"(merge_size * patch_size = {merge_size * patch_size})"
         )
     s_units = win * win
-    frames = []  # (first unit index, gh, gw) per frame, in pixel-row order
+    windows, frame_of = [], []  # per window: its units (original index, -1 empty); its frame
     unit = 0
+    frame = 0
     for t, h, w in grid.tolist():
         gh, gw = h // merge_size, w // merge_size
+        nh, nw = -(-gh // win), -(-gw // win)
         for _ in range(t):
-            frames.append((unit, gh, gw))
+            frame += 1
+            padded = np.full((nh * win, nw * win), -1, np.int64)
+            padded[:gh, :gw] = unit + np.arange(gh * gw).reshape(gh, gw)
+            windows.append(
+                padded.reshape(nh, win, nw, win).transpose(0, 2, 1, 3).reshape(nh * nw, s_units)
+            )
+            frame_of.append(np.full(nh * nw, frame, np.int32))
             unit += gh * gw
     num_tokens = unit
-    counts = [-(-gh // win) * -(-gw // win) for _, gh, gw in frames]
-    f_real, w_real = len(frames), max(counts, default=1)
-    f_total = f_real if num_frames is None else int(num_frames)
-    w_total = w_real if windows_per_frame is None else int(windows_per_frame)
-    if f_total < f_real:
-        raise ValueError(f"num_frames={num_frames} is less than the {f_real} image frames")
+    w_real = sum(len(x) for x in windows)
+    w_total = max(w_real, 1) if num_windows is None else int(num_windows)
     if w_total < w_real:
         raise ValueError(
-            f"windows_per_frame={windows_per_frame} is less than the {w_real} windows of the "
-            "largest image"
+            f"num_windows={num_windows} is less than the {w_real} attention windows of the "
+            "batch's images"
         )
-    f_total, w_total = max(f_total, 1), max(w_total, 1)
-    slots = np.full((f_total, w_total, s_units), -1, np.int64)  # original unit per slot
-    for f, (first, gh, gw) in enumerate(frames):
-        nh, nw = -(-gh // win), -(-gw // win)
-        padded = np.full((nh * win, nw * win), -1, np.int64)
-        padded[:gh, :gw] = first + np.arange(gh * gw).reshape(gh, gw)
-        slots[f, : nh * nw] = (
-            padded.reshape(nh, win, nw, win).transpose(0, 2, 1, 3).reshape(nh * nw, s_units)
-        )
+    if w_total < 1:
+        raise ValueError(f"num_windows={num_windows} must be at least 1")
+    slots = np.full((w_total, s_units), -1, np.int64)  # original unit per slot
+    frames = np.zeros(w_total, np.int32)
+    if w_real:
+        slots[:w_real] = np.concatenate(windows)
+        frames[:w_real] = np.concatenate(frame_of)
+    real_units = slots >= 0
+    segment = np.repeat(np.where(real_units, frames[:, None], 0).reshape(-1), m2)
     slots = slots.reshape(-1)
     real = slots >= 0
     source = np.where(real[:, None], slots[:, None] * m2 + np.arange(m2), -1).reshape(-1)
@@ -320,7 +334,7 @@ def vision_metadata(
     return VisionMeta(
         source=source.astype(np.int32),
         rotary_pos=rotary,
-        valid=has.reshape(f_total, -1),
+        segment_ids=segment.astype(np.int32),
         unpermute=unpermute.astype(np.int32),
         num_tokens=num_tokens,
         num_patches=num_tokens * m2,

@@ -316,8 +316,7 @@ def encode_batch(
     pad_id: int | None = None,
     pad_to_multiple: int = 8,
     length_buckets: Sequence[int] | None = None,
-    num_frames: int | None = None,
-    windows_per_frame: int | None = None,
+    num_windows: int | None = None,
     patch_size: int = 14,
     temporal_patch_size: int = 2,
     merge_size: int = 2,
@@ -336,8 +335,8 @@ def encode_batch(
         `<|vision_start|>` and pad token (`<|endoftext|>` when it has none).
       pad_to_multiple: L is the longest row rounded up to this, when `length_buckets` is None.
       length_buckets: L is the smallest bucket that holds the longest row (static shapes).
-      num_frames, windows_per_frame: static sizes of the vision layout (positions.VisionMeta):
-        image frames per batch and windows per frame; None: what this batch needs.
+      num_windows: static size of the packed vision layout (positions.VisionMeta): attention
+        windows of all the batch's images together; None: what this batch needs.
 
     Returns:
       A dict of NumPy arrays (B rows, L tokens, P patch rows, n images):
@@ -357,7 +356,7 @@ def encode_batch(
 
     Raises:
       ValueError: image count != placeholder count for a row, a row longer than the largest
-        length bucket, more frames or windows than the vision layout's sizes, bad images.
+        length bucket, more windows than the vision layout holds, bad images.
     """
     batch = len(prompts)
     if images is None:
@@ -422,8 +421,7 @@ def encode_batch(
         merge_size=merge_size,
         window_size=window_size,
         patch_size=patch_size,
-        num_frames=num_frames,
-        windows_per_frame=windows_per_frame,
+        num_windows=num_windows,
     )
     if all_patches:
         pixel_values = np.concatenate(all_patches, axis=0).astype(np.float32)

@@ -1,11 +1,13 @@
 """The Qwen2.5-VL vision tower (QWEN2_5_VL.md 3.1).
 
-The host (`positions.vision_metadata`) lays the patch rows out once, in NumPy: frames of windows
-of merged units, every window padded to the same number of rows and every frame to the same
-number of windows. Window attention is then dense attention over each window's rows and full
-attention dense attention over each frame's rows, batched, with padding masked out of the keys;
-no [P, P] mask ever exists, and shapes are static per (frames, windows) bucket. `unpermute`
-restores the image-token order after the merger.
+The host (`positions.vision_metadata`) lays the patch rows out once, in NumPy: all images of a
+batch packed into one sequence of windows of merged units, every window padded to the same
+number of rows, the sequence padded to a bucket of windows, each row carrying its frame as a
+segment id. Window attention is dense attention within each window's rows (a few dozen), batched,
+with padding masked out of the keys; full attention is `ops.attention` over the whole sequence
+with the frames as segments (blockwise: no [R, R] scores, forward or backward, and no work for
+pairs of frames). Shapes are static per window bucket, and no image is padded to another's size.
+`unpermute` restores the image-token order after the merger.
 
 Parameter layout: patch_embed [patch_in, vision_embed] (the 3-D convolution with stride = kernel
 is one matmul per patch row); per block, stacked on [layers]: norm1, qkv [vision_embed, 3,
@@ -31,7 +33,17 @@ from ares_jax.models.qwen2_5_vl.layers import (
     zeros_init,
 )
 from ares_jax.models.qwen2_5_vl.rope import apply_rotary, vision_cos_sin
+from ares_jax.ops import attention as ops_attention
 from ares_jax.parallel import rules as R
+
+# Full-attention kernels of `ops.attention` the tower passes through; every other model
+# implementation (XLA's, cuDNN's, which cannot express segments) runs the blockwise XLA path.
+_KERNELS = ("splash", "pallas_gpu", "dense")
+
+
+def full_attention_impl(implementation: str | None) -> str:
+    """The `ops.attention` implementation of the tower's full-attention blocks."""
+    return implementation if implementation in _KERNELS else "xla"
 
 
 class VisionBlock(nnx.Module):
@@ -53,8 +65,9 @@ class VisionBlock(nnx.Module):
         self.down_bias = param(rngs, (d,), (E,), init=zeros_init, **kw)
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x, cos, sin, valid, full, *, window_rows: int, implementation=None):
-        """x [R, Dv]; cos/sin [R, hd] float32; valid [F, R/F] bool; full: full or window block.
+    def __call__(self, x, cos, sin, segment_ids, full, *, window_rows: int, implementation=None):
+        """x [R, Dv]; cos/sin [R, hd] float32; segment_ids [R] int32 (frame, 0 at padding);
+        full: full or window block.
 
         `full` is a Python bool (unrolled layers) or a traced bool (scanned layers, lax.cond).
         """
@@ -66,22 +79,26 @@ class VisionBlock(nnx.Module):
         # Rotary in float32, cast back (transformers' apply_rotary_pos_emb_vision).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(dt)
-        # 'blockwise' is the text model's; the tower keeps XLA's attention per frame for now.
-        impl = None if implementation in (None, "xla", "blockwise") else implementation
 
-        def grouped(rows_per_group):
-            def attend(q, k, v):
-                g = q.shape[0] // rows_per_group
-                split = lambda a: a.reshape(g, rows_per_group, *a.shape[1:])  # noqa: E731
-                keys = valid.reshape(g, 1, 1, rows_per_group)
-                out = jax.nn.dot_product_attention(
-                    split(q), split(k), split(v), mask=keys, implementation=impl
-                )
-                return out.reshape(q.shape)
+        def window_attend(q, k, v):
+            g = q.shape[0] // window_rows
+            split = lambda a: a.reshape(g, window_rows, *a.shape[1:])  # noqa: E731
+            keys = (segment_ids != 0).reshape(g, 1, 1, window_rows)
+            return jax.nn.dot_product_attention(split(q), split(k), split(v), mask=keys).reshape(
+                q.shape
+            )
 
-            return attend
+        def full_attend(q, k, v):
+            out = ops_attention.attention(
+                q[None],
+                k[None],
+                v[None],
+                segment_ids=segment_ids[None],
+                causal=False,
+                impl=full_attention_impl(implementation),
+            )
+            return out[0]
 
-        full_attend, window_attend = grouped(valid.shape[1]), grouped(window_rows)
         if isinstance(full, bool):
             attn = (full_attend if full else window_attend)(q, k, v)
         else:
@@ -116,7 +133,7 @@ class VisionTower(nnx.Module):
         self,
         pixels: jax.Array,
         rotary_pos: jax.Array,
-        valid: jax.Array,
+        segment_ids: jax.Array,
         unpermute: jax.Array,
         *,
         dtype=jnp.float32,
@@ -129,7 +146,7 @@ class VisionTower(nnx.Module):
         Args:
           pixels: [R, patch_in] float patch rows in the layout (zeros at padding).
           rotary_pos: [R, 2] int (row, column) of each patch row.
-          valid: [F, R / F] bool, real rows per frame.
+          segment_ids: [R] int32, each row's frame, 0 at padding.
           unpermute: [R / 4] int, layout slot of each image token in token order, then padding.
 
         Returns:
@@ -144,7 +161,13 @@ class VisionTower(nnx.Module):
 
         def body(block, x, full):
             return block(
-                x, cos, sin, valid, full, window_rows=window_rows, implementation=implementation
+                x,
+                cos,
+                sin,
+                segment_ids,
+                full,
+                window_rows=window_rows,
+                implementation=implementation,
             )
 
         flags = [i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
