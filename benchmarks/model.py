@@ -158,26 +158,8 @@ def ours_vision(cfg, n, size, dtype, attention, iters):
 # ---------------------------------------------------------------------------------------------
 
 
-def _hf_model(cfg, dtype):
-    import torch
-    import transformers
-
-    hf_cfg = transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict(dtype=dtype))
-    hf_cfg._attn_implementation = "sdpa"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    with torch.device(device):
-        model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(
-            hf_cfg, dtype=torch_dtype
-        )
-    return model, device
-
-
-def _sync(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
+_hf_model = report.hf_model
+_sync = report.torch_sync
 
 
 def peer_text(cfg, batch, seq, dtype, remat, iters):

@@ -36,3 +36,27 @@ def record(name: str, preset: str, text: str) -> Path:
     with path.open("a") as f:
         f.write(entry)
     return path
+
+
+def hf_model(cfg, dtype: str):
+    """(transformers Qwen2_5_VLForConditionalGeneration with SDPA attention, random weights, on
+    the GPU when torch sees one, else the CPU; its device name) for a project model config."""
+    import torch
+    import transformers
+
+    hf_cfg = transformers.Qwen2_5_VLConfig(**cfg.to_hf_dict(dtype=dtype))
+    hf_cfg._attn_implementation = "sdpa"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    with torch.device(device):
+        model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(
+            hf_cfg, dtype=torch_dtype
+        )
+    return model, device
+
+
+def torch_sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
