@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ares_jax.aepo.batch import encode_examples, sampler_inputs
+from ares_jax.batching import encode_examples, sampler_inputs
 from ares_jax.parallel import multihost
 from ares_jax.rewards import answers
 from ares_jax.sampling import SamplingParams, generate

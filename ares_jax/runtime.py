@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ares_jax import batching as B
 from ares_jax import checkpoint as ckpt
 from ares_jax import metrics as mt
-from ares_jax.aepo import batch as B
 from ares_jax.data import prompts
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import params as model_params

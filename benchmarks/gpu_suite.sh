@@ -28,6 +28,7 @@ run() {  # name, seconds, arguments...
 
 run logprob_entropy 120
 run model 240
+run learner 150
 run sampler 240
 if python3 -c "import grain, ml_collections, math_verify" 2> /dev/null; then
   run aepo_step 300

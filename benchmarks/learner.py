@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from ares_jax.aepo import batch as B
+from ares_jax import batching as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import params
@@ -44,7 +44,7 @@ PRESETS = {
         dtype="float32", remat=False, peer_rows=4,
     ),
     "gpu": dict(
-        model="3b", rows=16, prompt_median=512, prompt_cap=4096, response_cap=16384,
+        model="3b", rows=8, prompt_median=512, prompt_cap=4096, response_cap=16384,
         dtype="bfloat16", remat=True, peer_rows=2,
     ),
 }  # fmt: skip
@@ -94,13 +94,7 @@ def _data(cfg, p):
     return prompts, rows, int(plen.sum() + rlen.sum())
 
 
-def _timed(fn, *args, iters):
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / iters
+_timed = report.timed
 
 
 def ours(cfg, p, prompts, rows, *, packed: bool, iters: int):

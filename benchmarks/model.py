@@ -77,13 +77,7 @@ _SKIP_VISION = flags.DEFINE_bool("skip_vision", False, "Only the text step.")
 _RECORD = flags.DEFINE_bool("record", False, "Append the table to benchmarks/RESULTS.md.")
 
 
-def _timed(fn, *args, iters):
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / iters
+_timed = report.timed
 
 
 def _device_peak():

@@ -43,7 +43,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from ares_jax.aepo import batch as B
+from ares_jax import batching as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.models.qwen2_5_vl import config, params, tokenizer
 from ares_jax.ops import kl as K

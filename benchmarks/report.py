@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -60,3 +61,13 @@ def torch_sync(device: str) -> None:
 
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(fn, *args, iters: int) -> float:
+    """Seconds per call of `fn(*args)` over `iters` calls, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iters

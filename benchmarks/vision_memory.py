@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from ares_jax.aepo import batch as B
+from ares_jax import batching as B
 from ares_jax.evaluate import PAPER_EVAL
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import params, positions

@@ -316,10 +316,10 @@ def _base() -> ml_collections.ConfigDict:
         steps=20,  # iterations (rollout + updates); paper ~250
         prompts_per_step=4,  # prompts per optimizer step; paper 128 (4 steps per 512 iteration)
         micro_batch_size=32,  # sequences per gradient-accumulation micro-batch, whole mesh
-        # Packed learner rows (aepo/batch.py): each device's share of a micro-batch laid end to
-        # end (prompts without padding, responses without their padding), one row of this many
-        # tokens the memory plan assumes (a step whose share needs more packs longer rows and
-        # says so); 0 = padded rows, prompt bucket + response bucket each.
+        # Packed learner rows (ares_jax/batching.py): each device's share of a micro-batch laid
+        # end to end (prompts and responses without their padding) in one row of this many
+        # tokens, as the memory plan assumes (a step whose share needs more packs longer rows
+        # and says so); 0 = padded rows, prompt bucket + response bucket each.
         pack_tokens=0,
         ppo_epochs=1,
         # 'learner' = old log-probs recomputed by the learner after the rollout (released code);

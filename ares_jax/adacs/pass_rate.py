@@ -68,7 +68,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ares_jax.aepo.batch import encode_examples, sampler_inputs
+from ares_jax.batching import encode_examples, sampler_inputs
 from ares_jax.data import records
 from ares_jax.data.records import Example
 from ares_jax.rewards import answers

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of AdaCS: next-token loss on response tokens, exact accumulation.
 
 The batches are `aepo.learner.LearnerBatch`es (prompt + response rows, images, static shapes;
-built by `aepo.batch.learner_batch`), so SFT and RL share one batch layout and one log-prob
+built by `batching.learner_batch`), so SFT and RL share one batch layout and one log-prob
 kernel. The loss of a mini-batch is the mean negative log-likelihood over its response tokens,
 summed over micro-batches in a `lax.scan` and divided by the mini-batch's token count. The
 gradient is therefore exact whatever the micro-batch split.

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ares_jax import batching as B
 from ares_jax import checkpoint as ckpt
 from ares_jax import evaluate as ev
 from ares_jax import metrics as mt
@@ -33,7 +34,6 @@ from ares_jax import runtime
 from ares_jax.adacs import curation as C
 from ares_jax.adacs import pass_rate as PR
 from ares_jax.adacs import report, sft
-from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.data import pipeline, prompts, records, synthetic
 from ares_jax.models.qwen2_5_vl import params as model_params

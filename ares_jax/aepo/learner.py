@@ -2,7 +2,7 @@
 
 Everything here is jitted and works on `LearnerBatch`es: micro-batches stacked on a leading axis
 [M, ...], each with the full sequences of its rows (prompt + response) and the images of its
-prompts, all padded to static shapes on the host (`aepo/batch.py`).
+prompts, all padded to static shapes on the host (`ares_jax/batching.py`).
 
 One update (`train_step`, METHOD.md 4.7, 4.8, 4.11):
   1. for each micro-batch, in a `lax.scan`, do the following:
@@ -30,41 +30,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ares_jax.batching import LearnerBatch, Packing  # noqa: F401 - re-exported
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.ops import kl as K
 from ares_jax.ops import policy_loss as PL
 from ares_jax.ops.entropy import token_logprobs_and_entropy
-
-
-class Packing(NamedTuple):
-    """Where a packed micro-batch's response tokens sit (`batch.learner_batch`): R packed rows of
-    L tokens hold the micro-batch's mb sequences end to end."""
-
-    targets: jax.Array  # [M, R, L] int32: the token position j predicts (0 where none)
-    index: jax.Array  # [M, mb, T] int32: flat position in R * L predicting response token t
-
-
-class LearnerBatch(NamedTuple):
-    """M micro-batches of mb rows; S = prompt length P + response length T.
-
-    Padded, each micro-batch's inputs are its mb rows [mb, S]; packed (`packing` set), they are
-    R rows of L tokens with segment ids in `attention_mask`. Everything else is per row or per
-    response token either way.
-    """
-
-    inputs: ModelInputs  # leaves [M, ...]: ids [M, mb, S] or [M, R, L], vision per micro-batch
-    tokens: jax.Array  # [M, mb, T] int32 response tokens
-    mask: jax.Array  # [M, mb, T] bool response positions (False on padding rows)
-    advantages: jax.Array  # [M, mb] float32
-    bucket: jax.Array  # [M, mb] int32, 0 easy / 1 medium / 2 hard
-    correct: jax.Array  # [M, mb] bool
-    soft_cost: jax.Array  # [M, mb] float32
-    window_mask: jax.Array  # [M, mb, T] bool, tokens in validated HWE windows
-    row_valid: jax.Array  # [M, mb] bool, False on padding rows
-    old_logp: jax.Array  # [M, mb, T] float32
-    ref_logp: jax.Array  # [M, mb, T] float32
-    packing: Packing | None = None
-
 
 # Where the log-prob head's unembedding and the reference's parameters are kept: 'param' = as
 # stored (the master weights' dtype), 'compute' = cast to the compute dtype.
@@ -138,9 +108,10 @@ def reference_params(trainable, compute_dtype, reference_dtype: str = "param"):
     """The KL reference's copy of the trainable parameters (config model.reference_dtype).
 
     'param': a copy as stored; 'compute': a copy in `compute_dtype` (in bfloat16, half the bytes
-    of float32 master weights). The reference only runs forward, and the model casts every
-    weight to its compute dtype where it uses it, so the reference's hidden states are the same
-    either way, bit for bit, and so are its log-probs when the head casts too
+    of float32 master weights), never wider than stored (bfloat16 parameters under float32
+    compute stay bfloat16). The reference only runs forward, and the model casts every weight to
+    its compute dtype where it uses it, so the reference's hidden states are the same either
+    way, bit for bit, and so are its log-probs when the head casts too
     (`LearnerSettings.head_dtype='compute'`). With head_dtype='param' the reference's head runs
     in the compute dtype and the policy's in float32: the KL to the reference then starts at
     bfloat16 rounding instead of 0. Always a fresh copy on the parameters' shardings (the update
@@ -155,7 +126,8 @@ def reference_params(trainable, compute_dtype, reference_dtype: str = "param"):
         )
 
     def copy(x):
-        if reference_dtype == "compute" and jnp.issubdtype(x.dtype, jnp.floating):
+        narrower = jnp.dtype(compute_dtype).itemsize < x.dtype.itemsize
+        if reference_dtype == "compute" and jnp.issubdtype(x.dtype, jnp.floating) and narrower:
             return jnp.array(x, dtype=compute_dtype, copy=True)
         return jnp.copy(x)
 

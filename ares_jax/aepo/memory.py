@@ -26,7 +26,7 @@ optimizer moments take their parameters' shardings (`learner.opt_state_shardings
 Shapes are the worst case the config admits: prompts padded to the largest prompt bucket,
 responses to the largest length bucket, one image per prompt as large as data.max_pixels allows
 and the prompt length holds, a full micro-batch of rows. Inputs are placed as the stage places
-them (`batch.learner_shardings`, `inputs.logical_axes`: token rows over the batch axes, images
+them (`batching.learner_shardings`, `inputs.logical_axes`: token rows over the batch axes, images
 whole). All four functions are compiled under `jax.set_mesh(mesh)`, so that the model's
 `rules.constrain` pins the activations' batch sharding as the analytic count assumes; the sampler
 runs so (`generate`), and the learner must too: called outside a mesh context, GSPMD is free to
@@ -47,8 +47,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ares_jax import batching as B
 from ares_jax import runtime
-from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.aepo import train as aepo_train
 from ares_jax.models.qwen2_5_vl import config as model_config
@@ -126,7 +126,7 @@ def sizes(c, cfg: model_config.Qwen2_5_VLConfig) -> Sizes:
 
 def _vision_rows(cfg: model_config.Qwen2_5_VLConfig, image_tokens: int, images: int) -> int:
     """Patch rows of the packed vision layout of `images` square images (positions.VisionMeta),
-    their windows padded as the stages bucket them (`batch.window_bucket`)."""
+    their windows padded as the stages bucket them (`batching.window_bucket`)."""
     v = cfg.vision
     win = v.window_size // v.spatial_merge_size // v.patch_size  # merged units per window side
     windows = (-(-math.isqrt(image_tokens) // win)) ** 2
@@ -239,7 +239,7 @@ def pack_rows(mesh, rules, z: Sizes) -> int:
 
 def _learner_batch(mesh, rules, cfg, z: Sizes) -> Lr.LearnerBatch:
     """The abstract LearnerBatch of one optimizer step, placed as aepo/train.py places it
-    (`batch.learner_shardings`: rows over the batch axes, images whole); packed rows of
+    (`batching.learner_shardings`: rows over the batch axes, images whole); packed rows of
     `z.pack_tokens` tokens when the config packs."""
     m, mb, s, t = z.num_micro, z.micro_batch, z.seq_len, z.response_len
     rows, mask_dtype, packing = mb, jnp.bool_, None

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ares_jax.aepo.batch import Prompts, Rows, encode_examples, sampler_inputs
+from ares_jax.batching import Prompts, Rows, encode_examples, sampler_inputs
 from ares_jax.evaluate import grade
 from ares_jax.ops import advantages as ADV
 from ares_jax.ops import hwe as H

@@ -40,11 +40,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ares_jax import batching as B
 from ares_jax import checkpoint as ckpt
 from ares_jax import evaluate as ev
 from ares_jax import metrics as mt
 from ares_jax import runtime
-from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.aepo import rollout as RO
 from ares_jax.data import pipeline, prompts

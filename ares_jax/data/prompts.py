@@ -5,7 +5,7 @@
 
 A prompt longer than the largest prompt length bucket, or one the processor cannot encode, would
 otherwise stop a run in the first rollout that draws it, with no file or line named. The length
-is the one `aepo/batch.encode_prompts` gives (the chat text of `processor.build_prompt`, its
+is the one `batching.encode_prompts` gives (the chat text of `processor.build_prompt`, its
 tokens, each `<|image_pad|>` expanded to the image's tokens), computed cheaply: the texts are
 tokenized in batches, and each image's token count comes from its size, read from the file header
 without decoding, through the processor's `smart_resize` (tests/data/prompts_test.py checks the
@@ -30,7 +30,7 @@ _BATCH = 1024  # prompts tokenized per call
 
 @dataclasses.dataclass(frozen=True)
 class PromptSettings:
-    """How the stages encode prompts (aepo/batch.encode_prompts) and the longest one allowed.
+    """How the stages encode prompts (batching.encode_prompts) and the longest one allowed.
 
     Attributes:
       template: the instruction after the question (config data.prompt_template).

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from ares_jax.adacs import pass_rate as pr
-from ares_jax.aepo.batch import encode_prompts, sampler_inputs
+from ares_jax.batching import encode_prompts, sampler_inputs
 from ares_jax.data import records, synthetic
 from ares_jax.data.records import Example
 from ares_jax.models.qwen2_5_vl import config, params, tokenizer

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
+from ares_jax import batching as B
 from ares_jax.adacs import sft
-from ares_jax.aepo import batch as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.data import synthetic
 from ares_jax.models.qwen2_5_vl import config, params, tokenizer

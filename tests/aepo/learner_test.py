@@ -10,7 +10,7 @@ import optax
 import PIL.Image
 import pytest
 
-from ares_jax.aepo import batch as B
+from ares_jax import batching as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.models.qwen2_5_vl import config, params, tokenizer
 from ares_jax.ops import kl as K
@@ -389,6 +389,9 @@ def test_reference_in_compute_dtype(setup):
             assert copy.unsafe_buffer_pointer() != x.unsafe_buffer_pointer()
     ref_bytes = sum(x.nbytes for x in ref_leaves)
     assert 2 * ref_bytes == sum(x.nbytes for x in leaves)
+    # Never wider than stored: bfloat16 parameters under float32 compute stay bfloat16.
+    kept = Lr.reference_params(ref, jnp.float32, "compute")
+    assert {x.dtype for x in jax.tree.leaves(kept)} == {jnp.dtype(jnp.bfloat16)}
     hidden, hidden_ref = _hidden(model, lb), _hidden(model, lb, trainable=ref)
     # The whole forward, vision tower included, is the policy's bit for bit.
     np.testing.assert_array_equal(np.asarray(hidden_ref), np.asarray(hidden))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ares_jax.aepo import batch as B
+from ares_jax import batching as B
 from ares_jax.aepo import learner as Lr
 from ares_jax.models.qwen2_5_vl import params
 from ares_jax.ops import kl as K

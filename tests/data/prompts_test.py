@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from ares_jax.aepo import batch as B
+from ares_jax import batching as B
 from ares_jax.data import pipeline, prompts, records
 from ares_jax.data.records import DataError, Example
 from ares_jax.models.qwen2_5_vl import config as model_config

@@ -1,4 +1,7 @@
-"""Host-side assembly of the sampler's and the learner's inputs (NumPy, static shapes).
+"""Host-side assembly of the model's inputs for every stage (NumPy, static shapes).
+
+The sampler (rollouts, AdaCS pass rates, evaluation), the AEPO learner and AdaCS fine-tuning all
+take their batches from here; this module sits below the stages and imports none of them.
 
 A batch of prompts is encoded once (`encode_prompts`): token ids left-padded to a length bucket,
 M-RoPE positions, and each prompt's image patches. From it the sampler gets one row per prompt
@@ -13,15 +16,46 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import jax
 import numpy as np
 
-from ares_jax.aepo.learner import LearnerBatch, Packing
 from ares_jax.models.qwen2_5_vl import inputs as model_inputs
 from ares_jax.models.qwen2_5_vl import positions, processor
 from ares_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.parallel import rules as R
+
+
+class Packing(NamedTuple):
+    """Where a packed micro-batch's response tokens sit (`learner_batch`): R packed rows of
+    L tokens hold the micro-batch's mb sequences end to end."""
+
+    targets: jax.Array  # [M, R, L] int32: the token position j predicts (0 where none)
+    index: jax.Array  # [M, mb, T] int32: flat position in R * L predicting response token t
+
+
+class LearnerBatch(NamedTuple):
+    """M micro-batches of mb rows; S = prompt length P + response length T.
+
+    Padded, each micro-batch's inputs are its mb rows [mb, S]; packed (`packing` set), they are
+    R rows of L tokens with segment ids in `attention_mask`. Everything else is per row or per
+    response token either way.
+    """
+
+    inputs: ModelInputs  # leaves [M, ...]: ids [M, mb, S] or [M, R, L], vision per micro-batch
+    tokens: jax.Array  # [M, mb, T] int32 response tokens
+    mask: jax.Array  # [M, mb, T] bool response positions (False on padding rows)
+    advantages: jax.Array  # [M, mb] float32
+    bucket: jax.Array  # [M, mb] int32, 0 easy / 1 medium / 2 hard
+    correct: jax.Array  # [M, mb] bool
+    soft_cost: jax.Array  # [M, mb] float32
+    window_mask: jax.Array  # [M, mb, T] bool, tokens in validated HWE windows
+    row_valid: jax.Array  # [M, mb] bool, False on padding rows
+    old_logp: jax.Array  # [M, mb, T] float32
+    ref_logp: jax.Array  # [M, mb, T] float32
+    packing: Packing | None = None
 
 
 @dataclasses.dataclass
