@@ -524,7 +524,8 @@ def vision_activations(
 ITEMS = {
     "parameters": "parameters, trainable + frozen, in model.param_dtype",
     "optimizer": "AdamW moments (mu in optim.state_dtype, nu in the parameters' dtype)",
-    "reference": "the reference policy: train.py's copy of the trainable parameters",
+    "reference": "the reference policy: train.py's copy of the trainable parameters "
+    "(model.reference_dtype)",
     "gradients": "gradient accumulator + one micro-batch's gradient, parameters' dtype",
     "learner_batch": "the learner batch of one optimizer step (ids, positions, images, log-probs)",
     "activations": "one micro-batch forward + backward (remat policy of model.remat)",
@@ -610,11 +611,18 @@ def analytic_items(x: Setup) -> dict[str, int]:
     decode = n * z.response_len * 4 * 8 + 6 * n * cfg.text.vocab_size / sp.vocab * 4
 
     trainable = tree_bytes(x.trainable)
+    # The reference as aepo/train.py builds it (`learner.reference_params`): in the compute dtype
+    # where that is narrower than the stored parameters and model.reference_dtype says so.
+    ref_shapes = jax.eval_shape(
+        lambda tr: Lr.reference_params(tr, x.compute_dtype, x.c.model.reference_dtype),
+        x.trainable,
+    )
+    reference = tree_bytes(_placed(ref_shapes, jax.tree.map(lambda a: a.sharding, x.trainable)))
     outputs = 2 * z.num_micro * rows * z.response_len * 4  # log-probs and entropies
     return {
         "parameters": trainable + tree_bytes(x.frozen),
         "optimizer": tree_bytes(x.state.opt_state),
-        "reference": trainable,
+        "reference": reference,
         "gradients": 2 * trainable,
         "learner_batch": tree_bytes(x.batch),
         "activations": micro_batch(backward=True),
