@@ -491,18 +491,31 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
         sampler_logp = rollout.sampler_logp[:, :t_bucket]
         prompts = runtime.left_pad_prompts(rollout.prompts, prompt_len)
         n_prompts = prompts.size
-        windows = None  # one window bucket for every mini-batch of the iteration
+        # Each mini-batch's rows (its prompts'), and one window bucket and one packed length for
+        # all of them: the most any of their micro-batches needs.
+        selections = [
+            np.flatnonzero(
+                (rows.prompt >= first) & (rows.prompt < first + c.train.prompts_per_step)
+            )
+            for first in range(0, n_prompts, c.train.prompts_per_step)
+        ]
+        windows = None
         if prompts.has_images:
-            windows = B.window_bucket(B.windows_needed(prompts, rows, mb, cfg))
-        pack_rows = pack_len = None  # one packed length for every mini-batch of the iteration
+            windows = B.window_bucket(
+                max(B.windows_needed(prompts, rows.select(sel), mb, cfg) for sel in selections)
+            )
+        pack_rows = pack_len = None
         if c.train.pack_tokens:
             pack_rows = R.ways(mesh, rules, R.BATCH, mb)
-            needed = B.pack_length_needed(prompts, rows, mb, pack_rows)
-            pack_len = B.pack_bucket(needed)
-            capacity = -(-n_prompts // c.train.prompts_per_step) * num_micro * pack_rows * pack_len
+            needed = max(
+                B.pack_length_needed(prompts, rows.select(sel), mb, pack_rows) for sel in selections
+            )
+            # Rows of train.pack_tokens, as planned, whenever they hold every share.
+            pack_len = min(B.pack_bucket(needed), max(c.train.pack_tokens, needed))
+            capacity = len(selections) * num_micro * pack_rows * pack_len
             metrics["learner/pack_len"] = float(pack_len)
             metrics["learner/pack_fill"] = float(B.sequence_lengths(prompts, rows).sum() / capacity)
-            if pack_len > c.train.pack_tokens:
+            if needed > c.train.pack_tokens:
                 log.warning(
                     "AEPO step %d: a device's share of a micro-batch packs %d tokens, more than "
                     "train.pack_tokens=%d that the memory plan assumes (rows of %d tokens this "
@@ -518,10 +531,7 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
         minibatches, gaps = [], []
         nonfinite = {"learner/old_logp": jnp.zeros((), jnp.int32)}
         nonfinite["learner/ref_logp"] = jnp.zeros((), jnp.int32)
-        for first in range(0, n_prompts, c.train.prompts_per_step):
-            sel = np.flatnonzero(
-                (rows.prompt >= first) & (rows.prompt < first + c.train.prompts_per_step)
-            )
+        for sel in selections:
             lb = B.learner_batch(
                 prompts,
                 rows.select(sel),
