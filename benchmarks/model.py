@@ -7,7 +7,7 @@ Two measurements, each on the same config, the same machine, random weights:
     respect to every parameter. Ours: the Flax model and the chunked `token_logprobs_and_entropy`.
     Peer: `Qwen2_5_VLForConditionalGeneration` (SDPA attention), float32 log_softmax over its
     logits, autograd.
-  * the vision tower forward on N square images (ours: the padded window layout; peer:
+  * the vision tower forward on N square images (ours: the packed window layout; peer:
     `model.model.get_image_features`).
 
   python -m benchmarks.model --preset=cpu               # the 'small' model on this CPU

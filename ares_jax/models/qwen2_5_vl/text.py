@@ -2,9 +2,10 @@
 
 Grouped-query attention with q/k/v bias and no output bias, RMSNorm, SwiGLU MLP. Attention runs
 through `jax.nn.dot_product_attention` (float32 logits and softmax; `implementation='cudnn'`
-selects cuDNN flash attention on GPUs), or, with `implementation='blockwise'`, the full forward
-through `ops.attention`'s blockwise path, which never holds [T, T] scores. Masks are boolean,
-never additive, so rows of left padding cannot produce NaN (QWEN2_5_VL.md 8.4).
+selects cuDNN flash attention on GPUs), or, with `implementation='blockwise'` (the model's
+default), full forwards and prefills through `ops.attention`'s blockwise path with the mask as
+segment ids (packed rows: one id per sequence), which never holds [T, T] scores. Masks are
+boolean, never additive, so rows of left padding cannot produce NaN (QWEN2_5_VL.md 8.4).
 
 Parameter layout (logical axes in brackets): embed [vocab, embed]; per layer, stacked on a leading
 [layers] axis: q [embed, heads, head_dim] + bias, k/v [embed, kv_heads, head_dim] + bias,
