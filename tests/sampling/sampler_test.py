@@ -120,6 +120,7 @@ def test_blockwise_prefill_equals_the_dense_cache_mask(tiny):
     """With the blockwise attention the prefill attends over the prompt's own keys with its mask
     as segment ids (no [B, T, cache] mask): same hidden states, same greedy rollout."""
     blockwise = params.init_model(tiny.cfg, seed=1, attention_impl="blockwise")
+    tiny = params.init_model(tiny.cfg, seed=1, attention_impl="xla")  # the dense cache mask
     inputs = jax.tree.map(jnp.asarray, _image_prompts(tiny.cfg))
     cache_len = inputs.input_ids.shape[1] + 8
     got, _ = blockwise.prefill(inputs, blockwise.init_cache(2, cache_len))
