@@ -54,7 +54,7 @@ def _base() -> ml_collections.ConfigDict:
         remat=False,
         scan_layers=True,
         freeze_vision=True,  # METHOD.md 3.3: "the LLM module" is trained
-        attention="blockwise",  # | 'xla' | 'cudnn': configs/aepo.py model.attention
+        attention="auto",  # the backend's kernel; the choices: configs/aepo.py model.attention
     )
     c.data = dict(
         source="synthetic",  # 'synthetic' (problems with the project's teacher traces) | 'files'
@@ -221,7 +221,7 @@ SCHEMA = {
     "model.preset": common.one_of("tiny", "small", "3b", "7b"),
     "model.dtype": common.one_of("float32", "bfloat16"),
     "model.param_dtype": common.one_of("float32", "bfloat16"),
-    "model.attention": common.one_of("blockwise", "xla", "cudnn"),
+    "model.attention": common.one_of(*common.MODEL_ATTENTION),
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),
     "data.synthetic_val_size": (_int, _nonneg),

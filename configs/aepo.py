@@ -101,12 +101,13 @@ def _base() -> ml_collections.ConfigDict:
         # METHOD.md 6: the vision tower is trainable during RL (freeze_vision_tower: false).
         # AdaCS (METHOD.md 3.3) trains the LLM only; that is configs/adacs.py's default.
         freeze_vision=False,
-        # 'blockwise' (full forwards and prefills by online softmax over key blocks,
-        # ops/attention.py: no [T, T] scores or masks, forward or backward; packed rows' segments)
-        # | 'xla' (XLA's attention with a dense [T, T] mask) | 'cudnn' (GPU flash attention, one
-        # segment per row). Decode steps use XLA's attention and the vision tower's full
-        # attention the blockwise path, whatever this says.
-        attention="blockwise",
+        # Full forwards and prefills (ops/attention.py, segment ids, no [T, T] scores or masks,
+        # forward or backward): 'auto' picks the backend's kernel (Splash on TPU; cuDNN for rows
+        # of one sequence, else Pallas, on GPU; the blockwise online-softmax XLA path on CPU);
+        # 'blockwise' | 'splash' | 'pallas_gpu' force one (the Pallas kernels run interpreted on
+        # CPU). 'xla' | 'cudnn': jax.nn.dot_product_attention with a dense [T, T] mask (tests,
+        # comparisons). Decode steps use XLA's attention over the cache (cuDNN's with 'cudnn').
+        attention="auto",
     )
 
     # --- Data (METHOD.md 4.1).
@@ -518,7 +519,7 @@ SCHEMA = {
     "model.preset": common.one_of("tiny", "small", "3b", "7b"),
     "model.dtype": common.one_of("float32", "bfloat16"),
     "model.param_dtype": common.one_of("float32", "bfloat16"),
-    "model.attention": common.one_of("blockwise", "xla", "cudnn"),
+    "model.attention": common.one_of(*common.MODEL_ATTENTION),
     "model.reference_dtype": common.one_of("compute", "param"),
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),

@@ -122,6 +122,11 @@ def has_path(config, dotted: str) -> bool:
     return True
 
 
+# `model.attention`: the model's attention implementations (ares_jax/models/qwen2_5_vl/text.py
+# IMPLEMENTATIONS, which tests/configs check this against; kept here so configs import no jax).
+MODEL_ATTENTION = ("auto", "blockwise", "splash", "pallas_gpu", "dense", "xla", "cudnn")
+
+
 def one_of(*allowed) -> Check:
     """The value must be one of `allowed` (compared with ==, types must match for bools)."""
 

@@ -572,7 +572,9 @@ def analytic_items(x: Setup) -> dict[str, int]:
             rows=seq_rows,
             seq=seq,
             backward=backward,
-            blockwise=x.c.model.attention == "blockwise",  # the full forward's; not the prefill's
+            # The full forward's; not the prefill's. Splash and the Pallas GPU kernel hold what
+            # the blockwise path holds (one statistic per query, tiles in on-chip memory).
+            blockwise=x.c.model.attention in ("auto", "blockwise", "splash", "pallas_gpu"),
             **common,
         )
         total += head_activations(

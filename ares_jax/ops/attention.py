@@ -43,6 +43,18 @@ Implementations (`impl`); "auto" picks by `jax.default_backend()`:
   that form (decided in Python when they are concrete, else by `lax.cond` on device, both kernels
   compiled), else "pallas_gpu".
 
+On a CPU backend "splash" and "pallas_gpu" always run in the Pallas interpreter (the only way they
+run there), so a model forced to a kernel still runs, slowly, in CPU tests.
+
+Sharding. XLA partitions "xla", "dense" and "cudnn" itself. The Pallas kernels are opaque custom
+calls that XLA would run on gathered, replicated inputs, so under a mesh (`jax.set_mesh`) the
+caller passes `partition=(q_spec, kv_spec)`, the PartitionSpecs of q and of k/v (rows over the
+data axes, heads over the tensor axis; never the sequence axis, which attention reads whole), and
+the kernel runs per shard under `jax.shard_map`: each device attends its own rows and heads, with
+no collective. When k/v heads are split differently from q's (2 KV heads replicated over a
+4-way tensor axis), k and v are first repeated to one head per query head, so each shard's local
+query head h still reads its own KV head.
+
 Dimension letters as in STYLE.md: B rows, S positions, H query heads, K KV heads, G = H // K,
 Dh head dim; bq, bk query and key block lengths; nq, nk block counts.
 """
@@ -72,6 +84,7 @@ def attention(
     block_q: int = 512,
     block_kv: int = 512,
     interpret: bool = False,
+    partition: tuple | None = None,
 ) -> jax.Array:
     """Masked multi-head self-attention; see the module docstring for the semantics.
 
@@ -84,7 +97,10 @@ def attention(
       scale: logit scale, Dh**-0.5 when None.
       block_q, block_kv: block lengths of "xla" and "splash" ("splash" uses block_q for every
         block and rounds it to a multiple of 128); ignored by the others.
-      interpret: run "splash" / "pallas_gpu" in the Pallas interpreter (CPU tests).
+      interpret: run "splash" / "pallas_gpu" in the Pallas interpreter (always on CPU).
+      partition: (q_spec, kv_spec) PartitionSpecs of q and k/v under the current mesh; the Pallas
+        kernels then run per shard under `shard_map` (module docstring). Ignored without a mesh
+        and by the implementations XLA partitions itself.
 
     Returns:
       [B, S, H, Dh] in q's dtype; exactly 0 at padding queries.
@@ -103,14 +119,19 @@ def attention(
     segment_ids = segment_ids.astype(jnp.int32)
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "gpu"}.get(jax.default_backend(), "xla")
+    interpret = bool(interpret) or jax.default_backend() == "cpu"
     if impl == "dense":
         return _dense(q, k, v, segment_ids, causal, scale)
     if impl == "xla":
         return _xla(q, k, v, segment_ids, causal, scale, block_q, block_kv)
     if impl == "splash":
-        return _splash(q, k, v, segment_ids, causal, scale, block_q, interpret)
+        kernel = functools.partial(
+            _splash, causal=causal, scale=scale, block=block_q, interpret=interpret
+        )
+        return _per_shard(kernel, q, k, v, segment_ids, partition)
     if impl == "pallas_gpu":
-        return _pallas_gpu(q, k, v, segment_ids, causal, scale, interpret)
+        kernel = functools.partial(_pallas_gpu, causal=causal, scale=scale, interpret=interpret)
+        return _per_shard(kernel, q, k, v, segment_ids, partition)
     if impl == "cudnn":
         if not _cudnn_shape_ok(q):
             raise ValueError(
@@ -124,7 +145,8 @@ def attention(
             )
         return _cudnn(q, k, v, segment_ids, causal, scale)
     # "auto" on GPU.
-    pallas = functools.partial(_pallas_gpu, causal=causal, scale=scale, interpret=interpret)
+    kernel = functools.partial(_pallas_gpu, causal=causal, scale=scale, interpret=interpret)
+    pallas = functools.partial(_per_shard, kernel, partition=partition)
     if not _cudnn_shape_ok(q):
         return pallas(q, k, v, segment_ids)
     cudnn = functools.partial(_cudnn, causal=causal, scale=scale)
@@ -132,6 +154,29 @@ def attention(
     if _is_concrete(ok):
         return (cudnn if bool(ok) else pallas)(q, k, v, segment_ids)
     return jax.lax.cond(ok, cudnn, pallas, q, k, v, segment_ids)
+
+
+def _per_shard(kernel, q, k, v, segment_ids, partition):
+    """Runs a Pallas kernel on each device's rows and heads under `shard_map` (module docstring);
+    directly without a mesh or without `partition`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if partition is None or mesh.empty:
+        return kernel(q, k, v, segment_ids)
+    q_spec, kv_spec = (tuple(s) + (None,) * (4 - len(s)) for s in partition)
+    if q_spec[1] is not None or q_spec[3] is not None:
+        raise ValueError(
+            f"attention: q's PartitionSpec {q_spec} splits the sequence or head_dim axis; the "
+            "kernels need them whole"
+        )
+    if kv_spec != q_spec:  # KV heads split otherwise: one KV head per query head, split as q's
+        g = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+        kv_spec = q_spec
+    specs = jax.sharding.PartitionSpec(*q_spec)
+    rows = jax.sharding.PartitionSpec(q_spec[0], None)
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(specs, specs, specs, rows), out_specs=specs, check_vma=False
+    )(q, k, v, segment_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +363,11 @@ def _flash(q, k, v, seg, causal, scale, bq, bk):
 
 def _flash_fwd(q, k, v, seg, causal, scale, bq, bk):
     out, lse = _flash_forward(q, k, v, seg, causal, scale, bq, bk)
+    # Named so that a remat policy can keep them (model.remat='attention', models/.../layers.py)
+    # and the backward pass of a checkpointed layer does not rerun this forward.
+    from jax.ad_checkpoint import checkpoint_name as name
+
+    out, lse = name(out, "attention_out"), name(lse, "attention_lse")
     return out, (q, k, v, seg, out, lse)
 
 

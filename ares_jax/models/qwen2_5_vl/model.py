@@ -20,7 +20,12 @@ from flax import nnx
 from ares_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from ares_jax.models.qwen2_5_vl.layers import param
 from ares_jax.models.qwen2_5_vl.rope import text_cos_sin
-from ares_jax.models.qwen2_5_vl.text import BLOCKWISE, TextModel, attention
+from ares_jax.models.qwen2_5_vl.text import (
+    TextModel,
+    attention,
+    check_implementation,
+    uses_kernel,
+)
 from ares_jax.models.qwen2_5_vl.vision import VisionTower
 from ares_jax.parallel import rules as R
 
@@ -73,13 +78,14 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         dtype=jnp.float32,
         scan_layers: bool = True,
         remat: bool = False,
-        attention_impl: str | None = BLOCKWISE,
+        attention_impl: str | None = "auto",
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
         self.dtype = dtype
         self.scan_layers = scan_layers
         self.remat = remat
+        check_implementation(attention_impl)
         self.attention_impl = attention_impl
         self.visual = VisionTower(cfg.vision, param_dtype=param_dtype, rngs=rngs)
         self.language_model = TextModel(cfg.text, param_dtype=param_dtype, rngs=rngs)
@@ -147,7 +153,7 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         cos, sin = self._cos_sin(inputs.position_ids)
         t = inputs.input_ids.shape[1]
         segments = inputs.attention_mask.astype(jnp.int32)
-        if self.attention_impl == BLOCKWISE:  # segment ids, attended causally, no [T, T] mask
+        if uses_kernel(self.attention_impl):  # segment ids, attended causally, no [T, T] mask
             mask = segments
         else:
             # A query sees the earlier keys of its own segment; a padding query (id 0) every
@@ -200,16 +206,16 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         """Runs the decoder on x [B, T, D] written at slots index..index+T-1 of the cache.
 
         `fresh` [B, T] (the prompt's mask), given when the cache is empty before this call (a
-        prefill): with the blockwise attention the queries then attend to the T new keys only,
-        through `ops.attention` with the mask as segment ids, and no [B, T, cache length] mask
-        or scores exist.
+        prefill): with an `ops.attention` implementation the queries then attend to the T new keys
+        only, through `ops.attention` with the mask as segment ids, and no [B, T, cache length]
+        mask or scores exist.
         """
         graphdef, state = nnx.split(self.language_model.layers)
         s = cache.valid.shape[1]
         t = x.shape[1]
         slots = cache.index + jnp.arange(t)
-        blockwise = fresh is not None and self.attention_impl == BLOCKWISE
-        if blockwise:
+        fresh_only = fresh is not None and uses_kernel(self.attention_impl)
+        if fresh_only:
             segments = fresh.astype(jnp.int32)
         else:
             # Query at slot `slots[i]` sees valid keys up to its own slot.
@@ -220,8 +226,8 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
             q, k, v = layer.qkv(x, cos, sin)
             k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, cache.index, axis=1)
             v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, cache.index, axis=1)
-            if blockwise:
-                attn = attention(q, k, v, segments, implementation=BLOCKWISE)
+            if fresh_only:
+                attn = attention(q, k, v, segments, implementation=self.attention_impl)
             else:
                 attn = attention(q, k_all, v_all, key_ok, implementation=self.attention_impl)
             x = layer.finish(x, attn)

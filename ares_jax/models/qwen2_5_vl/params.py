@@ -198,7 +198,7 @@ def from_pretrained(
     rules=None,
     scan_layers: bool = True,
     remat: bool = False,
-    attention_impl: str | None = "blockwise",
+    attention_impl: str | None = "auto",
 ) -> Qwen2_5_VL:
     """Loads a Hugging Face Qwen2.5-VL checkpoint directory (config.json + safetensors).
 
@@ -210,9 +210,12 @@ def from_pretrained(
       mesh: place each parameter on this mesh by its logical axes (default: one device).
       rules: logical-axis rule overrides (`ares_jax.parallel.rules`).
       scan_layers, remat: run the layers under `lax.scan`; recompute them in the backward pass.
-      attention_impl: 'blockwise' (full forwards and prefills through `ops.attention`'s
-        blockwise path: no [T, T] scores or masks, forward or backward), 'xla' (XLA's attention
-        with a dense mask) or 'cudnn' (GPU). Decode steps use XLA's attention in every case.
+      attention_impl: 'auto' (full forwards and prefills through `ops.attention` with the
+        backend's kernel: Splash on TPU, cuDNN/Pallas on GPU, blockwise XLA on CPU; no [T, T]
+        scores or masks, forward or backward), a kernel forced ('blockwise', 'splash',
+        'pallas_gpu', 'dense'), or `jax.nn.dot_product_attention` with a dense mask ('xla',
+        'cudnn'); see `text.IMPLEMENTATIONS`. Decode steps use XLA's attention (cuDNN's with
+        'cudnn').
 
     Returns:
       The model, parameters filled from the checkpoint.

@@ -1,11 +1,12 @@
 """The Qwen2 text decoder with M-RoPE (QWEN2_5_VL.md 3.3).
 
-Grouped-query attention with q/k/v bias and no output bias, RMSNorm, SwiGLU MLP. Attention runs
-through `jax.nn.dot_product_attention` (float32 logits and softmax; `implementation='cudnn'`
-selects cuDNN flash attention on GPUs), or, with `implementation='blockwise'` (the model's
-default), full forwards and prefills through `ops.attention`'s blockwise path with the mask as
-segment ids (packed rows: one id per sequence), which never holds [T, T] scores. Masks are
-boolean, never additive, so rows of left padding cannot produce NaN (QWEN2_5_VL.md 8.4).
+Grouped-query attention with q/k/v bias and no output bias, RMSNorm, SwiGLU MLP. Full forwards
+and prefills run through `ops.attention` with the mask as segment ids (packed rows: one id per
+sequence), by default with the kernel of the backend (Splash on TPU, cuDNN or Pallas on GPU, the
+blockwise XLA path on CPU), none of which holds [T, T] scores; 'xla' and 'cudnn' select
+`jax.nn.dot_product_attention` with a dense mask instead (`IMPLEMENTATIONS` below). Logits and
+softmax are float32. Masks are boolean, never additive, so rows of left padding cannot produce
+NaN (QWEN2_5_VL.md 8.4).
 
 Parameter layout (logical axes in brackets): embed [vocab, embed]; per layer, stacked on a leading
 [layers] axis: q [embed, heads, head_dim] + bias, k/v [embed, kv_heads, head_dim] + bias,
@@ -31,8 +32,49 @@ from ares_jax.models.qwen2_5_vl.rope import apply_rotary
 from ares_jax.ops import attention as ops_attention
 from ares_jax.parallel import rules as R
 
-# `attention_impl` of the full forward (training, log-probs) through `ops.attention`.
+# The model's attention implementations (`attention_impl`, config key `model.attention`), for
+# full forwards (training, log-probs) and prefills:
+# - 'auto': `ops.attention` by backend: Splash on TPU, cuDNN or Pallas on GPU, blockwise on CPU;
+# - 'blockwise': `ops.attention`'s online-softmax XLA path on every backend;
+# - 'splash', 'pallas_gpu': that `ops.attention` kernel forced (interpreted on CPU);
+# - 'dense': `ops.attention`'s reference (holds [T, T] scores; tests);
+# - 'xla', 'cudnn' (or None): `jax.nn.dot_product_attention` with a dense [B, T, S] mask, with
+#   XLA's or cuDNN's implementation (cuDNN reads the mask whatever the layout; packed rows too).
+# Decode steps over the KV cache take the last group's path ('cudnn' stays cuDNN, else XLA).
+KERNELS = {
+    "auto": "auto",
+    "blockwise": "xla",
+    "splash": "splash",
+    "pallas_gpu": "pallas_gpu",
+    "dense": "dense",
+}
+IMPLEMENTATIONS = (*KERNELS, "xla", "cudnn")
 BLOCKWISE = "blockwise"
+
+
+def check_implementation(implementation: str | None) -> None:
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; known: {list(IMPLEMENTATIONS)}"
+        )
+
+
+def uses_kernel(implementation: str | None) -> bool:
+    """Whether full forwards and prefills go through `ops.attention` (segment ids, no mask)."""
+    return implementation in KERNELS
+
+
+def kernel_partition(q: jax.Array, k: jax.Array, heads: str, kv_heads: str):
+    """(q_spec, kv_spec) of [rows, length, heads, head_dim] activations under the current mesh
+    (None without one): the `partition` that `ops.attention` runs its Pallas kernels per shard by.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    spec = lambda x, h: R.logical_to_spec(  # noqa: E731
+        (R.BATCH, None, h, None), shape=x.shape, mesh=mesh
+    )
+    return spec(q, heads), spec(k, kv_heads)
 
 
 def attention(
@@ -40,17 +82,23 @@ def attention(
 ) -> jax.Array:
     """q [B, T, H, hd], k/v [B, S, K, hd], mask [B, T, S] bool -> [B, T, H, hd].
 
-    K must divide H (grouped-query attention). Softmax in float32. With implementation
-    'blockwise' a full forward (T == S) passes its [B, T] segment ids (the attention mask as
-    int32: 0 is padding) instead of the mask, attended causally by `ops.attention` (online
-    softmax over key blocks: no [T, T] scores, forward or backward; padding queries give 0); a
-    KV-cache step, whose mask is [B, T, S], takes the dense path.
+    K must divide H (grouped-query attention). Softmax in float32. With an `ops.attention`
+    implementation (`uses_kernel`) a full forward (T == S) passes its [B, T] segment ids (the
+    attention mask as int32: 0 is padding) instead of the mask, attended causally without
+    [T, T] scores, forward or backward (padding queries give 0); a KV-cache step, whose mask is
+    [B, T, S], takes XLA's dense path.
     """
-    if implementation == BLOCKWISE:
-        if mask.ndim == 2:
-            return ops_attention.attention(q, k, v, segment_ids=mask, causal=True, impl="xla")
-        implementation = None
-    impl = None if implementation in (None, "xla") else implementation
+    if uses_kernel(implementation) and mask.ndim == 2:
+        return ops_attention.attention(
+            q,
+            k,
+            v,
+            segment_ids=mask,
+            causal=True,
+            impl=KERNELS[implementation],
+            partition=kernel_partition(q, k, R.HEADS, R.KV_HEADS),
+        )
+    impl = "cudnn" if implementation == "cudnn" else None
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
 
 

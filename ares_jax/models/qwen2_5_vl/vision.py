@@ -33,17 +33,16 @@ from ares_jax.models.qwen2_5_vl.layers import (
     zeros_init,
 )
 from ares_jax.models.qwen2_5_vl.rope import apply_rotary, vision_cos_sin
+from ares_jax.models.qwen2_5_vl.text import KERNELS, kernel_partition
 from ares_jax.ops import attention as ops_attention
 from ares_jax.parallel import rules as R
 
-# Full-attention kernels of `ops.attention` the tower passes through; every other model
-# implementation (XLA's, cuDNN's, which cannot express segments) runs the blockwise XLA path.
-_KERNELS = ("splash", "pallas_gpu", "dense")
-
 
 def full_attention_impl(implementation: str | None) -> str:
-    """The `ops.attention` implementation of the tower's full-attention blocks."""
-    return implementation if implementation in _KERNELS else "xla"
+    """The `ops.attention` implementation of the tower's full-attention blocks: the model's
+    kernel ('auto' included), else (XLA's or cuDNN's dense-mask attention, which cannot express
+    the frames as segments without an [R, R] mask) the blockwise XLA path."""
+    return KERNELS.get(implementation, "xla")
 
 
 class VisionBlock(nnx.Module):
@@ -89,13 +88,15 @@ class VisionBlock(nnx.Module):
             )
 
         def full_attend(q, k, v):
+            q, k, v = q[None], k[None], v[None]
             out = ops_attention.attention(
-                q[None],
-                k[None],
-                v[None],
+                q,
+                k,
+                v,
                 segment_ids=segment_ids[None],
                 causal=False,
                 impl=full_attention_impl(implementation),
+                partition=kernel_partition(q, k, R.VISION_HEADS, R.VISION_HEADS),
             )
             return out[0]
 
