@@ -5,8 +5,8 @@ batch packed into one sequence of windows of merged units, every window padded t
 number of rows, the sequence padded to a bucket of windows, each row carrying its frame as a
 segment id. Window attention is dense attention within each window's rows (a few dozen), batched,
 with padding masked out of the keys; full attention is `ops.attention` over the whole sequence
-with the frames as segments (blockwise: no [R, R] scores, forward or backward, and no work for
-pairs of frames). Shapes are static per window bucket, and no image is padded to another's size.
+with the frames as segments, through the model's kernel (`full_attention_impl`: no [R, R]
+scores, forward or backward; the blockwise path also skips pairs of frames). Shapes are static per window bucket, and no image is padded to another's size.
 `unpermute` restores the image-token order after the merger.
 
 Parameter layout: patch_embed [patch_in, vision_embed] (the 3-D convolution with stride = kernel
