@@ -70,9 +70,10 @@ def _cotangent(inputs):
     return jax.random.normal(jax.random.PRNGKey(1), shape) * real
 
 
-def _forward_and_grads(impl, inputs):
-    """Hidden states and the gradient of sum(hidden * cot) for every parameter, float32."""
-    model = params.init_model(CFG, seed=3, attention_impl=impl)
+def _forward_and_grads(impl, inputs, mesh=None):
+    """Hidden states and the gradient of sum(hidden * cot) for every parameter, float32; with
+    `mesh`, parameters sharded on it and the step run under it (asserting a `shard_map`)."""
+    model = params.init_model(CFG, seed=3, attention_impl=impl, mesh=mesh)
     graphdef, state = nnx.split(model)
     cot = _cotangent(inputs)
 
@@ -80,8 +81,23 @@ def _forward_and_grads(impl, inputs):
         h = nnx.merge(graphdef, state).hidden_states(inputs)
         return jnp.sum(h * cot), h
 
-    (_, h), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    if mesh is None:
+        (_, h), grads = fn(state)
+    else:
+        with jax.set_mesh(mesh):
+            assert "shard_map" in str(jax.make_jaxpr(fn)(state))
+            (_, h), grads = fn(state)
     return np.asarray(h), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+
+def _assert_equal(got, want, real):
+    (h, grads), (want_h, want_grads) = got, want
+    np.testing.assert_allclose(h[real], want_h[real], atol=2e-5)
+    scale = max(float(np.abs(g).max()) for g in want_grads)
+    assert scale > 0
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * scale)
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +122,7 @@ def references():
 )
 def test_kernel_equals_the_dense_mask(references, case, impl):
     inputs, real = _packed_text() if case == "packed" else _with_images()
-    h, grads = _forward_and_grads(impl, inputs)
-    want_h, want_grads = references[case]
-    np.testing.assert_allclose(h[real], want_h[real], atol=2e-5)
-    scale = max(float(np.abs(g).max()) for g in want_grads)
-    assert scale > 0
-    for got, want in zip(grads, want_grads, strict=True):
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale)
+    _assert_equal(_forward_and_grads(impl, inputs), references[case], real)
 
 
 def test_auto_is_the_blockwise_path_on_cpu():
@@ -136,21 +146,4 @@ def test_pallas_kernel_runs_per_shard_under_a_mesh(references, shape):
     devices = jax.devices()[: int(np.prod(shape))]
     mesh = M.make_mesh(dict(zip(M.AXES, shape, strict=True)), devices=devices)
     inputs, real = _packed_text()
-    model = params.init_model(CFG, seed=3, attention_impl="splash", mesh=mesh)
-    graphdef, state = nnx.split(model)
-    cot = _cotangent(inputs)
-
-    def loss(state):
-        h = nnx.merge(graphdef, state).hidden_states(inputs)
-        return jnp.sum(h * cot), h
-
-    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    with jax.set_mesh(mesh):
-        assert "shard_map" in str(jax.make_jaxpr(fn)(state))
-        (_, h), grads = fn(state)
-    want_h, want_grads = references["packed"]
-    real = np.asarray(real)
-    np.testing.assert_allclose(np.asarray(h)[real], want_h[real], atol=2e-5)
-    scale = max(float(np.abs(g).max()) for g in want_grads)
-    for got, want in zip(jax.tree.leaves(grads), want_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 * scale)
+    _assert_equal(_forward_and_grads("splash", inputs, mesh), references["packed"], real)
