@@ -33,7 +33,7 @@ from flax import nnx
 
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import inputs as model_inputs
-from ares_jax.models.qwen2_5_vl import params
+from ares_jax.models.qwen2_5_vl import params, text
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.ops.entropy import token_logprobs_and_entropy
 from benchmarks import report
@@ -70,7 +70,9 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Side of the square image
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and param dtype.")
 _CHUNK = flags.DEFINE_integer("chunk", None, "Sequence chunk of the log-prob kernel.")
 _REMAT = flags.DEFINE_bool("remat", None, "Rematerialise each layer in the backward pass.")
-_ATTN = flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "Attention implementation.")
+_ATTN = flags.DEFINE_enum(
+    "attention", "auto", list(text.IMPLEMENTATIONS), "model.attention (the model's attention_impl)."
+)
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed iterations after one warm-up.")
 _TORCH = flags.DEFINE_bool("torch", True, "Run the transformers peer when torch is installed.")
 _SKIP_VISION = flags.DEFINE_bool("skip_vision", False, "Only the text step.")

@@ -26,7 +26,7 @@ from absl import app, flags
 from flax import nnx
 
 from ares_jax.models.qwen2_5_vl import config as model_config
-from ares_jax.models.qwen2_5_vl import params
+from ares_jax.models.qwen2_5_vl import params, text
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.sampling import SamplingParams, generate
 from benchmarks import report
@@ -42,7 +42,9 @@ _BATCH = flags.DEFINE_integer("batch", None, "B prompts (one sample each).")
 _PROMPT = flags.DEFINE_integer("prompt", None, "P prompt tokens.")
 _NEW = flags.DEFINE_integer("new", None, "T new tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and param dtype.")
-_ATTN = flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "Attention implementation.")
+_ATTN = flags.DEFINE_enum(
+    "attention", "auto", list(text.IMPLEMENTATIONS), "model.attention (the model's attention_impl)."
+)
 _ITERS = flags.DEFINE_integer("iters", 2, "Timed runs after one warm-up.")
 _TORCH = flags.DEFINE_bool("torch", True, "Run the transformers peer when torch is installed.")
 _RECORD = flags.DEFINE_bool("record", False, "Append the table to benchmarks/RESULTS.md.")
