@@ -30,7 +30,8 @@ from ares_jax.parallel import rules as R
 
 class Packing(NamedTuple):
     """Where a packed micro-batch's response tokens sit (`learner_batch`): R packed rows of
-    L tokens hold the micro-batch's mb sequences end to end."""
+    L tokens hold the micro-batch's sequences end to end; its mb = R * slots per-row entries are
+    share-major (entries [d * slots, (d + 1) * slots) are packed row d's sequences)."""
 
     targets: jax.Array  # [M, R, L] int32: the token position j predicts (0 where none)
     index: jax.Array  # [M, mb, T] int32: flat position in R * L predicting response token t
@@ -223,13 +224,21 @@ def windows_of(prompts: Prompts, which: Sequence[int], cfg) -> int:
     )
 
 
-def windows_needed(prompts: Prompts, rows: Rows, micro_batch_size: int, cfg) -> int:
-    """The most attention windows the images of one micro-batch of consecutive rows need."""
-    most = 0
-    for start in range(0, len(rows.prompt), micro_batch_size):
-        which = list(dict.fromkeys(rows.prompt[start : start + micro_batch_size].tolist()))
-        most = max(most, windows_of(prompts, which, cfg))
-    return most
+def windows_needed(
+    prompts: Prompts, rows: Rows, micro_batch_size: int, cfg, *, plan: PackPlan | None = None
+) -> int:
+    """The most attention windows the images of one micro-batch need: of consecutive rows, or
+    of the rows a `plan` puts in it."""
+    if plan is None:
+        groups = [
+            rows.prompt[start : start + micro_batch_size]
+            for start in range(0, len(rows.prompt), micro_batch_size)
+        ]
+    else:
+        groups = [rows.prompt[[i for share in micro for i in share]] for micro in plan.shares]
+    return max(
+        (windows_of(prompts, list(dict.fromkeys(g.tolist())), cfg) for g in groups), default=0
+    )
 
 
 def sequence_lengths(prompts: Prompts, rows: Rows) -> np.ndarray:
@@ -262,8 +271,126 @@ def pack_bucket(n: int) -> int:
     return max(window_bucket(n), 128)
 
 
+@dataclasses.dataclass(frozen=True)
+class PackPlan:
+    """Which rows each packed row holds: `shares[m][d]` are the indices (into the mini-batch's
+    Rows) of the sequences packed, in this order, into row d of micro-batch m."""
+
+    shares: tuple[tuple[tuple[int, ...], ...], ...]
+    pack_rows: int
+
+    @property
+    def num_micro(self) -> int:
+        return len(self.shares)
+
+    @property
+    def slots(self) -> int:
+        """The most sequences one packed row holds."""
+        return max((len(share) for micro in self.shares for share in micro), default=0)
+
+    def index(self, num_micro: int, slots: int) -> np.ndarray:
+        """[num_micro, pack_rows * slots] int64: the row in entry d * slots + j of micro-batch m
+        (share d's j-th sequence), -1 on padding entries."""
+        if num_micro < self.num_micro or slots < self.slots:
+            raise ValueError(
+                f"learner_batch: the plan needs {self.num_micro} micro-batches of "
+                f"{self.slots} slots per packed row, got {num_micro} and {slots}."
+            )
+        out = np.full((num_micro, self.pack_rows, slots), -1, np.int64)
+        for m, micro in enumerate(self.shares):
+            for d, share in enumerate(micro):
+                out[m, d, : len(share)] = share
+        return out.reshape(num_micro, self.pack_rows * slots)
+
+    def tokens(self, lengths: np.ndarray) -> int:
+        """The most tokens one packed row holds, given each row's `sequence_lengths`."""
+        return max(
+            (int(lengths[list(share)].sum()) for micro in self.shares for share in micro),
+            default=0,
+        )
+
+
+def fixed_plan(n: int, micro_batch_size: int, pack_rows: int) -> PackPlan:
+    """Micro-batches of `micro_batch_size` consecutive rows, each split into `pack_rows` equal,
+    consecutive shares (the layout of a fixed number of sequences per packed row)."""
+    if micro_batch_size % pack_rows:
+        raise ValueError(
+            f"learner_batch: pack_rows={pack_rows} must divide the micro-batch of "
+            f"{micro_batch_size} rows."
+        )
+    share = micro_batch_size // pack_rows
+    micros = []
+    for start in range(0, n, micro_batch_size):
+        micros.append(
+            tuple(
+                tuple(range(min(start + d * share, n), min(start + (d + 1) * share, n)))
+                for d in range(pack_rows)
+            )
+        )
+    return PackPlan(tuple(micros), pack_rows)
+
+
+def pack_plan(
+    lengths: np.ndarray, *, pack_rows: int, pack_tokens: int, max_sequences: int | None = None
+) -> PackPlan:
+    """Micro-batches of a fixed token budget: `pack_rows` packed rows of at most `pack_tokens`
+    tokens each, holding as many sequences as fit (at most `max_sequences` per micro-batch).
+
+    Deterministic (the same on every host): micro-batch after micro-batch, the first
+    `max_sequences` rows not yet placed, in their order (so a micro-batch holds few prompts and
+    few images), are taken longest first (ties: lower index) and each goes to the packed row
+    with the fewest tokens (ties: lower row) if it fits there; a row that fits nowhere waits for
+    the next micro-batch. Within a packed row, sequences keep their order in the Rows.
+
+    Args:
+      lengths: [N] int, tokens of each row's packed sequence (`sequence_lengths`).
+      pack_rows: R >= 1, packed rows per micro-batch (one per device of the batch axes).
+      pack_tokens: tokens of a packed row; every length must fit.
+      max_sequences: the most sequences of one micro-batch (None: no bound).
+    """
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and lengths.max() > pack_tokens:
+        raise ValueError(
+            f"learner_batch: a sequence of {int(lengths.max())} tokens is longer than a packed "
+            f"row of {pack_tokens} (train.pack_tokens)."
+        )
+    cap = len(lengths) if max_sequences is None else int(max_sequences)
+    if cap < 1:
+        raise ValueError(f"learner_batch: max_sequences={max_sequences} must be at least 1.")
+    waiting = list(range(len(lengths)))
+    micros = []
+    while waiting:
+        window = waiting[:cap]
+        load = [0] * pack_rows
+        placed: list[list[int]] = [[] for _ in range(pack_rows)]
+        for i in sorted(window, key=lambda i: (-lengths[i], i)):
+            d = min(range(pack_rows), key=lambda d: (load[d], d))
+            if load[d] + lengths[i] <= pack_tokens:
+                load[d] += int(lengths[i])
+                placed[d].append(i)
+        taken = {i for share in placed for i in share}
+        micros.append(tuple(tuple(sorted(share)) for share in placed))
+        waiting = [i for i in waiting if i not in taken]
+    return PackPlan(tuple(micros), pack_rows)
+
+
+def micro_bucket(n: int) -> int:
+    """The static micro-batch count of an update that needs n: `window_bucket` of n (at most 4
+    counts per octave); the micro-batches beyond n are all padding and cost no compute
+    (aepo/learner.py)."""
+    return window_bucket(max(n, 1))
+
+
+def slot_bucket(n: int, multiple: int = 1) -> int:
+    """The static sequences per packed row when the fullest holds n: the power of two at or
+    above n, rounded up to a multiple of `multiple`."""
+    return -(-pow2(max(n, 1)) // multiple) * multiple
+
+
 def _packed_micro(prompts, r, valid, sl, cfg, pack_rows, pack_len, t, offsets):
-    """One micro-batch (rows `sl` of `r`) packed into `pack_rows` rows of `pack_len` tokens.
+    """One micro-batch (entries `sl` of `r`, share-major: entry i goes to packed row
+    i // (mb / pack_rows); padding entries are skipped) packed into `pack_rows` rows of `pack_len`
+    tokens.
 
     Returns (ids, segments, positions [3, R, L], image_index or None, targets [R, L],
     index [mb, t]): targets[j] is the token position j predicts when j + 1 is a response token of
@@ -317,30 +444,52 @@ def learner_batch(
     num_windows: int | None = None,
     pack_rows: int | None = None,
     pack_len: int | None = None,
+    plan: PackPlan | None = None,
+    slots: int | None = None,
 ) -> LearnerBatch:
-    """Rows (prompt + response) in `num_micro` micro-batches of `micro_batch_size` rows.
+    """Rows (prompt + response) in `num_micro` micro-batches.
 
-    Padded (`pack_rows` None): each row is its left-padded prompt then its response, [mb, P + T].
-    Packed: each micro-batch's rows are split into `pack_rows` consecutive shares (one per device
-    of the batch axes, so a device packs the rows it would hold), and each share's sequences
-    (prompt without padding, then the response's real tokens) are laid end to end in one row of
-    `pack_len` tokens (default: `pack_bucket` of the longest share): the inputs are [pack_rows,
-    pack_len], `attention_mask` holds segment ids (1, 2, ... per sequence, 0 at padding) and
+    Padded (neither `pack_rows` nor `plan`): micro-batches of `micro_batch_size` consecutive rows,
+    each row its left-padded prompt then its response, [mb, P + T].
+
+    Packed: micro-batch m is `plan.pack_rows` = R rows of `pack_len` tokens (default:
+    `pack_bucket` of the fullest); row d holds the sequences `plan.shares[m][d]` (prompt without
+    padding, then the response's real tokens) end to end, one per device of the batch axes.
+    `plan` defaults to `fixed_plan` (`micro_batch_size` consecutive rows split into `pack_rows`
+    equal shares); `pack_plan` makes micro-batches of a token budget instead. The inputs are
+    [R, pack_len], `attention_mask` holds segment ids (1, 2, ... per sequence, 0 at padding) and
     positions restart per sequence; `packing` says which positions predict which response token.
-    Everything per row or per response token ([mb], [mb, T]) is laid out as when padded.
+    Everything per row or per response token has mb = R * `slots` entries (default: the plan's
+    fullest row; `micro_batch_size / pack_rows` for the fixed plan), share-major, so each device
+    holds its own row's sequences (`PackPlan.index`).
 
-    Rows beyond N are padding (row_valid False, empty masks). old_logp and ref_logp are zeros, to
-    be filled by the learner's log-prob passes. Every micro-batch's packed images are padded to
-    `num_windows` attention windows, by default the `window_bucket` of the most any micro-batch
-    needs (they are stacked).
+    Padding entries (row_valid False, empty masks) fill the rest; a micro-batch may be all
+    padding (the learner skips it). old_logp and ref_logp are zeros, to be filled by the
+    learner's log-prob passes. Every micro-batch's packed images are padded to `num_windows`
+    attention windows, by default the `window_bucket` of the most any micro-batch needs (they
+    are stacked).
     """
     n, t = rows.tokens.shape
-    mb = micro_batch_size
-    if n > num_micro * mb:
-        raise ValueError(f"learner_batch: {n} rows do not fit {num_micro} x {mb}.")
-    pad = num_micro * mb - n
-    idx = np.concatenate([np.arange(n), np.full(pad, max(n - 1, 0))]).astype(np.int64)
-    valid = np.arange(num_micro * mb) < n
+    packed = pack_rows is not None or plan is not None
+    if packed:
+        if plan is None:
+            plan = fixed_plan(n, micro_batch_size, pack_rows)
+            slots = micro_batch_size // pack_rows
+        pack_rows = plan.pack_rows
+        slots = plan.slots if slots is None else slots
+        order = plan.index(num_micro, max(slots, 1))
+        mb = order.shape[1]
+        if sorted(order[order >= 0].tolist()) != list(range(n)):
+            raise ValueError(f"learner_batch: the plan does not hold each of the {n} rows once.")
+        valid = order.reshape(-1) >= 0
+        idx = np.where(valid, order.reshape(-1), max(n - 1, 0))
+    else:
+        mb = micro_batch_size
+        if n > num_micro * mb:
+            raise ValueError(f"learner_batch: {n} rows do not fit {num_micro} x {mb}.")
+        valid = np.arange(num_micro * mb) < n
+        idx = np.concatenate([np.arange(n), np.full(num_micro * mb - n, max(n - 1, 0))])
+    idx = idx.astype(np.int64)
     r = rows.select(idx)
     p_ids = prompts.ids[r.prompt]
     ids = np.concatenate([p_ids, np.where(r.mask, r.tokens, cfg.pad_token_id)], 1).astype(np.int32)
@@ -349,18 +498,28 @@ def learner_batch(
     pos = np.concatenate(
         [prompts.positions[:, r.prompt], np.broadcast_to(resp_pos, (3, len(idx), t))], 2
     ).astype(np.int32)
+
+    def prompts_of(sl):
+        """The prompts whose images micro-batch `sl` needs (padded: every row's, as before)."""
+        which = r.prompt[sl][valid[sl]] if packed else r.prompt[sl]
+        return list(dict.fromkeys((which if len(which) else r.prompt[sl][:1]).tolist()))
+
     if prompts.has_images and num_windows is None:
-        num_windows = window_bucket(windows_needed(prompts, r, mb, cfg))
-    if pack_rows is not None and pack_len is None:
-        pack_len = pack_bucket(pack_length_needed(prompts, rows, mb, pack_rows))
+        num_windows = window_bucket(
+            max(
+                windows_of(prompts, prompts_of(slice(s, s + mb)), cfg)
+                for s in range(0, len(idx), mb)
+            )
+        )
+    if packed and pack_len is None:
+        pack_len = pack_bucket(plan.tokens(sequence_lengths(prompts, rows)))
     micro_inputs, packing = [], []
     for m in range(num_micro):
         sl = slice(m * mb, (m + 1) * mb)
         vision, index, offsets = None, None, None
         if prompts.has_images:
-            which = list(dict.fromkeys(r.prompt[sl].tolist()))
-            vision, offsets = _vision(prompts, which, cfg, num_windows)
-        if pack_rows is not None:
+            vision, offsets = _vision(prompts, prompts_of(sl), cfg, num_windows)
+        if packed:
             p_ids, seg, p_pos, p_image, targets, gather = _packed_micro(
                 prompts, r, valid, sl, cfg, pack_rows, pack_len, t, offsets
             )
@@ -413,7 +572,7 @@ def learner_batch(
         old_logp=zeros,
         ref_logp=zeros.copy(),
         packing=None
-        if pack_rows is None
+        if not packed
         else Packing(
             targets=np.stack([p[0] for p in packing]), index=np.stack([p[1] for p in packing])
         ),

@@ -273,7 +273,11 @@ def _base() -> ml_collections.ConfigDict:
         # touching only the buckets in it; each row's KL reads its rank's beta. Ours by default:
         # ranks=1, micro_batch=0, one state stepped once per learner micro-batch
         # (train.micro_batch_size) with every bucket in it. train.micro_batch_size must be a
-        # multiple of ranks * micro_batch.
+        # multiple of ranks * micro_batch. Packed (train.pack_tokens), a micro-batch's rows are
+        # its packed rows' slots, row by row (rank r = packed row r when ranks equals the
+        # devices of the batch axes; micro_batch=0 then steps each once per micro-batch); the
+        # slots per packed row are rounded up so that ranks * micro_batch divides them, and a
+        # chunk of padding slots only does not step.
         beta_cadence=dict(ranks=1, micro_batch=0),
         beta_init=1.0,
         ema_decay=0.97,
@@ -316,11 +320,15 @@ def _base() -> ml_collections.ConfigDict:
     c.train = dict(
         steps=20,  # iterations (rollout + updates); paper ~250
         prompts_per_step=4,  # prompts per optimizer step; paper 128 (4 steps per 512 iteration)
-        micro_batch_size=32,  # sequences per gradient-accumulation micro-batch, whole mesh
-        # Packed learner rows (ares_jax/batching.py): each device's share of a micro-batch laid
-        # end to end (prompts and responses without their padding) in one row of this many
-        # tokens, as the memory plan assumes (a step whose share needs more packs longer rows
-        # and says so); 0 = padded rows, prompt bucket + response bucket each.
+        # Sequences per gradient-accumulation micro-batch, whole mesh; packed (pack_tokens > 0),
+        # the most one micro-batch holds (it bounds its prompts' images and per-row arrays).
+        micro_batch_size=32,
+        # Packed learner rows (ares_jax/batching.py): micro-batches of a token budget, one row
+        # of at most this many tokens per device of the batch axes, each holding as many
+        # sequences (prompts and responses without their padding) as fit, so no row exceeds
+        # what the memory plan assumes; as many micro-batches as the mini-batch needs (bucketed;
+        # spare ones cost no compute). Must hold the longest sequence. 0 = padded rows, prompt
+        # bucket + response bucket each, micro_batch_size rows per micro-batch.
         pack_tokens=0,
         ppo_epochs=1,
         # 'learner' = old log-probs recomputed by the learner after the rollout (released code);

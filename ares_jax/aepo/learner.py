@@ -5,7 +5,8 @@ Everything here is jitted and works on `LearnerBatch`es: micro-batches stacked o
 prompts, all padded to static shapes on the host (`ares_jax/batching.py`).
 
 One update (`train_step`, METHOD.md 4.7, 4.8, 4.11):
-  1. for each micro-batch, in a `lax.scan`, do the following:
+  1. for each micro-batch with a valid row, in a `lax.scan` (one of padding only is skipped
+     under a `lax.cond`), do the following:
      - recompute the policy's log-probs of the response tokens;
      - estimate the per-token KL to the reference;
      - update the released per-bucket beta controller from this micro-batch's sequence KL,
@@ -188,16 +189,32 @@ def _micro(batch: LearnerBatch, i):
 
 
 def logprob_pass(
-    graphdef, trainable, frozen, inputs: ModelInputs, tokens, s: LearnerSettings, packing=None
+    graphdef,
+    trainable,
+    frozen,
+    inputs: ModelInputs,
+    tokens,
+    s: LearnerSettings,
+    packing=None,
+    row_valid=None,
 ):
     """Log-probs and entropies [M, mb, T] of every micro-batch, one after the other (lax.map).
-    `packing`: the batch's, when it is packed."""
+    `packing`: the batch's, when it is packed. `row_valid` [M, mb] bool, optional: a micro-batch
+    without a valid row is not computed (zeros)."""
 
     def one(xs):
-        inp, tok, pk = xs
-        return response_logprobs(merge(graphdef, trainable, frozen), inp, tok, s, pk)
+        inp, tok, pk, ok = xs
 
-    return jax.lax.map(one, (inputs, tokens, packing))
+        def run():
+            return response_logprobs(merge(graphdef, trainable, frozen), inp, tok, s, pk)
+
+        if ok is None:
+            return run()
+        shapes = jax.eval_shape(run)
+        zeros = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)  # noqa: E731
+        return jax.lax.cond(jnp.any(ok), run, zeros)
+
+    return jax.lax.map(one, (inputs, tokens, packing, row_valid))
 
 
 def _sample_factor(mb: LearnerBatch, s: LearnerSettings):
@@ -214,6 +231,17 @@ def _sample_factor(mb: LearnerBatch, s: LearnerSettings):
     )
 
 
+def _rank_batch(rows: int, s: LearnerSettings) -> int:
+    """Rows per step of a rank's beta state (`K.update_beta_cadence`) in a micro-batch of `rows`
+    entries (packed: R * slots, share-major, so rank r's rows are share r's when ranks = R)."""
+    if rows % (s.beta_ranks * max(s.beta_rank_batch, 1)):
+        raise ValueError(
+            f"kl.beta_cadence: ranks x micro_batch ({s.beta_ranks} x {s.beta_rank_batch}) must "
+            f"divide the learner micro-batch's {rows} rows (packed: packed rows x slots)."
+        )
+    return s.beta_rank_batch or rows // s.beta_ranks
+
+
 def _loss(trainable, frozen, graphdef, mb: LearnerBatch, beta: K.BetaState, kappa, s):
     model = merge(graphdef, trainable, frozen)
     logp, entropy = response_logprobs(model, mb.inputs, mb.tokens, s, mb.packing)
@@ -226,7 +254,7 @@ def _loss(trainable, frozen, graphdef, mb: LearnerBatch, beta: K.BetaState, kapp
         if s.kl_controller == "code":
             # The released actor steps its controller per rank micro-batch, then that micro-batch's
             # loss reads the rank's beta: each row gets its own (`row_beta`).
-            rank_batch = s.beta_rank_batch or mb.bucket.shape[0] // s.beta_ranks
+            rank_batch = _rank_batch(mb.bucket.shape[0], s)
             beta, row_beta = K.update_beta_cadence(
                 beta,
                 K.sequence_mean(jax.lax.stop_gradient(kld), mask),
@@ -290,13 +318,17 @@ def train_step(
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
 
     def body(carry, mb):
-        acc, beta, sums = carry
-        grads, (terms, beta, kl_sum, entropy_sum) = grad_fn(
-            state.trainable, frozen, graphdef, mb, beta, state.kappa, s
-        )
-        acc = jax.tree.map(jnp.add, acc, grads)
-        sums = jax.tree.map(jnp.add, sums, (terms, kl_sum, entropy_sum))
-        return (acc, beta, sums), None
+        def run(carry):
+            acc, beta, sums = carry
+            grads, (terms, beta, kl_sum, entropy_sum) = grad_fn(
+                state.trainable, frozen, graphdef, mb, beta, state.kappa, s
+            )
+            acc = jax.tree.map(jnp.add, acc, grads)
+            sums = jax.tree.map(jnp.add, sums, (terms, kl_sum, entropy_sum))
+            return acc, beta, sums
+
+        # A micro-batch of padding only (the packed layout's spare micro-batches) costs nothing.
+        return jax.lax.cond(jnp.any(mb.row_valid), run, lambda carry: carry, carry), None
 
     first = _micro(batch, 0)
     _, (t0, _, k0, e0) = jax.eval_shape(

@@ -258,6 +258,35 @@ def _host_independent(metrics: dict[str, float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _pack_layout(c, prompts, rows, selections, mesh, rules):
+    """Micro-batches of a token budget (train.pack_tokens) for every mini-batch.
+
+    Returns (plans, micro-batches, slots, packed length): each mini-batch's `B.pack_plan` (packed
+    rows of at most train.pack_tokens tokens, one per device of the batch axes, at most
+    train.micro_batch_size sequences per micro-batch), and the static shapes all of them are
+    padded to: the micro-batch count (`B.micro_bucket`; spare micro-batches cost no compute),
+    the sequences per packed row (`B.slot_bucket`, a multiple that the beta controller's cadence,
+    kl.beta_cadence, divides) and the packed length (`B.pack_bucket` of the fullest row, at most
+    train.pack_tokens).
+    """
+    mb = c.train.micro_batch_size
+    pack_rows = R.ways(mesh, rules, R.BATCH, mb)
+    lengths = B.sequence_lengths(prompts, rows)
+    plans = [
+        B.pack_plan(
+            lengths[sel], pack_rows=pack_rows, pack_tokens=c.train.pack_tokens, max_sequences=mb
+        )
+        for sel in selections
+    ]
+    cadence = c.kl.beta_cadence.ranks * max(c.kl.beta_cadence.micro_batch, 1)
+    slots = B.slot_bucket(
+        max(p.slots for p in plans), multiple=cadence // np.gcd(cadence, pack_rows)
+    )
+    micros = B.micro_bucket(max(p.num_micro for p in plans))
+    fullest = max(p.tokens(lengths[sel]) for p, sel in zip(plans, selections, strict=True))
+    return plans, micros, slots, min(B.pack_bucket(fullest), c.train.pack_tokens)
+
+
 def make_optimizer(c) -> optax.GradientTransformation:
     """The stage's AdamW from the optim block; the schedule spans every optimizer step."""
     return Lr.make_optimizer(
@@ -491,59 +520,53 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
         sampler_logp = rollout.sampler_logp[:, :t_bucket]
         prompts = runtime.left_pad_prompts(rollout.prompts, prompt_len)
         n_prompts = prompts.size
-        # Each mini-batch's rows (its prompts'), and one window bucket and one packed length for
-        # all of them: the most any of their micro-batches needs.
+        # Each mini-batch's rows (its prompts'); one layout for all of them (they share the
+        # compiled steps): the window bucket and, packed, the micro-batch count, the sequences per
+        # packed row and the packed length, each the most any mini-batch needs.
         selections = [
             np.flatnonzero(
                 (rows.prompt >= first) & (rows.prompt < first + c.train.prompts_per_step)
             )
             for first in range(0, n_prompts, c.train.prompts_per_step)
         ]
-        windows = None
-        if prompts.has_images:
-            windows = B.window_bucket(
-                max(B.windows_needed(prompts, rows.select(sel), mb, cfg) for sel in selections)
-            )
-        pack_rows = pack_len = None
+        plans, micros, slots, pack_len, windows = None, num_micro, None, None, None
         if c.train.pack_tokens:
-            pack_rows = R.ways(mesh, rules, R.BATCH, mb)
-            needed = max(
-                B.pack_length_needed(prompts, rows.select(sel), mb, pack_rows) for sel in selections
-            )
-            # Rows of train.pack_tokens, as planned, whenever they hold every share.
-            pack_len = min(B.pack_bucket(needed), max(c.train.pack_tokens, needed))
-            capacity = len(selections) * num_micro * pack_rows * pack_len
+            plans, micros, slots, pack_len = _pack_layout(c, prompts, rows, selections, mesh, rules)
+            capacity = len(selections) * micros * plans[0].pack_rows * pack_len
             metrics["learner/pack_len"] = float(pack_len)
             metrics["learner/pack_fill"] = float(B.sequence_lengths(prompts, rows).sum() / capacity)
-            if needed > c.train.pack_tokens:
-                log.warning(
-                    "AEPO step %d: a device's share of a micro-batch packs %d tokens, more than "
-                    "train.pack_tokens=%d that the memory plan assumes (rows of %d tokens this "
-                    "step); if it runs out of memory, lower train.micro_batch_size.",
-                    step,
-                    needed,
-                    c.train.pack_tokens,
-                    pack_len,
+            metrics["learner/micro_batches"] = float(micros)
+        if prompts.has_images:
+            windows = B.window_bucket(
+                max(
+                    B.windows_needed(prompts, rows.select(sel), mb, cfg, plan=plan)
+                    for sel, plan in zip(selections, plans or [None] * len(selections), strict=True)
                 )
+            )
         # Old-policy and reference log-probs of every mini-batch come first, from the parameters
         # that sampled the rollout, as the released trainer takes them before any update: the
         # ratio of mini-batch k > 1 then carries the importance correction of the steps before it.
         minibatches, gaps = [], []
         nonfinite = {"learner/old_logp": jnp.zeros((), jnp.int32)}
         nonfinite["learner/ref_logp"] = jnp.zeros((), jnp.int32)
-        for sel in selections:
+        for k, sel in enumerate(selections):
             lb = B.learner_batch(
                 prompts,
                 rows.select(sel),
                 cfg,
                 micro_batch_size=mb,
-                num_micro=num_micro,
+                num_micro=micros,
                 num_windows=windows,
-                pack_rows=pack_rows,
                 pack_len=pack_len,
+                plan=None if plans is None else plans[k],
+                slots=slots,
             )
             old_sampler = np.zeros(lb.old_logp.shape, np.float32).reshape(-1, t_bucket)
-            old_sampler[: len(sel)] = sampler_logp[sel]
+            if plans is None:
+                old_sampler[: len(sel)] = sampler_logp[sel]
+            else:  # each entry's row, as the plan laid them out
+                order = plans[k].index(micros, slots).reshape(-1)
+                old_sampler[order >= 0] = sampler_logp[sel[order[order >= 0]]]
             shardings = B.learner_shardings(lb, mesh, rules)
             lb, old_sampler = multihost.put(
                 (lb, old_sampler.reshape(lb.old_logp.shape)), (shardings, shardings.old_logp)
@@ -553,7 +576,14 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
             else:
                 with jax.set_mesh(mesh):  # the model's sharding constraints need the mesh
                     old, _ = logprob_fn(
-                        graphdef, state.trainable, frozen, lb.inputs, lb.tokens, ls, lb.packing
+                        graphdef,
+                        state.trainable,
+                        frozen,
+                        lb.inputs,
+                        lb.tokens,
+                        ls,
+                        lb.packing,
+                        lb.row_valid,
                     )
                 gaps.append(
                     jnp.sum(jnp.where(lb.mask, jnp.abs(old - old_sampler), 0.0))
@@ -564,7 +594,14 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
             if ls.kl_coef > 0:
                 with jax.set_mesh(mesh):
                     ref, _ = logprob_fn(
-                        graphdef, reference[0], reference[1], lb.inputs, lb.tokens, ls, lb.packing
+                        graphdef,
+                        reference[0],
+                        reference[1],
+                        lb.inputs,
+                        lb.tokens,
+                        ls,
+                        lb.packing,
+                        lb.row_valid,
                     )
                 nonfinite["learner/ref_logp"] += jnp.sum(~jnp.isfinite(ref) & lb.mask)
             minibatches.append(lb._replace(old_logp=old, ref_logp=ref))

@@ -338,8 +338,8 @@ def test_fsdp_by_tensor_mesh_equals_one_device(
 ):
     """One AEPO iteration on a data=1 x fsdp=4 x tensor=2 mesh of 8 devices against one device
     (with the blockwise attention and padded rows; the sharded run also with the XLA attention,
-    and with packed rows: each of the 4 devices of the batch axes packs its 2 sequences of each
-    8-row micro-batch into one row of at most 1024 tokens).
+    and with packed rows: micro-batches of a 1024-token budget, each of the 4 devices of the
+    batch axes packing its sequences into one row of at most 1024 tokens).
 
     Tolerances. Metrics decided on the host (tokens, lengths, HWE counts, rewards, buckets, tau,
     controllers) are equal exactly. The learner's sums run in another order when sharded: its
@@ -367,6 +367,7 @@ def test_fsdp_by_tensor_mesh_equals_one_device(
     assert want["train/grad_norm"] > 1e-3  # a real update, not rounding noise
     if pack_tokens:
         assert 0 < got.pop("learner/pack_len") <= 1024 and 0 < got.pop("learner/pack_fill") <= 1
+        assert got.pop("learner/micro_batches") >= 1
     assert _comparable(got).keys() == _comparable(want).keys()
     for key in sorted(_comparable(want)):
         if key.startswith(_EXACT) and key not in _NEAR_ZERO and not key.startswith(_ROUNDED):
