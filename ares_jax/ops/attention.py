@@ -16,7 +16,8 @@ Semantics
   never NaN, forward and backward.
 - Self-attention only: q and k/v have the same length (no KV cache; decode needs its own kernel).
 
-Implementations (`impl`); "auto" picks by `jax.default_backend()`:
+Implementations (`impl`); "auto" picks by the platform compiled for (the devices of the mesh set
+by `jax.set_mesh`, else `jax.default_backend()`):
 - "dense": einsum, mask, softmax. The reference for tests and tiny shapes; holds [B, H, S, S].
 - "xla" (auto on CPU and any other backend): flash-attention-2 in plain JAX. A loop over query
   blocks with an inner loop over key blocks and a running max and sum; a custom VJP saves only the
@@ -43,7 +44,7 @@ Implementations (`impl`); "auto" picks by `jax.default_backend()`:
   that form (decided in Python when they are concrete, else by `lax.cond` on device, both kernels
   compiled), else "pallas_gpu".
 
-On a CPU backend "splash" and "pallas_gpu" always run in the Pallas interpreter (the only way they
+On CPU "splash" and "pallas_gpu" always run in the Pallas interpreter (the only way they
 run there), so a model forced to a kernel still runs, slowly, in CPU tests.
 
 Sharding. XLA partitions "xla", "dense" and "cudnn" itself. The Pallas kernels are opaque custom
@@ -117,9 +118,10 @@ def attention(
         raise ValueError(f"unknown attention impl {impl!r}; known: {sorted(IMPLS)}")
     scale = dh**-0.5 if scale is None else float(scale)
     segment_ids = segment_ids.astype(jnp.int32)
+    platform = _platform()
     if impl == "auto":
-        impl = {"tpu": "splash", "gpu": "gpu"}.get(jax.default_backend(), "xla")
-    interpret = bool(interpret) or jax.default_backend() == "cpu"
+        impl = {"tpu": "splash", "gpu": "gpu"}.get(platform, "xla")
+    interpret = bool(interpret) or platform == "cpu"
     if impl == "dense":
         return _dense(q, k, v, segment_ids, causal, scale)
     if impl == "xla":
@@ -154,6 +156,13 @@ def attention(
     if _is_concrete(ok):
         return (cudnn if bool(ok) else pallas)(q, k, v, segment_ids)
     return jax.lax.cond(ok, cudnn, pallas, q, k, v, segment_ids)
+
+
+def _platform() -> str:
+    """The platform compiled for: that of the mesh set by `jax.set_mesh` (the planner compiles
+    for TPU topologies from a CPU host), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def _per_shard(kernel, q, k, v, segment_ids, partition):
@@ -424,8 +433,11 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(s: int, h: int, causal: bool, block: int, interpret: bool):
+    """Built at each trace: its mask-info arrays become constants of the traced function. (Built
+    once and cached, they would have to be concrete, and making them concrete under a mesh of
+    devices that exist only to be compiled for, as the planner's TPU topologies, fails.) The
+    mask's block structure itself is computed in NumPy and cached by splash."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     kind = sa.CausalMask if causal else sa.FullMask
@@ -440,12 +452,9 @@ def _splash_kernel(s: int, h: int, causal: bool, block: int, interpret: bool):
         block_q_dq=block,
         block_kv_dq=block,
     )
-    # Concrete mask-info arrays even when first called under jit, so the cached kernel holds no
-    # tracers.
-    with jax.ensure_compile_time_eval():
-        return sa.make_splash_mha(
-            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-        )
+    return sa.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _splash(q, k, v, segment_ids, causal, scale, block, interpret):
