@@ -5,11 +5,11 @@ take their batches from here; this module sits below the stages and imports none
 
 A batch of prompts is encoded once (`encode_prompts`): token ids left-padded to a length bucket,
 M-RoPE positions, and each prompt's image patches. From it the sampler gets one row per prompt
-(`sampler_inputs`). The learner gets micro-batches of (prompt + response) rows (`learner_batch`).
-Each micro-batch carries the images of the prompts its rows belong to, packed for the vision
-tower into one sequence of attention windows padded to a bucket shared by all the
-micro-batches of a step (`window_bucket`), so they stack and one compiled update serves every
-step of that bucket.
+(`sampler_inputs`). The learner gets micro-batches of (prompt + response) rows (`learner_batch`),
+padded or packed end to end into rows of a token budget (`pack_plan`). Each micro-batch carries
+the images of the prompts its rows belong to, packed for the vision tower into one sequence of
+attention windows padded to a bucket shared by all the micro-batches of a step (`window_bucket`),
+so they stack and one compiled update serves every step of that bucket.
 """
 
 from __future__ import annotations

@@ -532,7 +532,8 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
         plans, micros, slots, pack_len, windows = None, num_micro, None, None, None
         if c.train.pack_tokens:
             plans, micros, slots, pack_len = _pack_layout(c, prompts, rows, selections, mesh, rules)
-            capacity = len(selections) * micros * plans[0].pack_rows * pack_len
+            # Over the micro-batches computed (those of padding only are skipped).
+            capacity = sum(p.num_micro for p in plans) * plans[0].pack_rows * pack_len
             metrics["learner/pack_len"] = float(pack_len)
             metrics["learner/pack_fill"] = float(B.sequence_lengths(prompts, rows).sum() / capacity)
             metrics["learner/micro_batches"] = float(micros)
