@@ -40,7 +40,7 @@ def _config(p):
     with c.unlocked():
         c.model.preset = p["model"]
         c.model.dtype = c.model.param_dtype = p["dtype"]
-        c.model.remat = p["model"] != "small"
+        c.model.remat = "none" if p["model"] == "small" else "full"
         c.rollout.update(
             n=p["n"],
             max_response_len=p["new"],

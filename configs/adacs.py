@@ -51,7 +51,7 @@ def _base() -> ml_collections.ConfigDict:
         path=config_dict.placeholder(str),  # the base checkpoint (Qwen2.5-VL-*-Instruct)
         dtype="float32",
         param_dtype="float32",
-        remat=False,
+        remat="none",  # the choices: configs/aepo.py model.remat
         scan_layers=True,
         freeze_vision=True,  # METHOD.md 3.3: "the LLM module" is trained
         attention="auto",  # the backend's kernel; the choices: configs/aepo.py model.attention
@@ -166,7 +166,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
 
 
 def _paper(c: ml_collections.ConfigDict, size: str) -> None:
-    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat=True)
+    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat="attention")
     c.data.update(
         source="files",
         min_pixels=262144,
@@ -222,6 +222,7 @@ SCHEMA = {
     "model.dtype": common.one_of("float32", "bfloat16"),
     "model.param_dtype": common.one_of("float32", "bfloat16"),
     "model.attention": common.one_of(*common.MODEL_ATTENTION),
+    "model.remat": common.one_of(*common.MODEL_REMAT),
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),
     "data.synthetic_val_size": (_int, _nonneg),

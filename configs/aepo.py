@@ -96,7 +96,12 @@ def _base() -> ml_collections.ConfigDict:
         # model.dtype where it uses it | 'param' = in param_dtype. The same where param_dtype
         # equals dtype (paper_*). Measured: benchmarks/precision.py.
         reference_dtype="compute",
-        remat=False,  # rematerialise each decoder layer in the backward pass
+        # What each layer (decoder and vision tower) keeps for the backward pass, the rest being
+        # recomputed: 'none' (everything) | 'full' (its input) | 'attention' (its input and the
+        # attention kernel's output and log-sum-exp, so its forward is not rerun) | 'dots' (its
+        # input and every matmul output) | 'offload' ('attention' with the residuals in host
+        # memory); True/False = 'full'/'none'. Measured: benchmarks/remat.py, RESULTS.md.
+        remat="none",
         scan_layers=True,  # stack layers and lax.scan over them (fast compiles)
         # METHOD.md 6: the vision tower is trainable during RL (freeze_vision_tower: false).
         # AdaCS (METHOD.md 3.3) trains the LLM only; that is configs/adacs.py's default.
@@ -395,7 +400,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
 
 def _paper_scale(c: ml_collections.ConfigDict, size: str) -> None:
     """The paper's sizes (METHOD.md 6), shared by both paper-scale families."""
-    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat=True)
+    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat="attention")
     c.data.update(
         source="files",
         min_pixels=262144,
@@ -528,6 +533,7 @@ SCHEMA = {
     "model.dtype": common.one_of("float32", "bfloat16"),
     "model.param_dtype": common.one_of("float32", "bfloat16"),
     "model.attention": common.one_of(*common.MODEL_ATTENTION),
+    "model.remat": common.one_of(*common.MODEL_REMAT),
     "model.reference_dtype": common.one_of("compute", "param"),
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),

@@ -125,6 +125,9 @@ def has_path(config, dotted: str) -> bool:
 # `model.attention`: the model's attention implementations (ares_jax/models/qwen2_5_vl/text.py
 # IMPLEMENTATIONS, which tests/configs check this against; kept here so configs import no jax).
 MODEL_ATTENTION = ("auto", "blockwise", "splash", "pallas_gpu", "dense", "xla", "cudnn")
+# `model.remat`: the layer stacks' remat policies (ares_jax/models/qwen2_5_vl/layers.py
+# REMAT_POLICIES, checked likewise); True and False are the old switch ('full' and 'none').
+MODEL_REMAT = ("none", "full", "attention", "dots", "offload", True, False)
 
 
 def one_of(*allowed) -> Check:

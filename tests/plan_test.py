@@ -46,13 +46,20 @@ def _smoke(shape):
 
 
 @pytest.mark.parametrize(
-    "shape, attention",
-    [((1, 4, 2), "xla"), ((1, 1, 1), "xla"), ((1, 4, 2), "blockwise")],
-    ids=["fsdp4_tensor2", "one_device", "fsdp4_tensor2_blockwise"],
+    "shape, attention, remat",
+    [
+        ((1, 4, 2), "xla", "none"),
+        ((1, 1, 1), "xla", "none"),
+        ((1, 4, 2), "blockwise", "none"),
+        # The paper presets' policy: each layer keeps its input and the attention's residuals.
+        ((1, 4, 2), "blockwise", "attention"),
+    ],
+    ids=["fsdp4_tensor2", "one_device", "fsdp4_tensor2_blockwise", "blockwise_remat_attention"],
 )
-def test_planned_bytes_match_placed_arrays_and_compiled_step(shape, attention):
+def test_planned_bytes_match_placed_arrays_and_compiled_step(shape, attention, remat):
     c = _smoke(shape)
     c.model.attention = attention
+    c.model.remat = remat
     mesh = make_mesh(dict(c.mesh.shape), devices=jax.devices()[: np.prod(shape)])
     x = memory.setup(c, mesh)
     items = memory.analytic_items(x)

@@ -54,6 +54,7 @@ from ares_jax.aepo import train as aepo_train
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import inputs as model_inputs
 from ares_jax.models.qwen2_5_vl import params as model_params
+from ares_jax.models.qwen2_5_vl.layers import remat_policy
 from ares_jax.models.qwen2_5_vl.model import KVCache, ModelInputs, VisionInputs
 from ares_jax.ops import kl as K
 from ares_jax.parallel import rules as R
@@ -418,7 +419,7 @@ def text_activations(
     rows: float,
     seq: int,
     c: int,
-    remat: bool,
+    remat: str | bool,
     backward: bool,
     flash: bool = False,
     blockwise: bool = False,
@@ -431,9 +432,9 @@ def text_activations(
     attention scores [H/t, seq, seq]: float32 logits and compute-dtype probabilities forward,
     plus one compute-dtype gradient of them backward (XLA's attention materialises them).
     Shared by the layers: the boolean [seq, seq] mask per row, M-RoPE cos/sin, the embeddings
-    and the final hidden states. Forward only, one layer is alive at a time. With backward,
-    every layer's tensors are kept (remat off), or each layer's input only and one layer
-    recomputed (remat on), and one layer's gradients live beside them. `flash` (cuDNN attention)
+    and the final hidden states. Forward only, one layer is alive at a time. With backward, what
+    every layer keeps is the remat policy's (`_kept`), one layer is recomputed unless it is
+    'none', and one layer's gradients live beside them. `flash` (cuDNN attention)
     keeps one softmax statistic per query and head instead of the scores. `blockwise`
     (ops/attention.py) keeps that statistic too, works on one [block, block] tile of float32
     scores per row and head at a time, and takes [seq] segment ids per row instead of the
@@ -453,11 +454,25 @@ def text_activations(
         shared += 3 * rows * h * tile * tile * 4
     if not backward:
         return int(shared + linear + scores * (4 + c))
-    if remat:
-        kept = t.num_hidden_layers * residual + linear + scores * (4 + c)
-    else:
-        kept = t.num_hidden_layers * (linear + scores * (4 + c))
+    # The named residuals: the attention output and its per-query log-sum-exp (float32).
+    attention = rows * seq * h * dh * c + rows * h * seq * 4 if blockwise else 0
+    dots = rows * seq * c * ((h + 2 * k) * dh + 2 * d + 2 * f)  # q, k, v, o, gate, up, down
+    layer = linear + scores * (4 + c)  # everything of one layer (recomputed if checkpointed)
+    kept = t.num_hidden_layers * _kept(remat, residual, layer, attention, dots)
+    kept += 0 if remat_policy(remat) == "none" else layer
     return int(shared + kept + linear + scores * c)
+
+
+def _kept(remat: str | bool, residual: float, everything: float, attention: float, dots: float):
+    """Bytes one layer keeps for the backward pass under a remat policy (models/qwen2_5_vl/
+    layers.py REMAT_POLICIES): 'none' every intermediate; 'full' and 'offload' (attention
+    residuals in host memory) the layer's input; 'attention' the input and the attention kernel's
+    output and log-sum-exp (kernels whose residuals carry no name keep only the input: cuDNN's,
+    XLA's dense attention); 'dots' the input and every matmul output."""
+    policy = remat_policy(remat)
+    if policy == "none":
+        return everything
+    return residual + {"attention": attention, "dots": dots}.get(policy, 0)
 
 
 def head_activations(
@@ -485,7 +500,7 @@ def vision_activations(
     *,
     vrows: int,
     c: int,
-    remat: bool,
+    remat: str | bool,
     backward: bool,
     flash: bool = False,
 ) -> int:
@@ -510,10 +525,12 @@ def vision_activations(
     features = r / 4 * (4 * dv + cfg.text.hidden_size) * c
     if not backward:
         return int(2 * residual + linear + scores * (4 + c) + features)
-    if remat:
-        kept = v.depth * residual + linear + scores * (4 + c)
-    else:
-        kept = v.depth * (linear + scores * (4 + c))
+    # Every block keeps its full-attention branch's residuals (lax.cond keeps both branches').
+    attention = r * (h * hd * c + h * 4)
+    dots = r * c * (3 * h * hd + 2 * dv + 2 * f)
+    layer = linear + scores * (4 + c)
+    kept = v.depth * _kept(remat, residual, layer, attention, dots)
+    kept += 0 if remat_policy(remat) == "none" else layer
     return int(kept + linear + scores * c + features)
 
 
@@ -553,7 +570,7 @@ def analytic_items(x: Setup) -> dict[str, int]:
     cfg, z, sp = x.cfg, x.sizes, split(x)
     common = dict(
         c=np.dtype(x.compute_dtype).itemsize,
-        remat=bool(x.c.model.remat),
+        remat=remat_policy(x.c.model.remat),
         flash=x.c.model.attention == "cudnn",
     )
     rows = z.micro_batch / sp.batch

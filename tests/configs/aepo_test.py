@@ -327,6 +327,29 @@ def test_cpu_default_and_smoke_sizes():
     assert s.rollout.max_response_len < c.rollout.max_response_len
 
 
+def test_remat_policy_key():
+    """model.remat names a layers.py policy (paper presets: 'attention', RESULTS.md "Remat
+    policy"); the old booleans still validate; anything else names the key."""
+    from ares_jax.models.qwen2_5_vl import layers
+    from configs import adacs
+
+    strings = tuple(v for v in common.MODEL_REMAT if isinstance(v, str))
+    assert strings == layers.REMAT_POLICIES
+    assert aepo.get_config("stage").model.remat == "none"
+    papers = [aepo.get_config(name) for name in ("paper_3b", "paper_7b")]
+    for c in [*papers, adacs.get_config("paper_3b")]:
+        assert c.model.remat == "attention"
+    c = aepo.get_config("stage")
+    for value in (True, False, "full", "offload"):
+        with c.ignore_type():
+            c.model.remat = value
+        aepo.validate(c)
+    with c.ignore_type():
+        c.model.remat = "checkpoint"
+    with pytest.raises(ValueError, match=r"config\.model\.remat='checkpoint' must be one of"):
+        aepo.validate(c)
+
+
 ENUMS = {k: check.allowed for k, check in aepo.SCHEMA.items() if hasattr(check, "allowed")}
 
 

@@ -77,7 +77,7 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         param_dtype=jnp.float32,
         dtype=jnp.float32,
         scan_layers: bool = True,
-        remat: bool = False,
+        remat: str | bool = False,
         attention_impl: str | None = "auto",
         rngs: nnx.Rngs,
     ):

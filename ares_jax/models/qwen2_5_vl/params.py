@@ -197,7 +197,7 @@ def from_pretrained(
     mesh=None,
     rules=None,
     scan_layers: bool = True,
-    remat: bool = False,
+    remat: str | bool = False,
     attention_impl: str | None = "auto",
 ) -> Qwen2_5_VL:
     """Loads a Hugging Face Qwen2.5-VL checkpoint directory (config.json + safetensors).
@@ -209,7 +209,10 @@ def from_pretrained(
       param_dtype: dtype the parameters are stored in (default: `dtype`).
       mesh: place each parameter on this mesh by its logical axes (default: one device).
       rules: logical-axis rule overrides (`ares_jax.parallel.rules`).
-      scan_layers, remat: run the layers under `lax.scan`; recompute them in the backward pass.
+      scan_layers: run the layers under `lax.scan`.
+      remat: what each layer keeps for the backward pass, the rest recomputed: a policy of
+        `layers.REMAT_POLICIES` ('none', 'full', 'attention', 'dots', 'offload'); True/False
+        mean 'full'/'none'.
       attention_impl: 'auto' (full forwards and prefills through `ops.attention` with the
         backend's kernel: Splash on TPU, cuDNN/Pallas on GPU, blockwise XLA on CPU; no [T, T]
         scores or masks, forward or backward), a kernel forced ('blockwise', 'splash',

@@ -178,7 +178,7 @@ class TextModel(nnx.Module):
         mask: jax.Array,
         *,
         scan: bool = True,
-        remat: bool = False,
+        remat: str | bool = False,
         implementation: str | None = None,
     ) -> jax.Array:
         """Decoder stack: x [B, T, D] embeddings -> final-norm hidden states [B, T, D]."""

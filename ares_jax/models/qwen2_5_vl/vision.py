@@ -139,7 +139,7 @@ class VisionTower(nnx.Module):
         *,
         dtype=jnp.float32,
         scan: bool = True,
-        remat: bool = False,
+        remat: str | bool = False,
         implementation: str | None = None,
     ) -> jax.Array:
         """Image features in image-token order.
