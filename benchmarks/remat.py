@@ -1,0 +1,114 @@
+r"""The layer stacks' remat policies (`model.remat`, models/qwen2_5_vl/layers.py), measured.
+
+For each policy, the learner's packed micro-batch forward + backward (benchmarks/learner.py's
+step: teacher-forced log-probs and full-vocabulary entropy of every response token,
+differentiated w.r.t. every parameter) compiled for this machine: XLA's temporaries, XLA's FLOP
+count (the recompute shows there) and the step time. Then the planner's analytic update-step
+memory per policy for the paper presets on a v5p-8 slice (ares_jax/aepo/memory.py, the count
+tests/plan_test.py checks against XLA), against the chip's HBM with the 15% headroom the
+planner asks for.
+
+  python -m benchmarks.remat --iters=1   # the 'small' model, 16 sequences, ~20k tokens (CPU)
+
+(`--iters` and the data come from benchmarks/learner.py's 'cpu' preset.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+
+from ares_jax import batching as B
+from ares_jax.aepo import learner as Lr
+from ares_jax.models.qwen2_5_vl import config as model_config
+from ares_jax.models.qwen2_5_vl import params
+from ares_jax.models.qwen2_5_vl.layers import REMAT_POLICIES
+from benchmarks import learner, report
+
+_PLAN = flags.DEFINE_bool("plan", True, "Also the planner's paper_3b/7b update step on v5p-8.")
+HEADROOM = 0.85  # the planner's fit: at most 85% of a chip's HBM
+
+
+def measure(cfg, p, prompts, rows, remat: str, iters: int) -> dict:
+    dtype = jnp.dtype(p["dtype"])
+    model = params.init_model(cfg, param_dtype=dtype, dtype=dtype, remat=remat)
+    graphdef, state = nnx.split(model)
+    n = p["rows"]
+    lb = B.learner_batch(prompts, rows, cfg, micro_batch_size=n, num_micro=1, pack_rows=1)
+    lb = jax.tree.map(lambda x: jnp.asarray(x[0]), lb)  # the one micro-batch
+    s = Lr.LearnerSettings(prompt_len=prompts.ids.shape[1], chunk_size=256)
+
+    def loss(state, lb):
+        m = nnx.merge(graphdef, state)
+        logp, ent = Lr.response_logprobs(m, lb.inputs, lb.tokens, s, lb.packing)
+        return jnp.sum(jnp.where(lb.mask, logp + ent, 0.0))
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(state, lb).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return dict(
+        temp=compiled.memory_analysis().temp_size_in_bytes,
+        flops=float(cost.get("flops", 0.0)),
+        seconds=report.timed(compiled, state, lb, iters=iters),
+        tokens=int(lb.inputs.input_ids.size),
+    )
+
+
+def planned() -> list[str]:
+    """Rows of the planner's analytic update step per preset and policy on v5p-8."""
+    from ares_jax import plan
+    from configs import aepo, topologies
+
+    lines = []
+    for preset in ("paper_3b", "paper_7b"):
+        for remat in REMAT_POLICIES:
+            c = aepo.get_config(f"{preset},topology=v5p-8")
+            c.model.remat = remat
+            r = plan.plan_one(c, topologies.get("v5p-8"), xla=False)
+            have, update = r.verdict.have, r.analytic["update"]
+            fits = "yes" if update <= HEADROOM * have else "no"
+            lines.append(
+                f"| {preset} | {remat} | {report.gib(r.items['activations'])} | "
+                f"{report.gib(update)} | {update / have:.2f} | {fits} |"
+            )
+    return lines
+
+
+def main(argv):
+    del argv
+    p = learner.PRESETS["cpu"]
+    cfg = model_config.preset(p["model"])
+    prompts, rows, real = learner._data(cfg, p)
+    results = {r: measure(cfg, p, prompts, rows, r, learner._ITERS.value) for r in REMAT_POLICIES}
+    base = results["none"]
+    lines = [
+        f"{report.card()}, jax {jax.__version__}; learner micro-batch, packed: {p['rows']} "
+        f"sequences of model {p['model']} ({p['dtype']}) in one row of "
+        f"{base['tokens']} tokens ({real} real)",
+        "",
+        "| model.remat | XLA temp | vs none | XLA FLOPs | vs none | step (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {report.gib(r['temp'])} | {r['temp'] / base['temp']:.2f} | "
+            f"{r['flops']:.3g} | {r['flops'] / max(base['flops'], 1):.3f} | "
+            f"{r['seconds']:.2f} |"
+        )
+    if _PLAN.value:
+        lines += [
+            "",
+            "Planner (analytic, ares_jax/aepo/memory.py), update step per chip on v5p-8 (95 GiB "
+            f"HBM; fits = at most {HEADROOM:.0%}):",
+            "",
+            "| preset | model.remat | activations | update step | of HBM | fits |",
+            "|---|---|---:|---:|---:|---|",
+            *planned(),
+        ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app.run(main)
