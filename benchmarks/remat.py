@@ -10,7 +10,11 @@ planner asks for.
 
   python -m benchmarks.remat --iters=1   # the 'small' model, 16 sequences, ~20k tokens (CPU)
 
-(`--iters` and the data come from benchmarks/learner.py's 'cpu' preset.)
+(`--iters` and the data come from benchmarks/learner.py's 'cpu' preset.) With libtpu installed
+(TPU.md), `--tpu=full,attention` also compiles `paper_3b`'s update step for v5p-8 per listed
+policy (about 5 minutes each on two CPU cores) and prints XLA's temporaries beside the planner's:
+
+  PYTHONPATH=<libtpu dir> python -m benchmarks.remat --iters=1 --tpu=full,attention
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ares_jax.models.qwen2_5_vl.layers import REMAT_POLICIES
 from benchmarks import learner, report
 
 _PLAN = flags.DEFINE_bool("plan", True, "Also the planner's paper_3b/7b update step on v5p-8.")
+_TPU = flags.DEFINE_list("tpu", [], "Policies to compile paper_3b's update step for on v5p-8.")
 HEADROOM = 0.85  # the planner's fit: at most 85% of a chip's HBM
 
 
@@ -76,6 +81,25 @@ def planned() -> list[str]:
     return lines
 
 
+def compiled_on_tpu(remat: str) -> str:
+    """A row: XLA's memory of paper_3b's update step for v5p-8 under `remat`, and the planner's."""
+    from ares_jax import plan
+    from ares_jax.aepo import memory
+    from ares_jax.parallel import mesh as mesh_lib
+    from configs import aepo, topologies
+
+    c = aepo.get_config("paper_3b,topology=v5p-8")
+    c.model.remat = remat
+    devices, _ = plan.devices_for(topologies.get("v5p-8"))
+    x = memory.setup(c, mesh_lib.make_mesh(dict(c.mesh.shape), devices=devices))
+    items = memory.analytic_items(x)
+    compiled = memory.Compiled.of(memory.lower_update(x).compile())
+    return (
+        f"| {remat} | {report.gib(compiled.temp)} | {report.gib(compiled.argument)} | "
+        f"{report.gib(items['activations'] + items['gradients'])} |"
+    )
+
+
 def main(argv):
     del argv
     p = learner.PRESETS["cpu"]
@@ -106,6 +130,15 @@ def main(argv):
             "| preset | model.remat | activations | update step | of HBM | fits |",
             "|---|---|---:|---:|---:|---|",
             *planned(),
+        ]
+    if _TPU.value:
+        lines += [
+            "",
+            "paper_3b update step compiled for v5p-8 (libtpu), per chip:",
+            "",
+            "| model.remat | XLA temp | arguments | analytic activations + gradients |",
+            "|---|---:|---:|---:|",
+            *(compiled_on_tpu(r) for r in _TPU.value),
         ]
     print("\n".join(lines))
 

@@ -166,7 +166,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
 
 
 def _paper(c: ml_collections.ConfigDict, size: str) -> None:
-    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat="attention")
+    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat="full")
     c.data.update(
         source="files",
         min_pixels=262144,

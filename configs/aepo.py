@@ -400,7 +400,9 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
 
 def _paper_scale(c: ml_collections.ConfigDict, size: str) -> None:
     """The paper's sizes (METHOD.md 6), shared by both paper-scale families."""
-    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat="attention")
+    # remat 'full': measured on v5p-8 (benchmarks/RESULTS.md "Remat policy"), 'attention' with
+    # Splash needs 59 GiB more XLA temporaries per chip and no longer fits with 15% to spare.
+    c.model.update(preset=size, dtype="bfloat16", param_dtype="float32", remat="full")
     c.data.update(
         source="files",
         min_pixels=262144,

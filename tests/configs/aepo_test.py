@@ -328,8 +328,8 @@ def test_cpu_default_and_smoke_sizes():
 
 
 def test_remat_policy_key():
-    """model.remat names a layers.py policy (paper presets: 'attention', RESULTS.md "Remat
-    policy"); the old booleans still validate; anything else names the key."""
+    """model.remat names a layers.py policy (paper presets: 'full', RESULTS.md "Remat policy");
+    the old booleans still validate; anything else names the key."""
     from ares_jax.models.qwen2_5_vl import layers
     from configs import adacs
 
@@ -338,7 +338,7 @@ def test_remat_policy_key():
     assert aepo.get_config("stage").model.remat == "none"
     papers = [aepo.get_config(name) for name in ("paper_3b", "paper_7b")]
     for c in [*papers, adacs.get_config("paper_3b")]:
-        assert c.model.remat == "attention"
+        assert c.model.remat == "full"
     c = aepo.get_config("stage")
     for value in (True, False, "full", "offload"):
         with c.ignore_type():
