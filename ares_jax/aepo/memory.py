@@ -712,6 +712,7 @@ def lower_logprob(x: Setup):
             x.batch.tokens,
             x.settings,
             x.batch.packing,
+            x.batch.row_valid,
         )
 
 
@@ -750,7 +751,14 @@ def argument_bytes(name: str, x: Setup) -> int:
     """Bytes per device of the arguments of compiled function `name` (shard sizes)."""
     trees = {
         "update": (x.state, x.frozen, x.batch),
-        "logprob": (x.trainable, x.frozen, x.batch.inputs, x.batch.tokens, x.batch.packing),
+        "logprob": (
+            x.trainable,
+            x.frozen,
+            x.batch.inputs,
+            x.batch.tokens,
+            x.batch.packing,
+            x.batch.row_valid,
+        ),
         "prefill": (x.trainable, x.frozen, x.prefill_inputs),
         "decode": (x.trainable, x.frozen, x.cache),
     }
