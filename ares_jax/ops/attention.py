@@ -29,7 +29,11 @@ by `jax.set_mesh`, else `jax.default_backend()`):
   head h to KV head h // (H // K)). Any mask above. Splash applies no scale, so q is scaled (in
   float32, cast back) before the call. S is padded to a multiple of the block (itself a multiple
   of 128). Static skipping of causal blocks only; segment skipping is per element.
-  `interpret=True` runs it on CPU through the Pallas interpreter (tests).
+  `interpret=True` runs it on CPU through the Pallas interpreter (tests). Its block grid's
+  tables ([query blocks, key blocks] int32, three of them) are prefetched into the core's 1 MiB
+  of SMEM, so a sequence of more than `SPLASH_MAX_BLOCKS` blocks per side (65,536 positions at
+  512-blocks: the vision tower's full attention over every image of a large prefill batch)
+  cannot compile; it runs the "xla" path instead.
 - "pallas_gpu": `jax.experimental.pallas.ops.gpu.attention.mha` (Triton), which takes one
   [B, S] segment-id array for both q and kv, has no GQA (k/v heads are repeated here; their
   gradients are summed back by autodiff) and pads Dh to a power of two internally. Any mask above;
@@ -122,6 +126,8 @@ def attention(
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "gpu"}.get(platform, "xla")
     interpret = bool(interpret) or platform == "cpu"
+    if impl == "splash" and _splash_blocks(s, block_q) > SPLASH_MAX_BLOCKS:
+        impl = "xla"  # its block tables would not fit SMEM (module docstring)
     if impl == "dense":
         return _dense(q, k, v, segment_ids, causal, scale)
     if impl == "xla":
@@ -457,11 +463,25 @@ def _splash_kernel(s: int, h: int, causal: bool, block: int, interpret: bool):
     )
 
 
+# The most query (and key) blocks of one Splash call: 128 x 128 int32 is 64 KiB per block
+# table, three tables well inside the 1 MiB of SMEM a TPU core prefetches them to.
+SPLASH_MAX_BLOCKS = 128
+
+
+def _splash_block(s: int, block: int) -> int:
+    return min(_round_up(block, 128), _round_up(s, 128))
+
+
+def _splash_blocks(s: int, block: int) -> int:
+    """Query (= key) blocks of a Splash call over s positions."""
+    return _round_up(s, _splash_block(s, block)) // _splash_block(s, block)
+
+
 def _splash(q, k, v, segment_ids, causal, scale, block, interpret):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     b, s, h, dh = q.shape
-    block = min(_round_up(block, 128), _round_up(s, 128))
+    block = _splash_block(s, block)
     s_pad = _round_up(s, block)
     kernel = _splash_kernel(s_pad, h, bool(causal), block, bool(interpret))
     q = (q.astype(_F32) * scale).astype(q.dtype)

@@ -221,3 +221,22 @@ def test_pallas_gpu_and_auto_on_gpu(causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_splash_on_tpu(causal):
     _check_against_dense(dict(impl="splash"), SEGMENTS, causal, jnp.bfloat16, tol=2e-2)
+
+
+def test_splash_over_more_blocks_than_smem_holds_runs_the_xla_path(monkeypatch):
+    """Splash's block tables live in SMEM; a longer sequence (the vision tower's full attention
+    over a large prefill batch) takes the blockwise XLA path, with the same result."""
+    from ares_jax.ops import attention as A
+
+    q, k, v, _ = _inputs(5)
+    seg = jnp.asarray(SEGMENTS)
+
+    def fn(q):  # traces are cached by function object: the second trace takes a new one
+        return attention(q, k, v, segment_ids=seg, causal=True, **CPU_IMPLS["splash"])
+
+    assert "pallas_call" in str(jax.make_jaxpr(fn)(q))  # S = 200: 2 blocks of 128
+    monkeypatch.setattr(A, "SPLASH_MAX_BLOCKS", 1)
+    fn = functools.partial(fn)
+    assert "pallas_call" not in str(jax.make_jaxpr(fn)(q))
+    want = attention(q, k, v, segment_ids=seg, causal=True, impl="dense")
+    np.testing.assert_allclose(np.asarray(fn(q)), np.asarray(want), atol=1e-5)
