@@ -97,9 +97,11 @@ def _data(cfg, p):
 _timed = report.timed
 
 
-def ours(cfg, p, prompts, rows, *, packed: bool, iters: int):
+def compiled_step(cfg, p, prompts, rows, *, packed: bool, remat):
+    """The learner's micro-batch forward + backward (log-probs and entropies of every response
+    token, all parameters), compiled: (compiled, state, micro-batch)."""
     dtype = jnp.dtype(p["dtype"])
-    model = params.init_model(cfg, param_dtype=dtype, dtype=dtype, remat=p["remat"])
+    model = params.init_model(cfg, param_dtype=dtype, dtype=dtype, remat=remat)
     graphdef, state = nnx.split(model)
     n = p["rows"]
     lb = B.learner_batch(
@@ -113,8 +115,11 @@ def ours(cfg, p, prompts, rows, *, packed: bool, iters: int):
         logp, ent = Lr.response_logprobs(m, lb.inputs, lb.tokens, s, lb.packing)
         return jnp.sum(jnp.where(lb.mask, logp + ent, 0.0))
 
-    step = jax.jit(jax.value_and_grad(loss))
-    compiled = step.lower(state, lb).compile()
+    return jax.jit(jax.value_and_grad(loss)).lower(state, lb).compile(), state, lb
+
+
+def ours(cfg, p, prompts, rows, *, packed: bool, iters: int):
+    compiled, state, lb = compiled_step(cfg, p, prompts, rows, packed=packed, remat=p["remat"])
     temp = compiled.memory_analysis().temp_size_in_bytes
     seconds = _timed(compiled, state, lb, iters=iters)
     return dict(seconds=seconds, temp=temp, tokens=int(lb.inputs.input_ids.size))

@@ -20,14 +20,9 @@ policy (about 5 minutes each on two CPU cores) and prints XLA's temporaries besi
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
-from flax import nnx
 
-from ares_jax import batching as B
-from ares_jax.aepo import learner as Lr
 from ares_jax.models.qwen2_5_vl import config as model_config
-from ares_jax.models.qwen2_5_vl import params
 from ares_jax.models.qwen2_5_vl.layers import REMAT_POLICIES
 from benchmarks import learner, report
 
@@ -37,20 +32,7 @@ HEADROOM = 0.85  # the planner's fit: at most 85% of a chip's HBM
 
 
 def measure(cfg, p, prompts, rows, remat: str, iters: int) -> dict:
-    dtype = jnp.dtype(p["dtype"])
-    model = params.init_model(cfg, param_dtype=dtype, dtype=dtype, remat=remat)
-    graphdef, state = nnx.split(model)
-    n = p["rows"]
-    lb = B.learner_batch(prompts, rows, cfg, micro_batch_size=n, num_micro=1, pack_rows=1)
-    lb = jax.tree.map(lambda x: jnp.asarray(x[0]), lb)  # the one micro-batch
-    s = Lr.LearnerSettings(prompt_len=prompts.ids.shape[1], chunk_size=256)
-
-    def loss(state, lb):
-        m = nnx.merge(graphdef, state)
-        logp, ent = Lr.response_logprobs(m, lb.inputs, lb.tokens, s, lb.packing)
-        return jnp.sum(jnp.where(lb.mask, logp + ent, 0.0))
-
-    compiled = jax.jit(jax.value_and_grad(loss)).lower(state, lb).compile()
+    compiled, state, lb = learner.compiled_step(cfg, p, prompts, rows, packed=True, remat=remat)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return dict(

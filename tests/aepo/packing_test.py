@@ -28,16 +28,11 @@ def _budget(prompts, rows, pack_rows=2):
     return pack_tokens, plan, B.micro_bucket(plan.num_micro), B.slot_bucket(plan.slots)
 
 
-def _batches(cfg, prompts, rows, pack_rows, layout="fixed"):
-    num_micro = -(-len(rows.prompt) // MB)
-    padded = B.learner_batch(prompts, rows, cfg, micro_batch_size=MB, num_micro=num_micro)
-    if layout == "fixed":
-        packed = B.learner_batch(
-            prompts, rows, cfg, micro_batch_size=MB, num_micro=num_micro, pack_rows=pack_rows
-        )
-        return padded, packed, np.arange(num_micro * MB)
-    pack_tokens, plan, micros, slots = _budget(prompts, rows, pack_rows)
-    packed = B.learner_batch(
+def _budget_batch(cfg, prompts, rows, pack_rows=2):
+    """The learner batch of `_budget`'s plan, and that layout."""
+    layout = _budget(prompts, rows, pack_rows)
+    pack_tokens, plan, micros, slots = layout
+    lb = B.learner_batch(
         prompts,
         rows,
         cfg,
@@ -47,6 +42,18 @@ def _batches(cfg, prompts, rows, pack_rows, layout="fixed"):
         slots=slots,
         pack_len=pack_tokens,
     )
+    return lb, layout
+
+
+def _batches(cfg, prompts, rows, pack_rows, layout="fixed"):
+    num_micro = -(-len(rows.prompt) // MB)
+    padded = B.learner_batch(prompts, rows, cfg, micro_batch_size=MB, num_micro=num_micro)
+    if layout == "fixed":
+        packed = B.learner_batch(
+            prompts, rows, cfg, micro_batch_size=MB, num_micro=num_micro, pack_rows=pack_rows
+        )
+        return padded, packed, np.arange(num_micro * MB)
+    packed, (pack_tokens, plan, micros, slots) = _budget_batch(cfg, prompts, rows, pack_rows)
     return padded, packed, plan.index(micros, slots).reshape(-1)
 
 
@@ -195,7 +202,7 @@ def test_token_budget_fits_where_fixed_shares_do_not(setup):  # noqa: F811
     places every sequence once, no packed row over the budget, in more micro-batches."""
     cfg, _, prompts, _, rows = setup
     lengths = B.sequence_lengths(prompts, rows)
-    pack_tokens, plan, micros, slots = _budget(prompts, rows)
+    lb, (pack_tokens, plan, micros, slots) = _budget_batch(cfg, prompts, rows)
     assert lengths.max() <= pack_tokens < B.pack_length_needed(prompts, rows, MB, 2)
     assert lengths.min() < lengths.max()
     with pytest.raises(ValueError, match="a share needs"):
@@ -213,16 +220,6 @@ def test_token_budget_fits_where_fixed_shares_do_not(setup):  # noqa: F811
     assert plan.slots >= 2  # short sequences share a row: sequences per row are free
     assert B.pack_plan(lengths, pack_rows=2, pack_tokens=pack_tokens, max_sequences=MB) == plan
 
-    lb = B.learner_batch(
-        prompts,
-        rows,
-        cfg,
-        micro_batch_size=MB,
-        num_micro=micros,
-        plan=plan,
-        slots=slots,
-        pack_len=pack_tokens,
-    )
     inp, pk = lb.inputs, lb.packing
     assert inp.input_ids.shape == (micros, 2, pack_tokens)
     assert lb.tokens.shape == (micros, 2 * slots, rows.tokens.shape[1])
@@ -330,17 +327,7 @@ def test_beta_cadence_per_packed_row(setup):  # noqa: F811
     micro-batch in which its row holds a sequence (rank_batch = slots); a cadence that does not
     divide the packed rows' slots is refused naming the config key."""
     cfg, model, prompts, _, rows = setup
-    pack_tokens, plan, micros, slots = _budget(prompts, rows)
-    lb = B.learner_batch(
-        prompts,
-        rows,
-        cfg,
-        micro_batch_size=MB,
-        num_micro=micros,
-        plan=plan,
-        slots=slots,
-        pack_len=pack_tokens,
-    )
+    lb, (pack_tokens, plan, micros, slots) = _budget_batch(cfg, prompts, rows)
     lb = jax.tree.map(jnp.asarray, lb)
     g, trainable, frozen = Lr.split_params(model, freeze_vision=False)
 
