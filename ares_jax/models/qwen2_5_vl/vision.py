@@ -6,8 +6,9 @@ number of rows, the sequence padded to a bucket of windows, each row carrying it
 segment id. Window attention is dense attention within each window's rows (a few dozen), batched,
 with padding masked out of the keys; full attention is `ops.attention` over the whole sequence
 with the frames as segments, through the model's kernel (`full_attention_impl`: no [R, R]
-scores, forward or backward; the blockwise path also skips pairs of frames). Shapes are static per window bucket, and no image is padded to another's size.
-`unpermute` restores the image-token order after the merger.
+scores, forward or backward; the blockwise path also skips pairs of frames). Shapes are static
+per window bucket, and no image is padded to another's size. `unpermute` restores the
+image-token order after the merger.
 
 Parameter layout: patch_embed [patch_in, vision_embed] (the 3-D convolution with stride = kernel
 is one matmul per patch row); per block, stacked on [layers]: norm1, qkv [vision_embed, 3,
