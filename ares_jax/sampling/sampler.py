@@ -153,7 +153,7 @@ class _Loop(NamedTuple):
     parent: jax.Array
     fork_step: jax.Array
     last_fork: jax.Array
-    key: jax.Array
+    keys: jax.Array  # [N] row keys (`row_keys`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +161,8 @@ class _Loop(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
-def _bias(sp: SamplingParams, vocab: int) -> jax.Array | None:
+def logit_bias(sp: SamplingParams, vocab: int) -> jax.Array | None:
+    """[V] additive bias of the sampled distribution (logit_bias, vocab_limit), or None."""
     if not sp.logit_bias and (sp.vocab_limit is None or sp.vocab_limit >= vocab):
         return None
     bias = np.zeros((vocab,), np.float32)
@@ -194,34 +195,64 @@ def _prefill(graphdef, params, inputs: ModelInputs, sp: SamplingParams, cache_le
     return cache, _repeat_rows(hidden[:, -1], r)
 
 
-def _sample_step(model, hidden, state: _Loop, sp: SamplingParams, bias):
-    """Samples position `state.step` for every row from its last hidden state [N, D]."""
+class Draw(NamedTuple):
+    """One sampled position per row and its statistics (all [N])."""
+
+    tokens: jax.Array
+    logp: jax.Array  # under softmax(z / T), the learner's distribution
+    slogp: jax.Array  # under the truncated distribution sampled from
+    entropy: jax.Array
+    argmax: jax.Array
+    topk_tail: jax.Array
+    topk_raw: jax.Array
+
+
+def row_keys(key: jax.Array, prompt: jax.Array, sample: jax.Array) -> jax.Array:
+    """[N] base keys of rows (prompt, sample): a row's draws depend on nothing else.
+
+    The key of position s is `fold_in(row key, s)` (`draw`), so a row's tokens are the same
+    whichever batch, slot or step it runs in: the static loop and the continuous-batching engine
+    (engine.py) sample the same tokens from the same logits.
+    """
+    fold = lambda p, s: jax.random.fold_in(jax.random.fold_in(key, p), s)  # noqa: E731
+    return jax.vmap(fold)(prompt, sample)
+
+
+def draw(model, hidden, keys, positions, sp: SamplingParams, bias) -> Draw:
+    """Samples one position per row from its last hidden state [N, D].
+
+    keys: [N] row keys (`row_keys`); positions: [N] int32, the generated position each row samples.
+    """
     z = model.logits(R.constrain(hidden, (R.BATCH, R.EMBED)))  # [N, V] float32
-    key = jax.random.fold_in(state.key, state.step)
-    tokens, slogp = L.sample(
-        key,
-        L.sampling_logits(z, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, bias=bias),
-        greedy=sp.greedy,
-    )
+    step_keys = jax.vmap(jax.random.fold_in)(keys, positions)
+    zs = L.sampling_logits(z, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, bias=bias)
+    one_row = lambda k, zr: L.sample(k, zr[None], greedy=sp.greedy)  # noqa: E731
+    tokens, slogp = (x[:, 0] for x in jax.vmap(one_row)(step_keys, zs))
     logp, entropy = L.token_stats(z, tokens, sp.temperature)
     argmax = jnp.argmax(z, axis=-1).astype(jnp.int32)
     topk_tail = topk_raw = jnp.zeros_like(entropy)
     if sp.topk_entropy:
         topk_tail, topk_raw = L.topk_entropies(z, sp.topk_entropy, sp.temperature, tokens=tokens)
-    live = ~state.done
+    return Draw(tokens, logp, slogp, entropy, argmax, topk_tail, topk_raw)
+
+
+def _sample_step(model, hidden, state: _Loop, sp: SamplingParams, bias):
+    """Samples position `state.step` for every row from its last hidden state [N, D]."""
     s = state.step
+    d = draw(model, hidden, state.keys, jnp.full(hidden.shape[:1], s, jnp.int32), sp, bias)
+    live = ~state.done
     put = lambda buf, x, fill: buf.at[:, s].set(jnp.where(live, x, fill))  # noqa: E731
-    stopped = jnp.isin(tokens, jnp.asarray(sp.stop_token_ids, jnp.int32)) & live
+    stopped = jnp.isin(d.tokens, jnp.asarray(sp.stop_token_ids, jnp.int32)) & live
     at_end = (s + 1 >= sp.max_new_tokens) & live & ~stopped
     reason = jnp.where(stopped, STOP, jnp.where(at_end, LENGTH, state.reason))
     return state._replace(
-        tokens=put(state.tokens, tokens, sp.pad_token_id),
-        logp=put(state.logp, logp, 0.0),
-        slogp=put(state.slogp, slogp, 0.0),
-        entropy=put(state.entropy, entropy, 0.0),
-        argmax=put(state.argmax, argmax, sp.pad_token_id),
-        topk_tail=put(state.topk_tail, topk_tail, 0.0),
-        topk_raw=put(state.topk_raw, topk_raw, 0.0),
+        tokens=put(state.tokens, d.tokens, sp.pad_token_id),
+        logp=put(state.logp, d.logp, 0.0),
+        slogp=put(state.slogp, d.slogp, 0.0),
+        entropy=put(state.entropy, d.entropy, 0.0),
+        argmax=put(state.argmax, d.argmax, sp.pad_token_id),
+        topk_tail=put(state.topk_tail, d.topk_tail, 0.0),
+        topk_raw=put(state.topk_raw, d.topk_raw, 0.0),
         lengths=state.lengths + live.astype(jnp.int32),
         done=state.done | stopped | at_end,
         reason=reason,
@@ -294,7 +325,7 @@ def _branch(state: _Loop, sp: SamplingParams, tau) -> _Loop:
 def _decode(graphdef, params, cache: KVCache, hidden, sp: SamplingParams, key, tau):
     """Samples position 0 from the prefill's hidden state, then loops over decode steps."""
     model = nnx.merge(graphdef, params)
-    bias = _bias(sp, model.cfg.text.vocab_size)
+    bias = logit_bias(sp, model.cfg.text.vocab_size)
     n_rows, t = hidden.shape[0], sp.max_new_tokens
     r = sp.rows_per_prompt
     active = jnp.tile(jnp.arange(r) < sp.n, n_rows // r)
@@ -316,7 +347,7 @@ def _decode(graphdef, params, cache: KVCache, hidden, sp: SamplingParams, key, t
         parent=jnp.full((n_rows,), -1, jnp.int32),
         fork_step=jnp.full((n_rows,), -1, jnp.int32),
         last_fork=jnp.full((n_rows,), -(10**6), jnp.int32),
-        key=key,
+        keys=row_keys(key, jnp.arange(n_rows) // r, jnp.arange(n_rows) % r),
     )
     branching = sp.branching.enabled and sp.branching.budget > 0
 
@@ -355,6 +386,7 @@ def generate(
     branch_threshold: float | jax.Array | None = None,
     mesh=None,
     cache_len: int | None = None,
+    engine=None,
 ) -> GenerateOutput:
     """Samples `sampling.n` continuations of each prompt (plus branches, if enabled).
 
@@ -372,6 +404,9 @@ def generate(
       cache_len: KV cache slots (default: prompt length + max_new_tokens). Passing the largest
         prompt bucket + max_new_tokens keeps the decode loop's shapes, and so its compilation,
         the same for every prompt bucket; only the prefill compiles per bucket.
+      engine: `engine.EngineParams`: generate by continuous batching over a paged KV cache
+        (engine.py) instead of this static loop; the same tokens for the same key. Not with
+        branching (forks run in the static loop).
 
     Returns:
       GenerateOutput of NumPy arrays, B * rows_per_prompt rows, prompt by prompt.
@@ -383,6 +418,12 @@ def generate(
     branching = sampling.branching.enabled and sampling.branching.budget > 0
     if branching and branch_threshold is None:
         raise ValueError("generate: branching is enabled but branch_threshold (tau) is None.")
+    if engine is not None and not branching:
+        from ares_jax.sampling.engine import generate_paged
+
+        return generate_paged(
+            graphdef, params, inputs=inputs, sampling=sampling, key=key, engine=engine, mesh=mesh
+        )
     tau = jnp.asarray(np.inf if branch_threshold is None else branch_threshold, jnp.float32)
     b, prompt_len = np.shape(inputs.input_ids)
     needed = prompt_len + sampling.max_new_tokens

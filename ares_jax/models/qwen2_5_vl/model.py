@@ -27,6 +27,7 @@ from ares_jax.models.qwen2_5_vl.text import (
     uses_kernel,
 )
 from ares_jax.models.qwen2_5_vl.vision import VisionTower
+from ares_jax.ops import paged_attention as paged
 from ares_jax.parallel import rules as R
 
 
@@ -264,6 +265,100 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         )
         hidden, k, v = self._cached_layers(x, cos, sin, cache, valid)
         return hidden[:, 0], KVCache(k, v, valid, cache.index + 1, cache.next_pos + 1)
+
+    # ------------------------------------------------------------------------------------------
+    # Generation over a paged KV cache (sampling/engine.py)
+    # ------------------------------------------------------------------------------------------
+
+    def prompt_kv(
+        self, inputs: ModelInputs, features: jax.Array | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """A prefill without a cache: the prompt [B, T] attends to itself only.
+
+        Returns final hidden states [B, T, D] and each layer's rotated keys and values
+        [B, T, K, hd], for the caller to write into its pages (`ops.paged_attention.write_prompt`).
+        """
+        x = self.embed(inputs, features)
+        cos, sin = self._cos_sin(inputs.position_ids)
+        segments = inputs.attention_mask.astype(jnp.int32)
+        if uses_kernel(self.attention_impl):
+            mask = segments
+        else:
+            t = x.shape[1]
+            real = inputs.attention_mask.astype(bool)
+            mask = jnp.tril(jnp.ones((t, t), bool))[None] & real[:, None, :]
+        graphdef, state = nnx.split(self.language_model.layers)
+        ks, vs = [], []
+        for i in range(self.cfg.text.num_hidden_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            q, k, v = layer.qkv(x, cos, sin)
+            x = layer.finish(x, attention(q, k, v, mask, implementation=self.attention_impl))
+            ks.append(k)
+            vs.append(v)
+        return self.language_model.final_norm(x), tuple(ks), tuple(vs)
+
+    def init_pages(self, num_pages: int, page_size: int) -> tuple[tuple, tuple]:
+        """Empty page pools: per layer keys and values [K, num_pages, page_size, hd]."""
+        t = self.cfg.text
+        shape = (t.num_key_value_heads, num_pages, page_size, t.head_dim)
+        layers = range(t.num_hidden_layers)
+        return (
+            tuple(jnp.zeros(shape, self.dtype) for _ in layers),
+            tuple(jnp.zeros(shape, self.dtype) for _ in layers),
+        )
+
+    def paged_decode_step(
+        self,
+        tokens: jax.Array,
+        next_pos: jax.Array,
+        k_pages: tuple[jax.Array, ...],
+        v_pages: tuple[jax.Array, ...],
+        page_table: jax.Array,
+        lengths: jax.Array,
+        live: jax.Array,
+    ):
+        """One token per row over a paged cache.
+
+        Args:
+          tokens: [B] int32, the token each row feeds.
+          next_pos: [B] int32, its M-RoPE position (the same on the three axes for text).
+          k_pages, v_pages: per layer [K, P, ps, hd] page pools.
+          page_table: [B, max_pages] int32, the pages of each row in order.
+          lengths: [B] int32, tokens each row already holds; the new one is written at position
+            `lengths` (its page must be in the table).
+          live: [B] bool; rows that are False write nothing and read nothing (zeros).
+
+        Returns:
+          (hidden [B, D], k_pages, v_pages).
+        """
+        b = tokens.shape[0]
+        x = self.language_model.embed_tokens(tokens[:, None], self.dtype)
+        cos, sin = self._cos_sin(jnp.broadcast_to(next_pos[None, :, None], (3, b, 1)))
+        seen = jnp.where(live, lengths + 1, 0)
+        impl = paged_implementation(self.attention_impl)
+        graphdef, state = nnx.split(self.language_model.layers)
+        new_k, new_v = [], []
+        for i in range(self.cfg.text.num_hidden_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            q, k, v = layer.qkv(x, cos, sin)
+            kp, vp = paged.write_decode(
+                k_pages[i], v_pages[i], k[:, 0], v[:, 0], page_table, lengths, live
+            )
+            attn = paged.paged_attention(q[:, 0], kp, vp, seen, page_table, impl=impl)
+            x = layer.finish(x, attn[:, None])
+            new_k.append(kp)
+            new_v.append(vp)
+        return self.language_model.final_norm(x)[:, 0], tuple(new_k), tuple(new_v)
+
+
+def paged_implementation(attention_impl: str | None) -> str:
+    """The `ops.paged_attention` implementation that goes with a model attention implementation."""
+    return {
+        "auto": "auto",
+        "splash": "pallas_tpu",
+        "pallas_gpu": "pallas_gpu",
+        "dense": "dense",
+    }.get(attention_impl, "xla")
 
 
 # ---------------------------------------------------------------------------------------------
