@@ -162,6 +162,18 @@ def _base() -> ml_collections.ConfigDict:
         length_buckets=(32, 64),
         prompts_per_iter=16,  # paper 512; refilled by the online filter (filter.*)
         decode_batch_size=128,  # rows decoded at once (bounds the KV cache); whole prompts
+        # 'paged': continuous batching over a paged KV cache (ares_jax/sampling/engine.py): a row
+        # that ends is replaced by the next waiting one, attention reads filled pages only.
+        # 'static': calls of decode_batch_size rows, each until its longest row ends (a dense
+        # cache of prompt + max_response_len per row). Branching always runs in the static loop.
+        engine="paged",
+        page_size=64,  # tokens per KV page
+        # Pages in the pool, 0 = decode_batch_size x (longest prompt + max_response_len) / page
+        # (never preempts). Fewer bound the cache's memory; rows are preempted and regenerated
+        # (the same tokens: draws are keyed by prompt, sample and position) when it runs dry.
+        kv_pages=0,
+        chunk_steps=32,  # decode steps per device call (one host round trip each)
+        prefill_prompts=4,  # prompts prefilled per admission
         image_token_logit_bias=-100.0,  # released vLLM setting: never sample image placeholders
         # METHOD.md 4.3 / 9.5: the paper branches extra trajectories where the window entropy
         # exceeds tau; the released code has no branching (plain n independent samples). The paper
@@ -556,6 +568,11 @@ SCHEMA = {
     "rollout.length_buckets": common.ascending_ints(),
     "rollout.prompts_per_iter": (_int, _pos),
     "rollout.decode_batch_size": (_int, _pos),
+    "rollout.engine": common.one_of("paged", "static"),
+    "rollout.page_size": (_int, _pos),
+    "rollout.kv_pages": (_int, _nonneg),
+    "rollout.chunk_steps": (_int, _pos),
+    "rollout.prefill_prompts": (_int, _pos),
     "rollout.branching.budget": (_int, _nonneg),
     "rollout.branching.cooldown": (_int, _nonneg),
     "entropy.window": (_int, _pos),

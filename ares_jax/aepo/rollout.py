@@ -38,6 +38,7 @@ from ares_jax.rewards import buckets as BK
 from ares_jax.rewards import entropy_shaping as ES
 from ares_jax.rewards import triggers as TR
 from ares_jax.sampling import SamplingParams, generate
+from ares_jax.sampling.engine import EngineParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,10 @@ class RolloutSettings:
     advantage_eps: float = 1e-6
     score_workers: int = 0
     decode_batch_size: int = 0  # rows per generate call (whole prompts); 0 = all at once
+    # Continuous batching over a paged KV cache (sampling/engine.py; `decode_batch_size` rows at
+    # once, refilled as rows end); None = the static loop, in calls of `decode_batch_size` rows.
+    # Branching always runs in the static loop.
+    engine: EngineParams | None = None
 
 
 class RolloutState(NamedTuple):
@@ -364,8 +369,21 @@ def collect(
 
 
 def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSettings, key, tau, mesh):
-    """`generate` over chunks of at most `decode_batch_size` rows (whole prompts), concatenated."""
+    """`generate` over chunks of at most `decode_batch_size` rows (whole prompts), concatenated;
+    with the engine, one call that keeps `decode_batch_size` rows decoding. Row (prompt b, sample
+    j) draws with the keys of prompt b either way (`sampler.row_keys`)."""
     sp = s.sampling
+    branching = sp.branching.enabled and sp.branching.budget > 0
+    if s.engine is not None and not branching:
+        return generate(
+            graphdef,
+            params,
+            inputs=sampler_inputs(prompts, cfg),
+            sampling=sp,
+            key=key,
+            mesh=mesh,
+            engine=s.engine,
+        )
     per_call = prompts.size
     if s.decode_batch_size:
         per_call = max(1, s.decode_batch_size // sp.rows_per_prompt)
@@ -388,10 +406,11 @@ def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSetting
             params,
             inputs=sampler_inputs(part, cfg),
             sampling=sp,
-            key=jax.random.fold_in(key, first),
+            key=key,
             branch_threshold=tau,
             mesh=mesh,
             cache_len=max(s.prompt_len_buckets) + sp.max_new_tokens,
+            first_prompt=first,
         )
         real = min(per_call, prompts.size - first) * sp.rows_per_prompt
         offset = sum(o.tokens.shape[0] for o in outs)

@@ -59,6 +59,7 @@ from ares_jax.rewards import buckets as BK
 from ares_jax.rewards import entropy_shaping as ES
 from ares_jax.rewards import triggers as TR
 from ares_jax.sampling import BranchingParams, SamplingParams
+from ares_jax.sampling.engine import EngineParams
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,20 @@ def _rollout_settings(c, sampling: SamplingParams) -> RO.RolloutSettings:
         advantage_eps=c.advantage.eps,
         score_workers=c.train.score_workers,
         decode_batch_size=c.rollout.decode_batch_size,
+        engine=_engine(c),
+    )
+
+
+def _engine(c) -> EngineParams | None:
+    """The rollout engine of `rollout.engine` ('paged' or 'static')."""
+    if c.rollout.engine == "static":
+        return None
+    return EngineParams(
+        slots=c.rollout.decode_batch_size,
+        page_size=c.rollout.page_size,
+        num_pages=c.rollout.kv_pages,
+        chunk_steps=c.rollout.chunk_steps,
+        prefill_prompts=c.rollout.prefill_prompts,
     )
 
 

@@ -47,6 +47,7 @@ from flax import nnx
 
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.ops import paged_attention as paged
+from ares_jax.parallel import multihost
 from ares_jax.sampling import sampler as S
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,10 @@ class _Requests(NamedTuple):
     """Rows to admit, A = prefill_prompts * n of them; entries with slot == B are unused."""
 
     prompt_local: jax.Array  # [A] int32: which of the prefilled prompts
-    prompt: jax.Array  # [A] int32: the prompt's index in the generate call
+    prompt: jax.Array  # [A] int32: the prompt's index in the caller's numbering (its key)
     sample: jax.Array  # [A] int32
     slot: jax.Array  # [A] int32
+    row: jax.Array  # [A] int32: the output row
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
@@ -252,7 +254,7 @@ def _admit(
         refs=refs,
         n_free=state.n_free - total,
         table=put(state.table, table),
-        row=put(state.row, req.prompt * sp.n + req.sample),
+        row=put(state.row, req.row),
         keys=put(state.keys, keys),
         length=put(state.length, row_len),
         gen=put(state.gen, jnp.ones_like(row_len)),
@@ -374,6 +376,7 @@ def generate_paged(
     key: jax.Array,
     engine: EngineParams = EngineParams(),
     mesh=None,
+    first_prompt: int = 0,
 ) -> S.GenerateOutput:
     """`sampler.generate` by continuous batching over a paged cache (module docstring).
 
@@ -384,6 +387,7 @@ def generate_paged(
       key: a PRNG key: row (prompt b, sample j) draws with `sampler.row_keys(key, b, j)`, as the
         static loop does, so both give the same tokens for the same key.
       engine: `EngineParams`.
+      first_prompt: the index of the first prompt in the caller's numbering (`sampler.generate`).
       mesh: run under this mesh (`jax.set_mesh`); the engine's state is laid out by XLA.
 
     Returns:
@@ -391,9 +395,16 @@ def generate_paged(
     """
     if mesh is not None:
         with jax.set_mesh(mesh):
-            return generate_paged(
-                graphdef, params, inputs=inputs, sampling=sampling, key=key, engine=engine
-            )
+            return _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh)
+    return _run(graphdef, params, inputs, sampling, key, engine, first_prompt, None)
+
+
+def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
+    if mesh is None:
+        place = jnp.asarray
+    else:  # the engine's state and inputs whole on every device; XLA lays out the work
+        replicated = multihost.replicated(mesh)
+        place = lambda x: multihost.put(x, replicated)  # noqa: E731
     sp, ep = sampling, engine
     if sp.branching.enabled and sp.branching.budget > 0:
         raise ValueError("generate_paged: branching runs in the static loop (sampler.generate).")
@@ -416,9 +427,11 @@ def generate_paged(
         )
     features = None
     if inputs.vision is not None:
-        features = _image_features(graphdef, params, jax.tree.map(jnp.asarray, inputs.vision))
+        features = _image_features(graphdef, params, jax.tree.map(place, inputs.vision))
     state = _init(graphdef, params, ep, prompt_len, sp)
-    key = jnp.asarray(key)
+    if mesh is not None:
+        state = place(state)
+    key = place(np.asarray(key))
 
     fills = _fills(sp)
     host = S.Draw(
@@ -433,20 +446,20 @@ def generate_paged(
     pp = ep.prefill_prompts
     preempted = 0
     while True:
-        row, done, gen, length, n_free = jax.device_get(_summary(state))
+        row, done, gen, length, n_free = multihost.fetch(_summary(state))
         n_free = int(n_free)
         finished = np.flatnonzero((row >= 0) & done)
         if finished.size:
             idx = np.full((_bucket(finished.size),), finished[0], np.int32)
             idx[: finished.size] = finished
-            out, g, r = jax.device_get(_harvest(state, jnp.asarray(idx)))
+            out, g, r = multihost.fetch(_harvest(state, place(idx)))
             rows = row[finished]
             for dst, src in zip(host, out, strict=True):
                 dst[rows] = src[: finished.size]
             lengths[rows], reason[rows] = g[: finished.size], r[: finished.size]
-            state = _release(state, jnp.asarray((row >= 0) & done), ps)
+            state = _release(state, place((row >= 0) & done), ps)
             row = np.where((row >= 0) & done, -1, row)
-            n_free = int(jax.device_get(state.n_free))
+            n_free = int(multihost.fetch(state.n_free))
         live = (row >= 0) & ~done
         need = int(np.sum(live & (length % ps == 0)))
         if need > n_free and not finished.size:
@@ -456,7 +469,7 @@ def generate_paged(
             queue.appendleft((p, [j]))
             release = np.zeros((b,), bool)
             release[victim] = True
-            state = _release(state, jnp.asarray(release), ps)
+            state = _release(state, place(release), ps)
             preempted += 1
             continue
         # Admission: whole queue entries while slots and pages (one page of growth per running
@@ -475,7 +488,9 @@ def generate_paged(
             n_free -= pages
             running += len(samples)
         if chosen:
-            state = _admit_prompts(graphdef, params, state, inputs, features, chosen, sp, ep, key)
+            state = _admit_prompts(
+                graphdef, params, state, inputs, features, chosen, sp, ep, key, first_prompt, place
+            )
         elif not running:
             if not queue:
                 break
@@ -507,7 +522,9 @@ def generate_paged(
     )
 
 
-def _admit_prompts(graphdef, params, state, inputs, features, chosen, sp, ep, key):
+def _admit_prompts(
+    graphdef, params, state, inputs, features, chosen, sp, ep, key, first_prompt, place
+):
     """One `_admit` call for `chosen` [(prompt, samples, slots)], padded to static sizes."""
     pp, n, b = ep.prefill_prompts, sp.n, ep.slots
     which = [p for p, _, _ in chosen] + [chosen[0][0]] * (pp - len(chosen))
@@ -521,11 +538,13 @@ def _admit_prompts(graphdef, params, state, inputs, features, chosen, sp, ep, ke
     prompt = np.zeros((pp * n,), np.int32)
     sample = np.zeros((pp * n,), np.int32)
     slot = np.full((pp * n,), b, np.int32)
+    row = np.zeros((pp * n,), np.int32)
     i = 0
     for q, (p, samples, slots) in enumerate(chosen):
         for j, s in zip(samples, slots, strict=True):
-            local[i], prompt[i], sample[i], slot[i] = q, p, j, s
+            local[i], prompt[i], sample[i], slot[i] = q, first_prompt + p, j, s
+            row[i] = p * n + j
             i += 1
-    req = _Requests(*map(jnp.asarray, (local, prompt, sample, slot)))
-    sub = jax.tree.map(jnp.asarray, sub)
+    req = _Requests(*map(place, (local, prompt, sample, slot, row)))
+    sub = jax.tree.map(place, sub)
     return _admit(graphdef, params, state, sub, features, req, sp, ep, key)

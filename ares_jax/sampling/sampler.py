@@ -322,7 +322,7 @@ def _branch(state: _Loop, sp: SamplingParams, tau) -> _Loop:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
-def _decode(graphdef, params, cache: KVCache, hidden, sp: SamplingParams, key, tau):
+def _decode(graphdef, params, cache: KVCache, hidden, sp: SamplingParams, key, tau, first_prompt=0):
     """Samples position 0 from the prefill's hidden state, then loops over decode steps."""
     model = nnx.merge(graphdef, params)
     bias = logit_bias(sp, model.cfg.text.vocab_size)
@@ -347,7 +347,7 @@ def _decode(graphdef, params, cache: KVCache, hidden, sp: SamplingParams, key, t
         parent=jnp.full((n_rows,), -1, jnp.int32),
         fork_step=jnp.full((n_rows,), -1, jnp.int32),
         last_fork=jnp.full((n_rows,), -(10**6), jnp.int32),
-        keys=row_keys(key, jnp.arange(n_rows) // r, jnp.arange(n_rows) % r),
+        keys=row_keys(key, first_prompt + jnp.arange(n_rows) // r, jnp.arange(n_rows) % r),
     )
     branching = sp.branching.enabled and sp.branching.budget > 0
 
@@ -387,6 +387,7 @@ def generate(
     mesh=None,
     cache_len: int | None = None,
     engine=None,
+    first_prompt: int = 0,
 ) -> GenerateOutput:
     """Samples `sampling.n` continuations of each prompt (plus branches, if enabled).
 
@@ -396,7 +397,9 @@ def generate(
       inputs: B prompts, left-padded to one length (`ModelInputs`, NumPy or device arrays),
         with their images.
       sampling: `SamplingParams`.
-      key: a PRNG key; the same key gives the same tokens.
+      key: a PRNG key. Row j of prompt b draws position s with
+        `fold_in(row_keys(key, first_prompt + b, j), s)`: the same key gives the same tokens,
+        whichever batch or engine a row runs in.
       branch_threshold: tau of the branching rule (required when branching is enabled).
       mesh: shard the rows over this mesh (batch axes of `ares_jax.parallel.rules`). With
         several processes the mesh spans them all, every process passes the same `inputs` and
@@ -404,6 +407,8 @@ def generate(
       cache_len: KV cache slots (default: prompt length + max_new_tokens). Passing the largest
         prompt bucket + max_new_tokens keeps the decode loop's shapes, and so its compilation,
         the same for every prompt bucket; only the prefill compiles per bucket.
+      first_prompt: the index of the first prompt in the caller's numbering (the key of its rows):
+        a batch generated in several calls gives the tokens of one call.
       engine: `engine.EngineParams`: generate by continuous batching over a paged KV cache
         (engine.py) instead of this static loop; the same tokens for the same key. Not with
         branching (forks run in the static loop).
@@ -422,7 +427,14 @@ def generate(
         from ares_jax.sampling.engine import generate_paged
 
         return generate_paged(
-            graphdef, params, inputs=inputs, sampling=sampling, key=key, engine=engine, mesh=mesh
+            graphdef,
+            params,
+            inputs=inputs,
+            sampling=sampling,
+            key=key,
+            engine=engine,
+            mesh=mesh,
+            first_prompt=first_prompt,
         )
     tau = jnp.asarray(np.inf if branch_threshold is None else branch_threshold, jnp.float32)
     b, prompt_len = np.shape(inputs.input_ids)
@@ -442,7 +454,8 @@ def generate(
     context = jax.set_mesh(mesh) if mesh is not None else _null_context()
     with context:
         cache, hidden = _prefill(graphdef, params, inputs, sampling, cache_len)
-        state = _decode(graphdef, params, cache, hidden, sampling, key, tau)
+        first = jnp.asarray(first_prompt, jnp.int32)
+        state = _decode(graphdef, params, cache, hidden, sampling, key, tau, first)
     # Rows may live on other processes' devices: every process fetches the whole batch.
     tokens, logp, slogp, entropy, lengths, reason = multihost.fetch(
         (state.tokens, state.logp, state.slogp, state.entropy, state.lengths, state.reason)

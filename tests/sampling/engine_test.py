@@ -121,3 +121,18 @@ def test_a_prompt_larger_than_the_pool_is_named():
             key=jax.random.PRNGKey(0),
             engine=EngineParams(slots=2, page_size=4, num_pages=2),
         )
+
+
+def test_on_a_mesh_with_sharded_weights_equals_one_device(tiny):
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    sharded = params.init_model(config.preset("tiny"), seed=1, mesh=mesh)
+    inputs = _ragged_prompts(b=4)
+    sp = SamplingParams(n=2, max_new_tokens=8, temperature=1.0)
+    ep = EngineParams(slots=4, page_size=4, chunk_steps=4, prefill_prompts=2)
+    single = generate(tiny, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0), engine=ep)
+    multi = generate(
+        sharded, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0), mesh=mesh, engine=ep
+    )
+    _assert_same(multi, single)
