@@ -17,8 +17,9 @@ engine keeps `slots` rows decoding at once and refills a slot as soon as its row
     an XLA loop over blocks of pages up to the longest row on CPU).
   * **Chunks.** The device runs `chunk_steps` decode steps per call (`lax.while_loop` on a
     donated state, leaving early when every row has stopped or a page is missing); between
-    chunks the host harvests finished rows, frees their slots and admits waiting prompts: one
-    host round trip per chunk, not per token.
+    chunks the host reads the slots' state, collects finished rows (their outputs come back and
+    their slots and pages are freed in one call) and admits waiting prompts: at most two host
+    round trips per chunk, none per token.
   * **Preemption.** When a row needs a page and the pool is empty, the row with the fewest
     generated tokens is evicted and queued again from its prompt. Its draws are keyed by (prompt,
     sample, position) (`sampler.row_keys`), so it regenerates the same tokens (up to float
@@ -325,7 +326,6 @@ def _decode_chunk(graphdef, params, state: _State, sp: S.SamplingParams, ep: Eng
     return state
 
 
-@functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
 def _release(state: _State, release: jax.Array, ps: int) -> _State:
     """Frees the slots where `release` [B] is True and the pages only they held."""
     pool = state.refs.shape[0]
@@ -347,10 +347,17 @@ def _release(state: _State, release: jax.Array, ps: int) -> _State:
     )
 
 
-@jax.jit
-def _harvest(state: _State, slots: jax.Array):
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _collect(state: _State, slots: jax.Array, release: jax.Array, ps: int):
+    """The outputs of `slots` (finished rows), then those and the `release` [B] slots freed.
+
+    Returns (state, outputs [len(slots), T] per field, lengths, stop reasons, free pages): one
+    fetch for the host.
+    """
     take = lambda x: jnp.take(x, slots, axis=0)  # noqa: E731
-    return S.Draw(*[take(x) for x in state.out]), take(state.gen), take(state.reason)
+    out = S.Draw(*[take(x) for x in state.out]), take(state.gen), take(state.reason)
+    state = _release(state, release, ps)
+    return state, (*out, state.n_free)
 
 
 @jax.jit
@@ -452,14 +459,14 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
         if finished.size:
             idx = np.full((_bucket(finished.size),), finished[0], np.int32)
             idx[: finished.size] = finished
-            out, g, r = multihost.fetch(_harvest(state, place(idx)))
+            state, got = _collect(state, place(idx), place((row >= 0) & done), ps)
+            out, g, r, n_free = multihost.fetch(got)
             rows = row[finished]
             for dst, src in zip(host, out, strict=True):
                 dst[rows] = src[: finished.size]
             lengths[rows], reason[rows] = g[: finished.size], r[: finished.size]
-            state = _release(state, place((row >= 0) & done), ps)
             row = np.where((row >= 0) & done, -1, row)
-            n_free = int(multihost.fetch(state.n_free))
+            n_free = int(n_free)
         live = (row >= 0) & ~done
         need = int(np.sum(live & (length % ps == 0)))
         if need > n_free and not finished.size:
@@ -469,7 +476,7 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
             queue.appendleft((p, [j]))
             release = np.zeros((b,), bool)
             release[victim] = True
-            state = _release(state, place(release), ps)
+            state, _ = _collect(state, place(np.zeros((1,), np.int32)), place(release), ps)
             preempted += 1
             continue
         # Admission: whole queue entries while slots and pages (one page of growth per running
