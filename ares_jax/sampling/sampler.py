@@ -226,8 +226,7 @@ def draw(model, hidden, keys, positions, sp: SamplingParams, bias) -> Draw:
     z = model.logits(R.constrain(hidden, (R.BATCH, R.EMBED)))  # [N, V] float32
     step_keys = jax.vmap(jax.random.fold_in)(keys, positions)
     zs = L.sampling_logits(z, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, bias=bias)
-    one_row = lambda k, zr: L.sample(k, zr[None], greedy=sp.greedy)  # noqa: E731
-    tokens, slogp = (x[:, 0] for x in jax.vmap(one_row)(step_keys, zs))
+    tokens, slogp = L.sample(step_keys, zs, greedy=sp.greedy)  # a key per row
     logp, entropy = L.token_stats(z, tokens, sp.temperature)
     argmax = jnp.argmax(z, axis=-1).astype(jnp.int32)
     topk_tail = topk_raw = jnp.zeros_like(entropy)
