@@ -22,6 +22,11 @@ the rollout also the KV cache of one generate call and the prefill's or the deco
 space; during the log-prob passes the learner batch and one micro-batch's forward pass; during an
 update the batch, the gradient accumulator, one micro-batch's gradient and its activations. The
 optimizer moments take their parameters' shardings (`learner.opt_state_shardings`).
+The rollout runs on its own copy of the policy (`sampling/layout.py`, made once per iteration):
+every parameter in the compute dtype, none split over the batch axes, so that the decode loop
+gathers no weight per step. The prefill and the decode loop are compiled with that copy as
+their argument (beside the cache); the policy's own parameters stay alive beside them
+(`OUTSIDE`), and the copy is counted in the rollout's `rollout_work`.
 
 Shapes are the worst case the config admits: prompts padded to the largest prompt bucket,
 responses to the largest length bucket, one image per prompt as large as data.max_pixels allows
@@ -53,11 +58,13 @@ from ares_jax.aepo import learner as Lr
 from ares_jax.aepo import train as aepo_train
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import inputs as model_inputs
+from ares_jax.models.qwen2_5_vl import model as model_lib
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl.layers import remat_policy
 from ares_jax.models.qwen2_5_vl.model import KVCache, ModelInputs, VisionInputs
 from ares_jax.ops import kl as K
 from ares_jax.parallel import rules as R
+from ares_jax.sampling import layout as sampling_layout
 from ares_jax.sampling import sampler as S
 
 SDS = jax.ShapeDtypeStruct
@@ -183,6 +190,8 @@ class Setup:
     prefill_inputs: ModelInputs
     cache: KVCache
     compute_dtype: jnp.dtype
+    rollout_graphdef: nnx.GraphDef  # the whole model's (trainable and frozen parts merged)
+    rollout_params: nnx.State  # the rollout's copy of the policy (`sampling.layout`)
 
 
 def model_cfg(c) -> model_config.Qwen2_5_VLConfig:
@@ -334,20 +343,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
     )
     axes = model_inputs.logical_axes(prompts)
     prefill_inputs = _placed(prompts, R.tree_shardings(mesh, axes, prompts))
-    t = cfg.text
-    n, sc = z.decode_rows, z.cache_len
-    kv_axes = (R.BATCH, R.KV_LENGTH, R.KV_HEADS, R.HEAD_DIM)
-    kv = [
-        _sds(mesh, rules, (n, sc, t.num_key_value_heads, t.head_dim), cdt, kv_axes)
-        for _ in range(2 * t.num_hidden_layers)
-    ]
-    cache = KVCache(
-        k=tuple(kv[: t.num_hidden_layers]),
-        v=tuple(kv[t.num_hidden_layers :]),
-        valid=_sds(mesh, rules, (n, sc), jnp.bool_, (R.BATCH, R.KV_LENGTH)),
-        index=_replicated(mesh, (), jnp.int32),
-        next_pos=_sds(mesh, rules, (n,), jnp.int32, (R.BATCH,)),
-    )
+    rollout_graphdef, full = nnx.split(Lr.merge(graphdef, trainable, frozen))
     return Setup(
         c=c,
         mesh=mesh,
@@ -362,8 +358,30 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
         settings=aepo_train._learner_settings(c, z.prompt_len),
         sampling=_sampling(c, cfg, z),
         prefill_inputs=prefill_inputs,
-        cache=cache,
+        cache=abstract_cache(rollout_graphdef, full, mesh, rules, z.decode_rows, z.cache_len),
         compute_dtype=cdt,
+        rollout_graphdef=rollout_graphdef,
+        rollout_params=sampling_layout.abstract_rollout_params(
+            rollout_graphdef, full, mesh, dtype=cdt, rules=rules
+        ),
+    )
+
+
+# The logical axes of a KV cache buffer: the model's (`model.KV_AXES`) where it names them.
+KV_AXES = getattr(model_lib, "KV_AXES", (R.BATCH, R.KV_LENGTH, R.KV_HEADS, R.HEAD_DIM))
+
+
+def abstract_cache(graphdef, params, mesh, rules, rows: int, length: int) -> KVCache:
+    """The abstract KV cache of `rows` rows and `length` slots, as the model builds it
+    (`init_cache`, in its compute dtype), each buffer sharded by `KV_AXES`."""
+    shapes = jax.eval_shape(lambda: nnx.merge(graphdef, params).init_cache(rows, length))
+    kv = lambda x: _sds(mesh, rules, x.shape, x.dtype, KV_AXES)  # noqa: E731
+    return KVCache(
+        k=tuple(map(kv, shapes.k)),
+        v=tuple(map(kv, shapes.v)),
+        valid=_sds(mesh, rules, shapes.valid.shape, jnp.bool_, (R.BATCH, R.KV_LENGTH)),
+        index=_replicated(mesh, (), jnp.int32),
+        next_pos=_sds(mesh, rules, shapes.next_pos.shape, jnp.int32, (R.BATCH,)),
     )
 
 
@@ -548,7 +566,9 @@ ITEMS = {
     "activations": "one micro-batch forward + backward (remat policy of model.remat)",
     "logprob_pass": "one micro-batch forward of the old/reference log-prob pass + its outputs",
     "kv_cache": "KV cache of one generate call (decode rows x (prompt + response) x layers)",
-    "rollout_work": "prefill forward of one generate call, or the decode loop's buffers",
+    "rollout_work": "the rollout's copy of the policy (sampling/layout.py: compute dtype, not "
+    "split over the batch axes) + the prefill forward of one generate call or the decode "
+    "loop's buffers",
 }
 
 PHASES = {
@@ -647,7 +667,7 @@ def analytic_items(x: Setup) -> dict[str, int]:
         "activations": micro_batch(backward=True),
         "logprob_pass": int(micro_batch(backward=False) + outputs),
         "kv_cache": tree_bytes(x.cache),
-        "rollout_work": int(max(prefill, decode)),
+        "rollout_work": tree_bytes(x.rollout_params) + int(max(prefill, decode)),
     }
 
 
@@ -716,27 +736,29 @@ def lower_logprob(x: Setup):
         )
 
 
-def _full_model(x: Setup):
-    return nnx.split(Lr.merge(x.graphdef, x.trainable, x.frozen))
-
-
 def lower_prefill(x: Setup):
-    """The sampler's prefill of one generate call (mesh set, as `generate` runs it)."""
-    graphdef, params = _full_model(x)
+    """The sampler's prefill of one generate call on the rollout's copy of the policy (mesh set,
+    as `generate` runs it)."""
+    graphdef, params = x.rollout_graphdef, x.rollout_params
     with jax.set_mesh(x.mesh):
         return S._prefill.lower(graphdef, params, x.prefill_inputs, x.sampling, x.sizes.cache_len)
 
 
 def lower_decode(x: Setup):
-    """The sampler's decode loop of one generate call, on a donated cache."""
-    graphdef, params = _full_model(x)
+    """The sampler's decode loop of one generate call on the rollout's copy of the policy, on a
+    donated cache."""
+    graphdef, params = x.rollout_graphdef, x.rollout_params
     n, d = x.sizes.decode_rows, x.cfg.text.hidden_size
     rules = _rules(x.c)
     hidden = _sds(x.mesh, rules, (n, d), x.compute_dtype, (R.BATCH, None))
     key = _replicated(x.mesh, (2,), jnp.uint32)
     tau = _replicated(x.mesh, (), jnp.float32)
+    first = _replicated(x.mesh, (), jnp.int32)  # the first prompt's index
+    # As `generate` compiles it on a mesh: where the sampler leaves the cache's layout to XLA
+    # (`lower_decode`), that; else the jitted `_decode` with the cache in the default layout.
+    lower = getattr(S, "lower_decode", None) or S._decode.lower
     with jax.set_mesh(x.mesh):
-        return S._decode.lower(graphdef, params, x.cache, hidden, x.sampling, key, tau)
+        return lower(graphdef, params, x.cache, hidden, x.sampling, key, tau, first)
 
 
 LOWERINGS: dict[str, Callable] = {
@@ -759,18 +781,19 @@ def argument_bytes(name: str, x: Setup) -> int:
             x.batch.packing,
             x.batch.row_valid,
         ),
-        "prefill": (x.trainable, x.frozen, x.prefill_inputs),
-        "decode": (x.trainable, x.frozen, x.cache),
+        "prefill": (x.rollout_params, x.prefill_inputs),
+        "decode": (x.rollout_params, x.cache),
     }
     return tree_bytes(trees[name])
 
 
-# What stays alive beside each compiled function but is not one of its arguments (analytic).
+# What stays alive beside each compiled function but is not one of its arguments (analytic). The
+# rollout's functions take the rollout's copy of the policy; the policy itself stays alive.
 OUTSIDE = {
     "update": ("reference",),
     "logprob": ("optimizer", "reference"),
-    "prefill": ("optimizer", "reference"),
-    "decode": ("optimizer", "reference"),
+    "prefill": ("parameters", "optimizer", "reference"),
+    "decode": ("parameters", "optimizer", "reference"),
 }
 
 
