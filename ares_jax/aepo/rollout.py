@@ -39,6 +39,7 @@ from ares_jax.rewards import entropy_shaping as ES
 from ares_jax.rewards import triggers as TR
 from ares_jax.sampling import SamplingParams, generate
 from ares_jax.sampling.engine import EngineParams
+from ares_jax.sampling.layout import rollout_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +242,8 @@ def collect(
     t0 = time.perf_counter()
     gen_seconds, score_seconds, tokens_generated, tries = 0.0, 0.0, 0, 0
     tau = float(state.threshold.tau) if bool(state.threshold.initialized) else tau_fallback
+    if mesh is not None:  # once per iteration: compute dtype, no weight split over data/fsdp
+        params = rollout_params(graphdef, params, mesh)
     n_kept = 0
     while n_kept < s.prompts_per_iter and tries < s.max_tries:
         tries += 1

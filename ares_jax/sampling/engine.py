@@ -370,8 +370,9 @@ def _summary(state: _State):
 # ---------------------------------------------------------------------------------------------
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def _bucket(n: int, slots: int) -> int:
+    """Rows fetched for n finished slots: a power of two from 8 up to `slots` (few compilations)."""
+    return min(slots, max(8, 1 << max(0, (n - 1).bit_length())))
 
 
 def generate_paged(
@@ -457,7 +458,7 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
         n_free = int(n_free)
         finished = np.flatnonzero((row >= 0) & done)
         if finished.size:
-            idx = np.full((_bucket(finished.size),), finished[0], np.int32)
+            idx = np.full((_bucket(finished.size, b),), finished[0], np.int32)
             idx[: finished.size] = finished
             state, got = _collect(state, place(idx), place((row >= 0) & done), ps)
             out, g, r, n_free = multihost.fetch(got)
@@ -476,7 +477,9 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
             queue.appendleft((p, [j]))
             release = np.zeros((b,), bool)
             release[victim] = True
-            state, _ = _collect(state, place(np.zeros((1,), np.int32)), place(release), ps)
+            state, _ = _collect(
+                state, place(np.zeros((_bucket(1, b),), np.int32)), place(release), ps
+            )
             preempted += 1
             continue
         # Admission: whole queue entries while slots and pages (one page of growth per running

@@ -283,8 +283,8 @@ def count(compiled, cache) -> Counts:
 def _v5p8_mesh():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip(
-            "libtpu is not importable: install jax[tpu] or put libtpu on PYTHONPATH "
-            "(PYTHONPATH=/work/libtpu) to compile for a TPU v5p-8 topology on this machine"
+            "libtpu is not importable: install jax[tpu], or `pip install --target DIR --no-deps "
+            "libtpu==0.0.42` and PYTHONPATH=DIR, to compile for a TPU v5p-8 topology here"
         )
     from jax.experimental import topologies
 
