@@ -23,12 +23,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ares_jax.aepo import memory
 from ares_jax.models.qwen2_5_vl import config, params
-from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.parallel import mesh as mesh_lib
 from ares_jax.parallel import rules as R
 from ares_jax.sampling import SamplingParams, generate, layout
 from ares_jax.sampling import sampler as S
 from configs import aepo
+from tests.sampling.sampler_test import _text_prompts
 
 SDS = jax.ShapeDtypeStruct
 
@@ -119,19 +119,11 @@ def test_one_compiled_layout_per_layout(sharded):
     assert layout._lay_out.cache_info().hits == hits + 1
 
 
-def _text_prompts(b=4, length=6, pad=2, seed=0):
-    ids = np.random.default_rng(seed).integers(0, 500, (b, length)).astype(np.int32)
-    mask = np.ones((b, length), bool)
-    mask[1, :pad] = False  # left padding
-    pos = np.where(mask, np.cumsum(mask, 1) - 1, 0)
-    return ModelInputs(ids, mask, np.broadcast_to(pos[None], (3, b, length)).astype(np.int32))
-
-
 def test_greedy_generate_on_the_laid_out_policy_equals_one_device(sharded):
     mesh, (graphdef, state) = sharded
     single = params.init_model(config.preset("tiny"), seed=1)
     laid = layout.rollout_params(graphdef, state, mesh)
-    inputs = _text_prompts()
+    inputs = _text_prompts(b=4)
     sp = SamplingParams(n=2, max_new_tokens=8, temperature=0.0)
     want = generate(single, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0))
     got = generate(graphdef, laid, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0), mesh=mesh)
