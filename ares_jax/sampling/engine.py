@@ -150,8 +150,9 @@ def _image_features(graphdef, params, vision):
     return nnx.merge(graphdef, params).image_features(vision)
 
 
-def _take_pages(state: _State, count: jax.Array, offset: jax.Array) -> jax.Array:
-    """The page `offset` positions down from the top of the free stack (offset < count)."""
+def _take_pages(state: _State, offset: jax.Array) -> jax.Array:
+    """The page `offset` positions down from the top of the free stack (the caller takes pages
+    0 .. k-1 with k <= n_free, then lowers n_free by k)."""
     return jnp.take(state.free, jnp.clip(state.n_free - 1 - offset, 0, state.free.shape[0] - 1))
 
 
@@ -196,14 +197,14 @@ def _admit(
     total = total_shared + jnp.sum(private)
     width = state.table.shape[1]
     j = jnp.arange(width)
-    shared = _take_pages(state, total, shared_off[:, None] + j[None, :])  # [Pp, width]
+    shared = _take_pages(state, shared_off[:, None] + j[None, :])  # [Pp, width]
     row_nfull = nfull[req.prompt_local]
     table = jnp.where(
         j[None, :] < row_nfull[:, None],
         shared[req.prompt_local],
         jnp.where(
             (j[None, :] == row_nfull[:, None]) & private[:, None],
-            _take_pages(state, total, private_off)[:, None],
+            _take_pages(state, private_off)[:, None],
             0,
         ),
     )  # [A, width]
@@ -290,7 +291,7 @@ def _decode_chunk(graphdef, params, state: _State, sp: S.SamplingParams, ep: Eng
         live = _live(state)
         need = _page_need(state, ps)
         offset = jnp.cumsum(need) - need
-        page = _take_pages(state, jnp.sum(need), offset)
+        page = _take_pages(state, offset)
         rows = jnp.arange(state.row.shape[0])
         col = jnp.where(need, state.length // ps, state.table.shape[1])
         table = state.table.at[rows, col].set(page, mode="drop")
