@@ -5,8 +5,9 @@ every response of a group: zero advantages and a gradient of rounding noise, whi
 would "match". Counting every high-entropy window (tau at the median) and a low hard-bucket target
 make the entropy reward differ within a group; the online filter is off, since such small rewards
 can fall below its lower bound. No evaluation, so tau comes from the first batch and only the
-iteration is compared. Used by the tests that compare a sharded or multi-process run with one
-device.
+iteration is compared. Seed 1: the first iteration's draws give HWE counts that differ within a
+group (seed 0's happen not to: a gradient of exactly 0). Used by the tests that compare a sharded
+or multi-process run with one device.
 """
 
 MOVING_REWARD = (
@@ -17,4 +18,5 @@ MOVING_REWARD = (
     "--config.eval.every_steps=0",
     "--config.eval.val_before_train=False",
     "--config.entropy.threshold_init=first_batch",
+    "--config.seed=1",
 )
