@@ -5,6 +5,7 @@ single-device result in the same run (ARCHITECTURE.md: tests, benchmarks, CI). T
 before jax is imported anywhere.
 """
 
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -48,3 +49,12 @@ def _no_preemption_carried_over():
     from ares_jax import checkpoint
 
     checkpoint.clear_preemption()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _caches_cleared_after_each_module():
+    """The suite runs in one process: each module's compiled executables and traces are dropped
+    when it ends, so they do not pile up over the whole run."""
+    yield
+    jax.clear_caches()
+    gc.collect()

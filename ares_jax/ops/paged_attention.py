@@ -64,21 +64,69 @@ left-padded prefill's keys and values at positions start .. start + lengths[b] -
 `.at[].set` scatters with `mode="drop"`; rows or tokens that write nothing aim at page P (out of
 range), so they update the pages in place when the caller donates them.
 
+Under a mesh (`Partition`): the rows of a batch and the pages of the pool are split over the same
+mesh axes, and each shard's page table holds indices into its own part of the pool, so a row's
+pages always live with the row. `paged_attention`, `write_decode` and `write_prompt` then run per
+shard under `jax.shard_map` (the Pallas kernels cannot be partitioned by XLA, and a gather through
+a page table over a split pool would otherwise be an all-gather of the pool): no collective.
+
 Dimension letters as in STYLE.md: B rows, H query heads, K KV heads, G = H // K, Dh head dim,
 T prefill tokens; P pages in the pool, ps page size, M pages per row, bp pages per block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from ares_jax.ops.attention import _platform
 
 IMPLS = ("auto", "xla", "dense", "pallas_tpu", "pallas_gpu")
 _F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """How the mesh set by `jax.set_mesh` splits a paged cache (module docstring).
+
+    rows: mesh axes splitting the batch rows and, with them, the pool's pages: shard s holds rows
+      s*B/S .. and pages s*P/S .., and its page-table entries index its own pages (0 .. P/S - 1).
+    heads: mesh axes splitting the KV heads (and the query heads with them, in groups).
+    """
+
+    rows: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
+
+    def spec(self, *dims: str | None) -> PartitionSpec:
+        """A PartitionSpec from dimension roles: "rows", "heads" or None (whole)."""
+        axes = {"rows": self.rows, "heads": self.heads, None: ()}
+        return PartitionSpec(*[_axes_entry(axes[d]) for d in dims])
+
+
+def _axes_entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def per_shard(fn, partition: Partition | None, in_dims, out_dims):
+    """`fn` run on each shard under `jax.shard_map` over the current mesh (`Partition.spec` roles
+    per argument and output, as tuples of dims or trees of them), or `fn` itself without a mesh
+    or a partition. Every mesh axis is manual: arguments not split over an axis are whole there."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if partition is None or mesh.empty:
+        return fn
+    spec = lambda dims: partition.spec(*dims)  # noqa: E731
+    is_dims = lambda x: isinstance(x, tuple) and all(d in ("rows", "heads", None) for d in x)  # noqa: E731
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=jax.tree.map(spec, in_dims, is_leaf=is_dims),
+        out_specs=jax.tree.map(spec, out_dims, is_leaf=is_dims),
+        check_vma=False,
+    )
 
 
 def paged_attention(
@@ -91,6 +139,7 @@ def paged_attention(
     impl: str = "auto",
     pages_per_block: int = 8,
     interpret: bool | None = None,
+    partition: Partition | None = None,
 ) -> jax.Array:
     """One decode query per row attending its paged keys; see the module docstring.
 
@@ -104,10 +153,23 @@ def paged_attention(
       pages_per_block: pages per block of the "xla" loop and compute block of the kernels.
       interpret: run the Pallas kernels in the interpreter; None means when the default backend
         is CPU.
+      partition: under a mesh, how rows, pages and heads are split (`Partition`); each shard
+        then attends its own rows over its own pages. None: XLA partitions the call as it is.
 
     Returns:
       [B, H, Dh] in q's dtype.
     """
+    if partition is not None:
+        fn = functools.partial(
+            paged_attention, impl=impl, pages_per_block=pages_per_block, interpret=interpret
+        )
+        pages = ("heads", "rows", None, None)
+        return per_shard(
+            fn,
+            partition,
+            (("rows", "heads", None), pages, pages, ("rows",), ("rows", None)),
+            ("rows", "heads", None),
+        )(q, k_pages, v_pages, lengths, page_table)
     q, k_pages, v_pages, lengths, page_table = (
         jnp.asarray(x) for x in (q, k_pages, v_pages, lengths, page_table)
     )
@@ -159,6 +221,7 @@ def write_decode(
     page_table: jax.Array,
     positions: jax.Array,
     valid: jax.Array,
+    partition: Partition | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Writes one new token's key and value per row into the pages.
 
@@ -171,10 +234,20 @@ def write_decode(
       valid: [B] bool; rows with False write nothing, nor do positions outside 0 .. M*ps-1 or
         table entries outside [0, P). Two valid rows must not aim at the same slot (which one wins
         is unspecified).
+      partition: under a mesh, each shard writes its rows into its own pages (`Partition`).
 
     Returns:
       (k_pages, v_pages) with the new tokens written, same shapes and dtypes.
     """
+    if partition is not None:
+        pages, rows = ("heads", "rows", None, None), ("rows",)
+        return per_shard(
+            write_decode,
+            partition,
+            (pages, pages, ("rows", "heads", None), ("rows", "heads", None), ("rows", None))
+            + (rows, rows),
+            (pages, pages),
+        )(k_pages, v_pages, k_new, v_new, page_table, positions, valid)
     k_pages, v_pages, page_table = (jnp.asarray(x) for x in (k_pages, v_pages, page_table))
     b = page_table.shape[0]
     if k_new.shape != v_new.shape or k_new.shape != (b, k_pages.shape[0], k_pages.shape[3]):
@@ -205,6 +278,7 @@ def write_prompt(
     page_table: jax.Array,
     lengths: jax.Array,
     start: int | jax.Array = 0,
+    partition: Partition | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Writes a left-padded prefill's keys and values into the pages.
 
@@ -215,12 +289,23 @@ def write_prompt(
       page_table: [B, M] int, row b's pages in position order.
       lengths: [B] int, real tokens per row, 0 .. T.
       start: int or [B] int, the position of each row's first real token (0 for a fresh prompt).
+      partition: under a mesh, each shard writes its rows into its own pages (`Partition`).
 
     Returns:
       (k_pages, v_pages) with token T - lengths[b] + i of row b at position start + i, for
       i < lengths[b]; padding tokens, positions outside 0 .. M*ps-1 and table entries outside
       [0, P) write nothing.
     """
+    if partition is not None:
+        pages, rows = ("heads", "rows", None, None), ("rows",)
+        kv = ("rows", None, "heads", None)
+        start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), lengths.shape)
+        return per_shard(
+            write_prompt,
+            partition,
+            (pages, pages, kv, kv, ("rows", None), rows, rows),
+            (pages, pages),
+        )(k_pages, v_pages, k, v, page_table, lengths, start)
     k_pages, v_pages, page_table = (jnp.asarray(x) for x in (k_pages, v_pages, page_table))
     b, t = k.shape[:2]
     if k.shape != v.shape or k.shape != (b, t, k_pages.shape[0], k_pages.shape[3]):

@@ -49,6 +49,7 @@ from flax import nnx
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.ops import paged_attention as paged
 from ares_jax.parallel import multihost
+from ares_jax.parallel import rules as R
 from ares_jax.sampling import sampler as S
 
 log = logging.getLogger(__name__)
@@ -82,23 +83,104 @@ class EngineParams:
 
 
 class _State(NamedTuple):
-    """The device state of the engine, donated through every call (B slots, P pages)."""
+    """The device state of the engine, donated through every call.
 
-    k_pages: tuple  # L x [K, P, ps, hd]
+    Under a mesh the slots and the pool are split into S shards over the batch axes (`_Plan`):
+    the per-slot fields are [S*b] (shard s holds slots s*b ..), the pool's fields [S*P] and
+    `n_free` [S]; table entries index pages within their shard. Without a mesh S = 1.
+    """
+
+    k_pages: tuple  # L x [K, S*P, ps, hd]
     v_pages: tuple
-    refs: jax.Array  # [P] int32: slots holding each page
-    free: jax.Array  # [P] int32: free[:n_free] are the free pages
-    n_free: jax.Array  # int32
-    table: jax.Array  # [B, max_pages] int32
-    row: jax.Array  # [B] int32: output row (prompt * n + sample), -1 for a free slot
-    keys: jax.Array  # [B] row keys
-    length: jax.Array  # [B] int32: tokens in the cache
-    gen: jax.Array  # [B] int32: positions generated
-    next_pos: jax.Array  # [B] int32: M-RoPE position of the next token
-    last: jax.Array  # [B] int32: the token fed at the next step
-    done: jax.Array  # [B] bool
-    reason: jax.Array  # [B] int32
-    out: S.Draw  # each field [B, T]: the slot's generated positions
+    refs: jax.Array  # [S*P] int32: slots holding each page
+    free: jax.Array  # [S*P] int32: per shard, free[:n_free] are its free pages
+    n_free: jax.Array  # [S] int32
+    table: jax.Array  # [S*b, max_pages] int32, pages local to the slot's shard
+    row: jax.Array  # [S*b] int32: output row (prompt * n + sample), -1 for a free slot
+    keys: jax.Array  # [S*b] row keys
+    length: jax.Array  # [S*b] int32: tokens in the cache
+    gen: jax.Array  # [S*b] int32: positions generated
+    next_pos: jax.Array  # [S*b] int32: M-RoPE position of the next token
+    last: jax.Array  # [S*b] int32: the token fed at the next step
+    done: jax.Array  # [S*b] bool
+    reason: jax.Array  # [S*b] int32
+    out: S.Draw  # each field [S*b, T]: the slot's generated positions
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The engine's static shapes: S shards of b slots and P pages each (hashable)."""
+
+    ep: EngineParams
+    partition: paged.Partition | None  # None without a mesh
+    shards: int  # S
+    slots: int  # b, slots per shard
+    pages: int  # P, pages per shard
+    width: int  # page-table columns
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return self.partition.rows if self.partition is not None else ()
+
+
+def plan(ep: EngineParams, sp: S.SamplingParams, prompt_len: int, kv_heads: int, mesh=None):
+    """How the engine splits `ep` over `mesh`: slots and pages over the mesh axes the batch rule
+    maps to, as many of them (in order) as divide the slots and leave each shard at least the n
+    slots of one prompt; KV heads over those of the `kv_heads` rule that divide them."""
+    partition, shards = None, 1
+    if mesh is not None:
+        spec = R.logical_to_spec((R.BATCH, R.KV_HEADS), shape=(ep.slots, kv_heads), mesh=mesh)
+        tup = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)  # noqa: E731
+        rows = []
+        for axis in tup(spec[0]):
+            if ep.slots // (shards * mesh.shape[axis]) < sp.n:
+                break
+            rows.append(axis)
+            shards *= mesh.shape[axis]
+        partition = paged.Partition(rows=tuple(rows), heads=tup(spec[1]))
+    pages = -(-ep.pool_pages(prompt_len, sp.max_new_tokens) // shards)
+    width = ep.max_pages(prompt_len, sp.max_new_tokens)
+    return _Plan(ep, partition, shards, ep.slots // shards, pages, width)
+
+
+_PAGES = ("heads", "rows", None, None)
+_ROWS = ("rows",)
+_ROWS2 = ("rows", None)
+
+
+def _state_dims(num_layers: int) -> _State:
+    """`per_shard` roles of every state field."""
+    return _State(
+        k_pages=(_PAGES,) * num_layers,
+        v_pages=(_PAGES,) * num_layers,
+        refs=_ROWS,
+        free=_ROWS,
+        n_free=_ROWS,
+        table=_ROWS2,
+        row=_ROWS,
+        keys=_ROWS2,
+        length=_ROWS,
+        gen=_ROWS,
+        next_pos=_ROWS,
+        last=_ROWS,
+        done=_ROWS,
+        reason=_ROWS,
+        out=S.Draw(*[_ROWS2] * len(S.Draw._fields)),
+    )
+
+
+def _local(fn, pl: _Plan, in_dims, out_dims):
+    return paged.per_shard(fn, pl.partition, in_dims, out_dims)
+
+
+def _constrain(state: _State, pl: _Plan) -> _State:
+    """The state's fields in their shardings (a donated state comes back as it went in)."""
+    if pl.partition is None or jax.sharding.get_abstract_mesh().empty:
+        return state
+    dims = _state_dims(len(state.k_pages))
+    is_dims = lambda x: isinstance(x, tuple) and all(d in ("rows", "heads", None) for d in x)  # noqa: E731
+    specs = jax.tree.map(lambda d: pl.partition.spec(*d), dims, is_leaf=is_dims)
+    return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
 
 
 def _fills(sp: S.SamplingParams) -> S.Draw:
@@ -111,28 +193,30 @@ def _live(state: _State) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Jitted pieces
+# Jitted pieces. Functions named `_local_*` see one shard: b slots, P pages, n_free [1].
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
-def _init(graphdef, params, ep: EngineParams, prompt_len: int, sp: S.SamplingParams) -> _State:
+def _abstract_state(graphdef, params, pl: _Plan, sp: S.SamplingParams) -> _State:
+    """The engine's state as `jax.ShapeDtypeStruct`s (global shapes; no shardings)."""
+    return jax.eval_shape(lambda p: _zeros(graphdef, p, pl, sp), params)
+
+
+def _zeros(graphdef, params, pl: _Plan, sp: S.SamplingParams) -> _State:
     model = nnx.merge(graphdef, params)
-    b, t = ep.slots, sp.max_new_tokens
-    pages = ep.pool_pages(prompt_len, t)
-    k_pages, v_pages = model.init_pages(pages, ep.page_size)
+    b, t, n = pl.shards * pl.slots, sp.max_new_tokens, pl.shards * pl.pages
+    k_pages, v_pages = model.init_pages(n, pl.ep.page_size)
     key_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
-    fills = _fills(sp)
     out = S.Draw(
-        *[jnp.full((b, t), f, jnp.int32 if isinstance(f, int) else jnp.float32) for f in fills]
+        *[jnp.full((b, t), f, jnp.int32 if isinstance(f, int) else jnp.float32) for f in _fills(sp)]
     )
     return _State(
         k_pages=k_pages,
         v_pages=v_pages,
-        refs=jnp.zeros((pages,), jnp.int32),
-        free=jnp.arange(pages, dtype=jnp.int32)[::-1],
-        n_free=jnp.asarray(pages, jnp.int32),
-        table=jnp.zeros((b, ep.max_pages(prompt_len, t)), jnp.int32),
+        refs=jnp.zeros((n,), jnp.int32),
+        free=jnp.tile(jnp.arange(pl.pages, dtype=jnp.int32)[::-1], pl.shards),
+        n_free=jnp.full((pl.shards,), pl.pages, jnp.int32),
+        table=jnp.zeros((b, pl.width), jnp.int32),
         row=jnp.full((b,), -1, jnp.int32),
         keys=jnp.zeros((b, *key_shape), jnp.uint32),
         length=jnp.zeros((b,), jnp.int32),
@@ -145,50 +229,42 @@ def _init(graphdef, params, ep: EngineParams, prompt_len: int, sp: S.SamplingPar
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init(graphdef, params, pl: _Plan, sp: S.SamplingParams) -> _State:
+    return _constrain(_zeros(graphdef, params, pl, sp), pl)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _image_features(graphdef, params, vision):
     return nnx.merge(graphdef, params).image_features(vision)
 
 
-def _take_pages(state: _State, offset: jax.Array) -> jax.Array:
-    """The page `offset` positions down from the top of the free stack (the caller takes pages
-    0 .. k-1 with k <= n_free, then lowers n_free by k)."""
-    return jnp.take(state.free, jnp.clip(state.n_free - 1 - offset, 0, state.free.shape[0] - 1))
+def _take_pages(free: jax.Array, n_free: jax.Array, offset: jax.Array) -> jax.Array:
+    """The page `offset` positions down from the top of a shard's free stack (the caller takes
+    pages 0 .. k-1 with k <= n_free, then lowers n_free by k)."""
+    return jnp.take(free, jnp.clip(n_free[0] - 1 - offset, 0, free.shape[0] - 1))
 
 
 class _Requests(NamedTuple):
-    """Rows to admit, A = prefill_prompts * n of them; entries with slot == B are unused."""
+    """Rows to admit, S*A of them (A = prefill_prompts * n per shard); entries with slot == b
+    are unused. Shard s's requests are entries s*A .. and refer to its own prompts and slots."""
 
-    prompt_local: jax.Array  # [A] int32: which of the prefilled prompts
-    prompt: jax.Array  # [A] int32: the prompt's index in the caller's numbering (its key)
-    sample: jax.Array  # [A] int32
-    slot: jax.Array  # [A] int32
-    row: jax.Array  # [A] int32: the output row
+    prompt_local: jax.Array  # [S*A] int32: which of the shard's prefilled prompts
+    prompt: jax.Array  # [S*A] int32: the prompt's index in the caller's numbering (its key)
+    sample: jax.Array  # [S*A] int32
+    slot: jax.Array  # [S*A] int32: the slot within the shard
+    row: jax.Array  # [S*A] int32: the output row
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
-def _admit(
-    graphdef,
-    params,
-    state: _State,
-    inputs: ModelInputs,
-    features,
-    req: _Requests,
-    sp: S.SamplingParams,
-    ep: EngineParams,
-    key,
-) -> _State:
-    """Prefills the prompts of `inputs` [Pp, T] and starts the requested rows in their slots."""
-    model = nnx.merge(graphdef, params)
-    b, ps = ep.slots, ep.page_size
-    n_prompts = inputs.input_ids.shape[0]
-    hidden, ks, vs = model.prompt_kv(inputs, features)
-    plen = jnp.sum(inputs.attention_mask, axis=1).astype(jnp.int32)  # [Pp]
+def _local_place(state: _State, ks, vs, hidden_last, plen, req: _Requests, ps: int):
+    """A shard's prompts into pages: the full pages of each admitted prompt once, the last
+    partial page per row. Returns (state, hidden of each request's prompt [A, D], row lengths)."""
+    b = state.row.shape[0]
+    n_prompts = plen.shape[0]
     valid = req.slot < b  # [A]
     rows_of = jnp.zeros((n_prompts,), jnp.int32).at[req.prompt_local].add(valid.astype(jnp.int32))
     nfull = plen // ps
     partial = (plen % ps) > 0
-    # Pages: the full pages of each admitted prompt once, the last partial page per row.
     shared_need = jnp.where(rows_of > 0, nfull, 0)
     shared_off = jnp.cumsum(shared_need) - shared_need
     total_shared = jnp.sum(shared_need)
@@ -197,17 +273,17 @@ def _admit(
     total = total_shared + jnp.sum(private)
     width = state.table.shape[1]
     j = jnp.arange(width)
-    shared = _take_pages(state, shared_off[:, None] + j[None, :])  # [Pp, width]
+    shared = _take_pages(state.free, state.n_free, shared_off[:, None] + j[None, :])  # [Pp, W]
     row_nfull = nfull[req.prompt_local]
     table = jnp.where(
         j[None, :] < row_nfull[:, None],
         shared[req.prompt_local],
         jnp.where(
             (j[None, :] == row_nfull[:, None]) & private[:, None],
-            _take_pages(state, private_off)[:, None],
+            _take_pages(state.free, state.n_free, private_off)[:, None],
             0,
         ),
-    )  # [A, width]
+    )  # [A, W]
     pool = state.refs.shape[0]
     shared_ok = (j[None, :] < shared_need[:, None]).reshape(-1)
     refs = state.refs.at[jnp.where(shared_ok, shared.reshape(-1), pool)].add(
@@ -226,20 +302,24 @@ def _admit(
         )
         k_pages.append(kp)
         v_pages.append(vp)
-    # Position 0 of every row, from the prompt's last hidden state.
-    keys = S.row_keys(key, req.prompt, req.sample)
-    d = S.draw(
-        model,
-        hidden[req.prompt_local, -1],
-        keys,
-        jnp.zeros_like(req.slot),
-        sp,
-        S.logit_bias(sp, model.cfg.text.vocab_size),
-    )
-    stopped = jnp.isin(d.tokens, jnp.asarray(sp.stop_token_ids, jnp.int32))
-    at_end = (sp.max_new_tokens <= 1) & ~stopped
-    last_pos = jnp.max(jnp.where(inputs.attention_mask, inputs.position_ids, -1), axis=(0, 2))
     slot = jnp.where(valid, req.slot, b)
+    state = state._replace(
+        k_pages=tuple(k_pages),
+        v_pages=tuple(v_pages),
+        refs=refs,
+        n_free=state.n_free - total,
+        table=state.table.at[slot].set(table, mode="drop"),
+        length=state.length.at[slot].set(row_len, mode="drop"),
+    )
+    return state, hidden_last[req.prompt_local], row_len
+
+
+def _local_start(state: _State, req: _Requests, keys, d: S.Draw, next_pos, fills, stop_ids, t):
+    """A shard's admitted rows start in their slots with their first drawn token."""
+    b = state.row.shape[0]
+    stopped = jnp.isin(d.tokens, stop_ids)
+    at_end = (t <= 1) & ~stopped
+    slot = jnp.where(req.slot < b, req.slot, b)
     put = lambda x, v: x.at[slot].set(v, mode="drop")  # noqa: E731
     out = S.Draw(
         *[
@@ -247,20 +327,14 @@ def _admit(
             .set(jnp.full(buf.shape[1:], f, buf.dtype), mode="drop")
             .at[slot, 0]
             .set(x, mode="drop")
-            for buf, f, x in zip(state.out, _fills(sp), d, strict=True)
+            for buf, f, x in zip(state.out, fills, d, strict=True)
         ]
     )
     return state._replace(
-        k_pages=tuple(k_pages),
-        v_pages=tuple(v_pages),
-        refs=refs,
-        n_free=state.n_free - total,
-        table=put(state.table, table),
         row=put(state.row, req.row),
         keys=put(state.keys, keys),
-        length=put(state.length, row_len),
-        gen=put(state.gen, jnp.ones_like(row_len)),
-        next_pos=put(state.next_pos, last_pos[req.prompt_local] + 1),
+        gen=put(state.gen, jnp.ones_like(req.slot)),
+        next_pos=put(state.next_pos, next_pos[req.prompt_local] + 1),
         last=put(state.last, d.tokens),
         done=put(state.done, stopped | at_end),
         reason=put(state.reason, jnp.where(stopped, S.STOP, S.LENGTH)),
@@ -268,73 +342,147 @@ def _admit(
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
+def _admit(
+    graphdef,
+    params,
+    state: _State,
+    inputs: ModelInputs,
+    features,
+    req: _Requests,
+    sp: S.SamplingParams,
+    pl: _Plan,
+    key,
+) -> _State:
+    """Prefills the prompts of `inputs` [S*pp, T] (shard s's are rows s*pp ..) and starts the
+    requested rows in their slots."""
+    model = nnx.merge(graphdef, params)
+    layers = model.cfg.text.num_hidden_layers
+    hidden, ks, vs = model.prompt_kv(inputs, features)
+    plen = jnp.sum(inputs.attention_mask, axis=1).astype(jnp.int32)  # [S*pp]
+    last_pos = jnp.max(jnp.where(inputs.attention_mask, inputs.position_ids, -1), axis=(0, 2))
+    kv = ("rows", None, "heads", None)
+    req_dims = _Requests(*[_ROWS] * len(_Requests._fields))
+    dims = _state_dims(layers)
+    state, h_rows, _ = _local(
+        functools.partial(_local_place, ps=pl.ep.page_size),
+        pl,
+        (dims, (kv,) * layers, (kv,) * layers, _ROWS2, _ROWS, req_dims),
+        (dims, _ROWS2, _ROWS),
+    )(state, ks, vs, hidden[:, -1], plen, req)
+    # Position 0 of every row, from its prompt's last hidden state.
+    keys = S.row_keys(key, req.prompt, req.sample)
+    d = S.draw(
+        model,
+        h_rows,
+        keys,
+        jnp.zeros_like(req.slot),
+        sp,
+        S.logit_bias(sp, model.cfg.text.vocab_size),
+    )
+    start = functools.partial(
+        _local_start,
+        fills=_fills(sp),
+        stop_ids=jnp.asarray(sp.stop_token_ids, jnp.int32),
+        t=sp.max_new_tokens,
+    )
+    draw_dims = S.Draw(*[_ROWS] * len(S.Draw._fields))
+    state = _local(start, pl, (dims, req_dims, _ROWS2, draw_dims, _ROWS), dims)(
+        state, req, keys, d, last_pos
+    )
+    return _constrain(state, pl)
+
+
 def _page_need(state: _State, ps: int) -> jax.Array:
-    """[B] bool: live rows whose next token starts a new page."""
+    """[S*b] bool: live rows whose next token starts a new page."""
     return _live(state) & (state.length % ps == 0)
 
 
+def _local_allocate(state: _State, ps: int) -> _State:
+    """A page from the shard's free stack for each live row starting a new page."""
+    need = _page_need(state, ps)
+    offset = jnp.cumsum(need) - need
+    page = _take_pages(state.free, state.n_free, offset)
+    rows = jnp.arange(state.row.shape[0])
+    col = jnp.where(need, state.length // ps, state.table.shape[1])
+    return state._replace(
+        table=state.table.at[rows, col].set(page, mode="drop"),
+        refs=state.refs.at[jnp.where(need, page, state.refs.shape[0])].set(1, mode="drop"),
+        n_free=state.n_free - jnp.sum(need),
+    )
+
+
+def _local_advance(state: _State, d: S.Draw, stop_ids, t: int) -> _State:
+    """A shard's rows after one decode step that drew `d`."""
+    live = _live(state)
+    rows = jnp.arange(state.row.shape[0])
+    gcol = jnp.where(live, state.gen, t)
+    out = S.Draw(
+        *[buf.at[rows, gcol].set(x, mode="drop") for buf, x in zip(state.out, d, strict=True)]
+    )
+    stopped = jnp.isin(d.tokens, stop_ids) & live
+    at_end = (state.gen + 1 >= t) & live & ~stopped
+    step = live.astype(jnp.int32)
+    return state._replace(
+        length=state.length + step,
+        gen=state.gen + step,
+        next_pos=state.next_pos + step,
+        last=jnp.where(live, d.tokens, state.last),
+        done=state.done | stopped | at_end,
+        reason=jnp.where(stopped, S.STOP, jnp.where(at_end, S.LENGTH, state.reason)),
+        out=out,
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=(2,))
-def _decode_chunk(graphdef, params, state: _State, sp: S.SamplingParams, ep: EngineParams):
-    """Up to `chunk_steps` decode steps for every live slot."""
+def _decode_chunk(graphdef, params, state: _State, sp: S.SamplingParams, pl: _Plan):
+    """Up to `chunk_steps` decode steps for every live slot; leaves early when every row has
+    stopped or a shard's pool cannot give each row starting a page its page."""
     model = nnx.merge(graphdef, params)
     bias = S.logit_bias(sp, model.cfg.text.vocab_size)
-    ps, t = ep.page_size, sp.max_new_tokens
+    ps, t = pl.ep.page_size, sp.max_new_tokens
     stop_ids = jnp.asarray(sp.stop_token_ids, jnp.int32)
+    dims = _state_dims(model.cfg.text.num_hidden_layers)
+    draw_dims = S.Draw(*[_ROWS] * len(S.Draw._fields))
+    allocate = _local(functools.partial(_local_allocate, ps=ps), pl, (dims,), dims)
+    advance = _local(
+        functools.partial(_local_advance, stop_ids=stop_ids, t=t), pl, (dims, draw_dims), dims
+    )
 
     def cond(carry):
         i, state = carry
-        need = jnp.sum(_page_need(state, ps))
-        return (i < ep.chunk_steps) & jnp.any(_live(state)) & (need <= state.n_free)
+        need = jnp.sum(_page_need(state, ps).reshape(pl.shards, pl.slots), axis=1)
+        return (i < pl.ep.chunk_steps) & jnp.any(_live(state)) & jnp.all(need <= state.n_free)
 
     def body(carry):
         i, state = carry
-        live = _live(state)
-        need = _page_need(state, ps)
-        offset = jnp.cumsum(need) - need
-        page = _take_pages(state, offset)
-        rows = jnp.arange(state.row.shape[0])
-        col = jnp.where(need, state.length // ps, state.table.shape[1])
-        table = state.table.at[rows, col].set(page, mode="drop")
-        refs = state.refs.at[jnp.where(need, page, state.refs.shape[0])].set(1, mode="drop")
+        state = allocate(state)
         hidden, k_pages, v_pages = model.paged_decode_step(
-            state.last, state.next_pos, state.k_pages, state.v_pages, table, state.length, live
+            state.last,
+            state.next_pos,
+            state.k_pages,
+            state.v_pages,
+            state.table,
+            state.length,
+            _live(state),
+            pl.partition,
         )
         d = S.draw(model, hidden, state.keys, state.gen, sp, bias)
-        gcol = jnp.where(live, state.gen, t)
-        out = S.Draw(
-            *[buf.at[rows, gcol].set(x, mode="drop") for buf, x in zip(state.out, d, strict=True)]
-        )
-        stopped = jnp.isin(d.tokens, stop_ids) & live
-        at_end = (state.gen + 1 >= t) & live & ~stopped
-        step = live.astype(jnp.int32)
-        state = state._replace(
-            k_pages=k_pages,
-            v_pages=v_pages,
-            refs=refs,
-            n_free=state.n_free - jnp.sum(need),
-            table=table,
-            length=state.length + step,
-            gen=state.gen + step,
-            next_pos=state.next_pos + step,
-            last=jnp.where(live, d.tokens, state.last),
-            done=state.done | stopped | at_end,
-            reason=jnp.where(stopped, S.STOP, jnp.where(at_end, S.LENGTH, state.reason)),
-            out=out,
-        )
-        return i + 1, state
+        state = advance(state._replace(k_pages=k_pages, v_pages=v_pages), d)
+        return i + 1, _constrain(state, pl)
 
     _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
-    return state
+    return _constrain(state, pl)
 
 
-def _release(state: _State, release: jax.Array, ps: int) -> _State:
-    """Frees the slots where `release` [B] is True and the pages only they held."""
+def _local_release(state: _State, release: jax.Array, ps: int) -> _State:
+    """Frees the shard's slots where `release` [b] is True and the pages only they held."""
     pool = state.refs.shape[0]
     held = jnp.arange(state.table.shape[1])[None, :] < ((state.length + ps - 1) // ps)[:, None]
     drop = release[:, None] & held
     refs = state.refs.at[jnp.where(drop, state.table, pool)].add(-1, mode="drop")
     emptied = (state.refs > 0) & (refs == 0)
-    pos = state.n_free + jnp.cumsum(emptied) - emptied
+    pos = state.n_free[0] + jnp.cumsum(emptied) - emptied
     free = state.free.at[jnp.where(emptied, pos, pool)].set(
         jnp.arange(pool, dtype=jnp.int32), mode="drop"
     )
@@ -348,17 +496,29 @@ def _release(state: _State, release: jax.Array, ps: int) -> _State:
     )
 
 
-@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
-def _collect(state: _State, slots: jax.Array, release: jax.Array, ps: int):
-    """The outputs of `slots` (finished rows), then those and the `release` [B] slots freed.
+def _local_collect(state: _State, slots: jax.Array, release: jax.Array, ps: int):
+    take = lambda x: jnp.take(x, slots, axis=0)  # noqa: E731
+    out = (S.Draw(*[take(x) for x in state.out]), take(state.gen), take(state.reason))
+    return _local_release(state, release, ps), out
 
-    Returns (state, outputs [len(slots), T] per field, lengths, stop reasons, free pages): one
+
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _collect(state: _State, slots: jax.Array, release: jax.Array, pl: _Plan):
+    """Each shard's outputs of its `slots` [S*k] (finished rows, indices within the shard), then
+    those and the `release` [S*b] slots freed.
+
+    Returns (state, (outputs [S*k, T] per field, lengths, stop reasons, free pages [S])): one
     fetch for the host.
     """
-    take = lambda x: jnp.take(x, slots, axis=0)  # noqa: E731
-    out = S.Draw(*[take(x) for x in state.out]), take(state.gen), take(state.reason)
-    state = _release(state, release, ps)
-    return state, (*out, state.n_free)
+    dims = _state_dims(len(state.k_pages))
+    out_dims = (S.Draw(*[_ROWS2] * len(S.Draw._fields)), _ROWS, _ROWS)
+    state, out = _local(
+        functools.partial(_local_collect, ps=pl.ep.page_size),
+        pl,
+        (dims, _ROWS, _ROWS),
+        (dims, out_dims),
+    )(state, slots, release)
+    return _constrain(state, pl), (*out, state.n_free)
 
 
 @jax.jit
@@ -409,11 +569,6 @@ def generate_paged(
 
 
 def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
-    if mesh is None:
-        place = jnp.asarray
-    else:  # the engine's state and inputs whole on every device; XLA lays out the work
-        replicated = multihost.replicated(mesh)
-        place = lambda x: multihost.put(x, replicated)  # noqa: E731
     sp, ep = sampling, engine
     if sp.branching.enabled and sp.branching.budget > 0:
         raise ValueError("generate_paged: branching runs in the static loop (sampler.generate).")
@@ -423,96 +578,116 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
         )
     inputs = jax.tree.map(np.asarray, inputs)
     n_prompts, prompt_len = inputs.input_ids.shape
-    t, n, ps, b = sp.max_new_tokens, sp.n, ep.page_size, ep.slots
+    cfg = nnx.merge(graphdef, params).cfg.text
+    pl = plan(ep, sp, prompt_len, cfg.num_key_value_heads, mesh)
+    if mesh is None:
+        place = lambda x, dims=None: jnp.asarray(x)  # noqa: E731
+    else:  # per-shard arrays split over the batch axes; the rest whole on every device
+
+        def place(x, dims=()):
+            spec = pl.partition.spec(*dims, *[None] * (np.ndim(x) - len(dims)))
+            return multihost.put(x, jax.sharding.NamedSharding(mesh, spec))
+
+    t, n, ps = sp.max_new_tokens, sp.n, ep.page_size
+    ns, b, pool = pl.shards, pl.slots, pl.pages
     plen = inputs.attention_mask.sum(1).astype(np.int64)
-    pool = ep.pool_pages(prompt_len, t)
     need_pages = plen // ps + n * (plen % ps > 0)
     if (need_pages + n > pool).any():
         worst = int(np.argmax(need_pages))
         raise ValueError(
             f"generate_paged: prompt {worst} ({plen[worst]} tokens, n={n}) needs "
-            f"{need_pages[worst] + n} pages of {ps} tokens to start; the pool holds {pool} "
-            "(EngineParams.num_pages)."
+            f"{need_pages[worst] + n} pages of {ps} tokens to start; a shard's pool holds {pool} "
+            f"(EngineParams.num_pages over {ns} shards)."
         )
     features = None
     if inputs.vision is not None:
         features = _image_features(graphdef, params, jax.tree.map(place, inputs.vision))
-    state = _init(graphdef, params, ep, prompt_len, sp)
-    if mesh is not None:
-        state = place(state)
+    state = _init(graphdef, params, pl, sp)
     key = place(np.asarray(key))
 
-    fills = _fills(sp)
     host = S.Draw(
         *[
             np.full((n_prompts * n, t), f, np.int32 if isinstance(f, int) else np.float32)
-            for f in fills
+            for f in _fills(sp)
         ]
     )
     lengths = np.zeros((n_prompts * n,), np.int32)
     reason = np.full((n_prompts * n,), S.LENGTH, np.int32)
     queue = collections.deque((p, list(range(n))) for p in range(n_prompts))
-    pp = ep.prefill_prompts
     preempted = 0
     while True:
         row, done, gen, length, n_free = multihost.fetch(_summary(state))
-        n_free = int(n_free)
-        finished = np.flatnonzero((row >= 0) & done)
-        if finished.size:
-            idx = np.full((_bucket(finished.size, b),), finished[0], np.int32)
-            idx[: finished.size] = finished
-            state, got = _collect(state, place(idx), place((row >= 0) & done), ps)
-            out, g, r, n_free = multihost.fetch(got)
-            rows = row[finished]
-            for dst, src in zip(host, out, strict=True):
-                dst[rows] = src[: finished.size]
-            lengths[rows], reason[rows] = g[: finished.size], r[: finished.size]
-            row = np.where((row >= 0) & done, -1, row)
-            n_free = int(n_free)
+        n_free = n_free.astype(np.int64)
+        ended = (row >= 0) & done
+        release = ended.copy()
         live = (row >= 0) & ~done
-        need = int(np.sum(live & (length % ps == 0)))
-        if need > n_free and not finished.size:
-            # The pool is dry: evict the live row with the fewest generated tokens.
-            victim = int(np.flatnonzero(live)[np.argmin(np.where(live, gen, np.inf)[live])])
+        # A shard whose pool cannot give each row starting a page its page, and that has no
+        # finished row to free, evicts its live row with the fewest generated tokens.
+        need = (live & (length % ps == 0)).reshape(ns, b).sum(1)
+        for s in np.flatnonzero((need > n_free) & ~ended.reshape(ns, b).any(1)):
+            local = np.flatnonzero(live.reshape(ns, b)[s])
+            victim = s * b + int(local[np.argmin(gen.reshape(ns, b)[s][local])])
             p, j = divmod(int(row[victim]), n)
             queue.appendleft((p, [j]))
-            release = np.zeros((b,), bool)
             release[victim] = True
-            state, _ = _collect(
-                state, place(np.zeros((_bucket(1, b),), np.int32)), place(release), ps
-            )
             preempted += 1
-            continue
-        # Admission: whole queue entries while slots and pages (one page of growth per running
-        # row kept in reserve) allow.
-        free_slots = list(np.flatnonzero(row < 0))
-        running = int(np.sum(live))
-        chosen = []
-        while queue and len(chosen) < pp:
+        if release.any():
+            counts = ended.reshape(ns, b).sum(1)
+            k = _bucket(int(counts.max()), b) if counts.max() else 1
+            idx = np.zeros((ns, k), np.int32)
+            for s in range(ns):
+                idx[s, : counts[s]] = np.flatnonzero(ended.reshape(ns, b)[s])
+            state, got = _collect(
+                state, place(idx.reshape(-1), ("rows",)), place(release, ("rows",)), pl
+            )
+            out, g, r, n_free = multihost.fetch(got)
+            n_free = n_free.astype(np.int64)
+            for s in np.flatnonzero(counts):
+                slots = s * b + idx[s, : counts[s]]
+                src = s * k + np.arange(counts[s])
+                for dst, o in zip(host, out, strict=True):
+                    dst[row[slots]] = o[src]
+                lengths[row[slots]], reason[row[slots]] = g[src], r[src]
+            row = np.where(release, -1, row)
+            live &= ~release
+        # Admission: whole queue entries, in order, each into the shard with the most free pages
+        # among those whose slots and pages (one page of growth per running row kept in reserve)
+        # allow; at most prefill_prompts per shard and call.
+        free_slots = [list(np.flatnonzero(row.reshape(ns, b)[s] < 0)) for s in range(ns)]
+        running = live.reshape(ns, b).sum(1)
+        chosen = [[] for _ in range(ns)]
+        while queue:
             p, samples = queue[0]
             pages = int(plen[p] // ps + len(samples) * (plen[p] % ps > 0))
-            reserve = running + len(samples)
-            if len(samples) > len(free_slots) or pages + reserve > n_free:
+            fits = [
+                s
+                for s in range(ns)
+                if len(chosen[s]) < ep.prefill_prompts
+                and len(samples) <= len(free_slots[s])
+                and pages + running[s] + len(samples) <= n_free[s]
+            ]
+            if not fits:
                 break
+            s = max(fits, key=lambda s: n_free[s])
             queue.popleft()
-            chosen.append((p, samples, [free_slots.pop(0) for _ in samples]))
-            n_free -= pages
-            running += len(samples)
-        if chosen:
+            chosen[s].append((p, samples, [free_slots[s].pop(0) for _ in samples]))
+            n_free[s] -= pages
+            running[s] += len(samples)
+        if any(chosen):
             state = _admit_prompts(
-                graphdef, params, state, inputs, features, chosen, sp, ep, key, first_prompt, place
+                graphdef, params, state, inputs, features, chosen, sp, pl, key, first_prompt, place
             )
-        elif not running:
+        elif not running.any():
             if not queue:
                 break
             raise RuntimeError(
-                f"generate_paged: {len(queue)} prompts wait but none fits the empty pool of "
-                f"{pool} pages (EngineParams.num_pages)."
+                f"generate_paged: {len(queue)} prompts wait but none fits an empty pool of "
+                f"{pool} pages (EngineParams.num_pages over {ns} shards)."
             )
-        state = _decode_chunk(graphdef, params, state, sp, ep)
+        state = _decode_chunk(graphdef, params, state, sp, pl)
     if preempted:
         log.info(
-            "generate_paged: %d rows preempted and regenerated (pool of %d pages)", preempted, pool
+            "generate_paged: %d rows preempted and regenerated (pools of %d pages)", preempted, pool
         )
     mask = np.arange(t)[None, :] < lengths[:, None]
     return S.GenerateOutput(
@@ -533,29 +708,33 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
     )
 
 
-def _admit_prompts(
-    graphdef, params, state, inputs, features, chosen, sp, ep, key, first_prompt, place
-):
-    """One `_admit` call for `chosen` [(prompt, samples, slots)], padded to static sizes."""
-    pp, n, b = ep.prefill_prompts, sp.n, ep.slots
-    which = [p for p, _, _ in chosen] + [chosen[0][0]] * (pp - len(chosen))
+def _admit_prompts(graphdef, params, state, inputs, features, chosen, sp, pl, key, first, place):
+    """One `_admit` call for `chosen[s]` [(prompt, samples, slots)] per shard, padded to static
+    sizes (prefill_prompts prompts and prefill_prompts * n requests per shard)."""
+    pp, n, b, ns = pl.ep.prefill_prompts, sp.n, pl.slots, pl.shards
+    any_prompt = next(c for c in chosen if c)[0][0]
+    which = []
+    a = pp * n
+    local = np.zeros((ns * a,), np.int32)
+    prompt = np.zeros((ns * a,), np.int32)
+    sample = np.zeros((ns * a,), np.int32)
+    slot = np.full((ns * a,), b, np.int32)
+    row = np.zeros((ns * a,), np.int32)
+    for s in range(ns):
+        which += [p for p, _, _ in chosen[s]] + [any_prompt] * (pp - len(chosen[s]))
+        i = s * a
+        for q, (p, samples, slots) in enumerate(chosen[s]):
+            for j, slot_ in zip(samples, slots, strict=True):
+                local[i], prompt[i], sample[i], slot[i] = q, first + p, j, slot_
+                row[i] = p * n + j
+                i += 1
     sub = ModelInputs(
-        input_ids=inputs.input_ids[which],
-        attention_mask=inputs.attention_mask[which],
-        position_ids=inputs.position_ids[:, which],
-        image_index=None if inputs.image_index is None else inputs.image_index[which],
+        input_ids=place(inputs.input_ids[which], ("rows",)),
+        attention_mask=place(inputs.attention_mask[which], ("rows",)),
+        position_ids=place(inputs.position_ids[:, which], (None, "rows")),
+        image_index=(
+            None if inputs.image_index is None else place(inputs.image_index[which], ("rows",))
+        ),
     )
-    local = np.zeros((pp * n,), np.int32)
-    prompt = np.zeros((pp * n,), np.int32)
-    sample = np.zeros((pp * n,), np.int32)
-    slot = np.full((pp * n,), b, np.int32)
-    row = np.zeros((pp * n,), np.int32)
-    i = 0
-    for q, (p, samples, slots) in enumerate(chosen):
-        for j, s in zip(samples, slots, strict=True):
-            local[i], prompt[i], sample[i], slot[i] = q, first_prompt + p, j, s
-            row[i] = p * n + j
-            i += 1
-    req = _Requests(*map(place, (local, prompt, sample, slot, row)))
-    sub = jax.tree.map(place, sub)
-    return _admit(graphdef, params, state, sub, features, req, sp, ep, key)
+    req = _Requests(*[place(x, ("rows",)) for x in (local, prompt, sample, slot, row)])
+    return _admit(graphdef, params, state, sub, features, req, sp, pl, key)

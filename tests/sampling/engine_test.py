@@ -123,16 +123,48 @@ def test_a_prompt_larger_than_the_pool_is_named():
         )
 
 
-def test_on_a_mesh_with_sharded_weights_equals_one_device(tiny):
+def _collectives(hlo: str) -> list[str]:
+    ops = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+    return [ln for ln in hlo.splitlines() if "=" in ln and any(f" {op}" in ln for op in ops)]
+
+
+def test_on_a_mesh_each_shard_decodes_its_rows_over_its_own_pages(tiny):
+    """8 devices, data x fsdp x tensor = 2 x 2 x 2, the rollout's laid-out weights: 8 slots in 4
+    shards of 2 (one prompt each), KV heads over tensor, pools of 6 pages per shard, so rows
+    refill and the shards' pools run dry (rows preempted and regenerated per shard). Equal to
+    one device; the compiled decode chunk moves no page between devices."""
     from jax.sharding import Mesh
 
+    from ares_jax.sampling import engine as E
+    from ares_jax.sampling.layout import rollout_params
+
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-    sharded = params.init_model(config.preset("tiny"), seed=1, mesh=mesh)
-    inputs = _ragged_prompts(b=4)
+    graphdef, state = nnx.split(params.init_model(config.preset("tiny"), seed=1, mesh=mesh))
+    laid_out = rollout_params(graphdef, state, mesh)
+    inputs = _ragged_prompts(b=6)
     sp = SamplingParams(n=2, max_new_tokens=8, temperature=1.0)
-    ep = EngineParams(slots=4, page_size=4, chunk_steps=4, prefill_prompts=2)
+    ep = EngineParams(slots=8, page_size=4, num_pages=24, chunk_steps=4, prefill_prompts=2)
+    pl = E.plan(ep, sp, inputs.input_ids.shape[1], tiny.cfg.text.num_key_value_heads, mesh)
+    assert (pl.shards, pl.slots, pl.pages) == (4, 2, 6)
+    assert pl.partition == E.paged.Partition(rows=("data", "fsdp"), heads=("tensor",))
     single = generate(tiny, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0), engine=ep)
-    multi = generate(
-        sharded, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0), mesh=mesh, engine=ep
+    multi = generate_paged(
+        graphdef,
+        laid_out,
+        inputs=inputs,
+        sampling=sp,
+        key=jax.random.PRNGKey(0),
+        engine=ep,
+        mesh=mesh,
     )
     _assert_same(multi, single)
+    with jax.set_mesh(mesh):
+        st = E._init(graphdef, laid_out, pl, sp)
+        assert st.k_pages[0].sharding.spec == jax.sharding.PartitionSpec(
+            "tensor", ("data", "fsdp")
+        )
+        hlo = E._decode_chunk.lower(graphdef, laid_out, st, sp, pl).compile().as_text()
+    k, p_all, ps, hd = st.k_pages[0].shape
+    pages = [f"{k // 2},{p_all // 4},{ps},{hd}]", f"{k},{p_all},{ps},{hd}]"]
+    moved = [ln for ln in _collectives(hlo) if any(shape in ln.split("=")[1] for shape in pages)]
+    assert _collectives(hlo) and not moved  # tensor-parallel collectives only, no page

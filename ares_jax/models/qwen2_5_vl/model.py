@@ -316,6 +316,7 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         page_table: jax.Array,
         lengths: jax.Array,
         live: jax.Array,
+        partition: paged.Partition | None = None,
     ):
         """One token per row over a paged cache.
 
@@ -327,6 +328,8 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
           lengths: [B] int32, tokens each row already holds; the new one is written at position
             `lengths` (its page must be in the table).
           live: [B] bool; rows that are False write nothing and read nothing (zeros).
+          partition: under a mesh, how rows, pages and KV heads are split (`paged.Partition`:
+            each shard's table indexes its own pages); None without one.
 
         Returns:
           (hidden [B, D], k_pages, v_pages).
@@ -342,9 +345,11 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
             layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
             q, k, v = layer.qkv(x, cos, sin)
             kp, vp = paged.write_decode(
-                k_pages[i], v_pages[i], k[:, 0], v[:, 0], page_table, lengths, live
+                k_pages[i], v_pages[i], k[:, 0], v[:, 0], page_table, lengths, live, partition
             )
-            attn = paged.paged_attention(q[:, 0], kp, vp, seen, page_table, impl=impl)
+            attn = paged.paged_attention(
+                q[:, 0], kp, vp, seen, page_table, impl=impl, partition=partition
+            )
             x = layer.finish(x, attn[:, None])
             new_k.append(kp)
             new_v.append(vp)
