@@ -371,6 +371,19 @@ def collect(
     )
 
 
+def _subset(prompts: Prompts, which: list[int]) -> Prompts:
+    """The prompts `which`, in that order (repeats allowed)."""
+    return dataclasses.replace(
+        prompts,
+        ids=prompts.ids[which],
+        mask=prompts.mask[which],
+        positions=prompts.positions[:, which],
+        next_pos=prompts.next_pos[which],
+        patches=[prompts.patches[i] for i in which],
+        grids=[prompts.grids[i] for i in which],
+    )
+
+
 def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSettings, key, tau, mesh):
     """`generate` over chunks of at most `decode_batch_size` rows (whole prompts), concatenated;
     with the engine, one call that keeps `decode_batch_size` rows decoding. Row (prompt b, sample
@@ -378,6 +391,11 @@ def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSetting
     sp = s.sampling
     branching = sp.branching.enabled and sp.branching.budget > 0
     if s.engine is not None and not branching:
+
+        def images_of(which):  # the images of the prompts one admission prefills
+            sub = sampler_inputs(_subset(prompts, which), cfg)
+            return sub.image_index, sub.vision
+
         return generate(
             graphdef,
             params,
@@ -386,6 +404,7 @@ def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSetting
             key=key,
             mesh=mesh,
             engine=s.engine,
+            images_of=images_of if prompts.has_images else None,
         )
     per_call = prompts.size
     if s.decode_batch_size:
@@ -395,19 +414,10 @@ def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSetting
         which = list(range(first, min(first + per_call, prompts.size)))
         if len(which) < per_call and first > 0:  # keep the static batch size: pad with repeats
             which += [which[-1]] * (per_call - len(which))
-        part = dataclasses.replace(
-            prompts,
-            ids=prompts.ids[which],
-            mask=prompts.mask[which],
-            positions=prompts.positions[:, which],
-            next_pos=prompts.next_pos[which],
-            patches=[prompts.patches[i] for i in which],
-            grids=[prompts.grids[i] for i in which],
-        )
         out = generate(
             graphdef,
             params,
-            inputs=sampler_inputs(part, cfg),
+            inputs=sampler_inputs(_subset(prompts, which), cfg),
             sampling=sp,
             key=key,
             branch_threshold=tau,

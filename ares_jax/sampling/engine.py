@@ -546,6 +546,7 @@ def generate_paged(
     engine: EngineParams = EngineParams(),
     mesh=None,
     first_prompt: int = 0,
+    images_of=None,
 ) -> S.GenerateOutput:
     """`sampler.generate` by continuous batching over a paged cache (module docstring).
 
@@ -557,18 +558,26 @@ def generate_paged(
         static loop does, so both give the same tokens for the same key.
       engine: `EngineParams`.
       first_prompt: the index of the first prompt in the caller's numbering (`sampler.generate`).
-      mesh: run under this mesh (`jax.set_mesh`); the engine's state is laid out by XLA.
+      mesh: run under this mesh (`jax.set_mesh`): slots and page pools split over the batch
+        axes (`plan`), the prompts of each admission prefilled where their rows decode.
+      images_of: for prompts with images, a function of a list of prompt indices returning
+        (image_index [len, T], VisionInputs) of those prompts alone (`batching.sampler_inputs`
+        of the subset): each admission then runs the vision tower on its own prompts' images,
+        and no feature of a prompt waiting in the queue is held on device. Without it, the
+        features of all of `inputs.vision` are computed once up front.
 
     Returns:
       GenerateOutput of NumPy arrays, B * n rows, prompt by prompt.
     """
     if mesh is not None:
         with jax.set_mesh(mesh):
-            return _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh)
-    return _run(graphdef, params, inputs, sampling, key, engine, first_prompt, None)
+            return _run(
+                graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, images_of
+            )
+    return _run(graphdef, params, inputs, sampling, key, engine, first_prompt, None, images_of)
 
 
-def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
+def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, images_of):
     sp, ep = sampling, engine
     if sp.branching.enabled and sp.branching.budget > 0:
         raise ValueError("generate_paged: branching runs in the static loop (sampler.generate).")
@@ -600,7 +609,7 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
             f"(EngineParams.num_pages over {ns} shards)."
         )
     features = None
-    if inputs.vision is not None:
+    if inputs.vision is not None and images_of is None:
         features = _image_features(graphdef, params, jax.tree.map(place, inputs.vision))
     state = _init(graphdef, params, pl, sp)
     key = place(np.asarray(key))
@@ -675,7 +684,18 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
             running[s] += len(samples)
         if any(chosen):
             state = _admit_prompts(
-                graphdef, params, state, inputs, features, chosen, sp, pl, key, first_prompt, place
+                graphdef,
+                params,
+                state,
+                inputs,
+                features,
+                images_of,
+                chosen,
+                sp,
+                pl,
+                key,
+                first_prompt,
+                place,
             )
         elif not running.any():
             if not queue:
@@ -708,7 +728,9 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh):
     )
 
 
-def _admit_prompts(graphdef, params, state, inputs, features, chosen, sp, pl, key, first, place):
+def _admit_prompts(
+    graphdef, params, state, inputs, features, images_of, chosen, sp, pl, key, first, place
+):
     """One `_admit` call for `chosen[s]` [(prompt, samples, slots)] per shard, padded to static
     sizes (prefill_prompts prompts and prefill_prompts * n requests per shard)."""
     pp, n, b, ns = pl.ep.prefill_prompts, sp.n, pl.slots, pl.shards
@@ -728,13 +750,17 @@ def _admit_prompts(graphdef, params, state, inputs, features, chosen, sp, pl, ke
                 local[i], prompt[i], sample[i], slot[i] = q, first + p, j, slot_
                 row[i] = p * n + j
                 i += 1
+    index = None if inputs.image_index is None else inputs.image_index[which]
+    vision = None
+    if images_of is not None and inputs.image_index is not None:
+        index, vision = images_of(which)
+        vision = jax.tree.map(place, vision)  # the admitted prompts' images, whole everywhere
     sub = ModelInputs(
         input_ids=place(inputs.input_ids[which], ("rows",)),
         attention_mask=place(inputs.attention_mask[which], ("rows",)),
         position_ids=place(inputs.position_ids[:, which], (None, "rows")),
-        image_index=(
-            None if inputs.image_index is None else place(inputs.image_index[which], ("rows",))
-        ),
+        image_index=None if index is None else place(index, ("rows",)),
+        vision=vision,
     )
     req = _Requests(*[place(x, ("rows",)) for x in (local, prompt, sample, slot, row)])
     return _admit(graphdef, params, state, sub, features, req, sp, pl, key)

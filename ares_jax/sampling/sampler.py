@@ -387,6 +387,7 @@ def generate(
     cache_len: int | None = None,
     engine=None,
     first_prompt: int = 0,
+    images_of=None,
 ) -> GenerateOutput:
     """Samples `sampling.n` continuations of each prompt (plus branches, if enabled).
 
@@ -411,6 +412,8 @@ def generate(
       engine: `engine.EngineParams`: generate by continuous batching over a paged KV cache
         (engine.py) instead of this static loop; the same tokens for the same key. Not with
         branching (forks run in the static loop).
+      images_of: with `engine`, the images of a subset of the prompts (`engine.generate_paged`):
+        each admission encodes its own prompts' images only.
 
     Returns:
       GenerateOutput of NumPy arrays, B * rows_per_prompt rows, prompt by prompt.
@@ -434,6 +437,7 @@ def generate(
             engine=engine,
             mesh=mesh,
             first_prompt=first_prompt,
+            images_of=images_of,
         )
     tau = jnp.asarray(np.inf if branch_threshold is None else branch_threshold, jnp.float32)
     b, prompt_len = np.shape(inputs.input_ids)

@@ -93,6 +93,74 @@ def test_images_and_temperature(tiny):
     _assert_same(got, want)
 
 
+def test_images_encoded_per_admission(tiny):
+    """`images_of`: each admission runs the vision tower on its own prompts' images (prompts of
+    one, two and no images, one prompt per admission, padded admissions repeating a prompt)."""
+    from ares_jax.models.qwen2_5_vl import inputs as model_inputs
+    from ares_jax.models.qwen2_5_vl.processor import preprocess_image
+
+    cfg = tiny.cfg
+    rng = np.random.default_rng(3)
+    pix, grids = zip(
+        *[
+            preprocess_image(
+                rng.integers(0, 256, (h, w, 3), dtype=np.uint8), min_pixels=3136, max_pixels=50176
+            )
+            for h, w in [(90, 60), (56, 112), (112, 84)]
+        ],
+        strict=True,
+    )
+    n = [int(np.prod(g)) // 4 for g in grids]
+    vs, img, ve = cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id
+    rows = [
+        [10, 11, vs] + [img] * n[0] + [ve, 12, 13],
+        [14, vs] + [img] * n[1] + [ve, vs] + [img] * n[2] + [ve, 15],
+        [16, 17, 18, 19],
+    ]
+    images = [[0], [1, 2], []]
+    length = max(map(len, rows))
+    ids = np.zeros((3, length), np.int32)
+    mask = np.zeros((3, length), bool)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row) :], mask[b, length - len(row) :] = row, True
+
+    def build(which):
+        used = [i for b in which for i in images[b]]
+        if not used:
+            return model_inputs.from_hf(cfg, ids[which], mask[which])
+        return model_inputs.from_hf(
+            cfg,
+            ids[which],
+            mask[which],
+            np.concatenate([pix[i] for i in used]),
+            np.asarray([grids[i] for i in used]),
+        )
+
+    inputs = build([0, 1, 2])
+    sp = SamplingParams(n=2, max_new_tokens=9, temperature=0.7, top_k=40)
+    want = generate(tiny, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(1))
+    graphdef, state = nnx.split(tiny)
+    calls = []
+
+    def images_of(which):
+        calls.append(list(which))
+        sub = build(which)
+        return sub.image_index, sub.vision
+
+    ep = EngineParams(slots=2, page_size=8, chunk_steps=4, prefill_prompts=1)
+    got = generate_paged(
+        graphdef,
+        state,
+        inputs=inputs,
+        sampling=sp,
+        key=jax.random.PRNGKey(1),
+        engine=ep,
+        images_of=images_of,
+    )
+    _assert_same(got, want)
+    assert calls == [[0], [1], [2]]
+
+
 def test_greedy_through_generate(tiny):
     inputs = _ragged_prompts(b=3)
     sp = SamplingParams(n=1, max_new_tokens=10, temperature=0.0)
@@ -160,9 +228,7 @@ def test_on_a_mesh_each_shard_decodes_its_rows_over_its_own_pages(tiny):
     _assert_same(multi, single)
     with jax.set_mesh(mesh):
         st = E._init(graphdef, laid_out, pl, sp)
-        assert st.k_pages[0].sharding.spec == jax.sharding.PartitionSpec(
-            "tensor", ("data", "fsdp")
-        )
+        assert st.k_pages[0].sharding.spec == jax.sharding.PartitionSpec("tensor", ("data", "fsdp"))
         hlo = E._decode_chunk.lower(graphdef, laid_out, st, sp, pl).compile().as_text()
     k, p_all, ps, hd = st.k_pages[0].shape
     pages = [f"{k // 2},{p_all // 4},{ps},{hd}]", f"{k},{p_all},{ps},{hd}]"]
