@@ -427,6 +427,10 @@ def _paper_scale(c: ml_collections.ConfigDict, size: str) -> None:
         length_buckets=(2048, 4096, 8192, 16384),
         prompts_per_iter=512,
         decode_batch_size=256,
+        # Half the worst case (256 slots x 20480 positions / 64): 10,240 positions per slot on
+        # average, against a 4096-token prompt bucket and responses of median ~800; a shard whose
+        # pool runs dry preempts its youngest row. Per v5p-8 chip: 22.5 GiB (3B), 35 GiB (7B).
+        kv_pages=40960,
     )
     c.optim.update(lr=1e-6, state_dtype="bfloat16")
     # 250 iterations: the length of the paper's training curves (METHOD.md 7.4, Fig. 6). The

@@ -64,6 +64,7 @@ from ares_jax.models.qwen2_5_vl.layers import remat_policy
 from ares_jax.models.qwen2_5_vl.model import KVCache, ModelInputs, VisionInputs
 from ares_jax.ops import kl as K
 from ares_jax.parallel import rules as R
+from ares_jax.sampling import engine as E
 from ares_jax.sampling import layout as sampling_layout
 from ares_jax.sampling import sampler as S
 
@@ -187,11 +188,15 @@ class Setup:
     batch: Lr.LearnerBatch
     settings: Lr.LearnerSettings
     sampling: S.SamplingParams
+    # The static loop: one generate call's prompts and its dense cache. The paged engine
+    # (`engine` set): one admission's prompts and the engine's state (pools, tables, outputs).
     prefill_inputs: ModelInputs
-    cache: KVCache
+    cache: KVCache | E._State
     compute_dtype: jnp.dtype
     rollout_graphdef: nnx.GraphDef  # the whole model's (trainable and frozen parts merged)
     rollout_params: nnx.State  # the rollout's copy of the policy (`sampling.layout`)
+    engine: E._Plan | None = None  # the paged engine's split over the mesh (rollout.engine)
+    requests: E._Requests | None = None  # one admission's rows
 
 
 def model_cfg(c) -> model_config.Qwen2_5_VLConfig:
@@ -328,8 +333,18 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
         kappa=_replicated(mesh, (3,), jnp.float32),
         step=_replicated(mesh, (), jnp.int32),
     )
-    # One generate call's prompts, placed as `generate` places them (rows over `batch`).
-    b, p = z.decode_prompts, z.prompt_len
+    rollout_graphdef, full = nnx.split(Lr.merge(graphdef, trainable, frozen))
+    rollout_params = sampling_layout.abstract_rollout_params(
+        rollout_graphdef, full, mesh, dtype=cdt, rules=rules
+    )
+    sampling = _sampling(c, cfg, z)
+    ep = aepo_train._engine(c)
+    pl = requests = None
+    if ep is not None and not (sampling.branching.enabled and sampling.branching.budget > 0):
+        pl = E.plan(ep, sampling, z.prompt_len, cfg.text.num_key_value_heads, mesh)
+    # The prompts of one prefill, placed as the sampler places them (rows over `batch`): one
+    # generate call's (static loop), or one admission's, prefill_prompts per shard (engine).
+    b, p = (pl.shards * ep.prefill_prompts if pl else z.decode_prompts), z.prompt_len
     vision, index = None, None
     if z.image_tokens:
         vision = _vision_inputs(_vision_rows(cfg, z.image_tokens, b), (), cfg.vision.patch_dim)
@@ -341,9 +356,18 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
         image_index=index,
         vision=vision,
     )
-    axes = model_inputs.logical_axes(prompts)
-    prefill_inputs = _placed(prompts, R.tree_shardings(mesh, axes, prompts))
-    rollout_graphdef, full = nnx.split(Lr.merge(graphdef, trainable, frozen))
+    if pl is None:
+        axes = model_inputs.logical_axes(prompts)
+        prefill_inputs = _placed(prompts, R.tree_shardings(mesh, axes, prompts))
+        cache = abstract_cache(rollout_graphdef, full, mesh, rules, z.decode_rows, z.cache_len)
+    else:
+        prefill_inputs, cache, requests = _engine_arrays(
+            mesh,
+            pl,
+            prompts,
+            E._abstract_state(rollout_graphdef, rollout_params, pl, sampling),
+            sampling.n,
+        )
     return Setup(
         c=c,
         mesh=mesh,
@@ -356,15 +380,42 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
         state=state,
         batch=_learner_batch(mesh, rules, cfg, z),
         settings=aepo_train._learner_settings(c, z.prompt_len),
-        sampling=_sampling(c, cfg, z),
+        sampling=sampling,
         prefill_inputs=prefill_inputs,
-        cache=abstract_cache(rollout_graphdef, full, mesh, rules, z.decode_rows, z.cache_len),
+        cache=cache,
         compute_dtype=cdt,
         rollout_graphdef=rollout_graphdef,
-        rollout_params=sampling_layout.abstract_rollout_params(
-            rollout_graphdef, full, mesh, dtype=cdt, rules=rules
-        ),
+        rollout_params=rollout_params,
+        engine=pl,
+        requests=requests,
     )
+
+
+def _engine_arrays(mesh, pl: E._Plan, prompts: ModelInputs, state: E._State, n: int):
+    """The engine's admission prompts, state and requests with the shardings it gives them
+    (`engine._run`: rows, slots and pages over the batch axes of `pl`, the rest whole)."""
+    whole = lambda x: _replicated(mesh, x.shape, x.dtype)  # noqa: E731
+
+    def split(x, dims):
+        spec = pl.partition.spec(*dims, *[None] * (len(x.shape) - len(dims)))
+        return SDS(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+    rows = lambda x: split(x, ("rows",))  # noqa: E731
+    inputs = ModelInputs(
+        input_ids=rows(prompts.input_ids),
+        attention_mask=rows(prompts.attention_mask),
+        position_ids=split(prompts.position_ids, (None, "rows")),
+        image_index=None if prompts.image_index is None else rows(prompts.image_index),
+        vision=None if prompts.vision is None else jax.tree.map(whole, prompts.vision),
+    )
+    dims = E._state_dims(len(state.k_pages))
+    is_dims = lambda d: isinstance(d, tuple) and all(e in ("rows", "heads", None) for e in d)  # noqa: E731
+    flat_dims = jax.tree.leaves(dims, is_leaf=is_dims)
+    leaves, tree = jax.tree.flatten(state)
+    state = jax.tree.unflatten(tree, [split(x, d) for x, d in zip(leaves, flat_dims, strict=True)])
+    a = pl.shards * pl.ep.prefill_prompts * n  # one admission's rows, all shards
+    requests = E._Requests(*[rows(SDS((a,), jnp.int32)) for _ in E._Requests._fields])
+    return inputs, state, requests
 
 
 # The logical axes of a KV cache buffer: the model's (`model.KV_AXES`) where it names them.
@@ -565,7 +616,9 @@ ITEMS = {
     "learner_batch": "the learner batch of one optimizer step (ids, positions, images, log-probs)",
     "activations": "one micro-batch forward + backward (remat policy of model.remat)",
     "logprob_pass": "one micro-batch forward of the old/reference log-prob pass + its outputs",
-    "kv_cache": "KV cache of one generate call (decode rows x (prompt + response) x layers)",
+    "kv_cache": "KV cache of one generate call (decode rows x (prompt + response) x layers); "
+    "with the paged engine its state: the page pools (rollout.kv_pages), page tables and the "
+    "slots' output buffers",
     "rollout_work": "the rollout's copy of the policy (sampling/layout.py: compute dtype, not "
     "split over the batch axes) + the prefill forward of one generate call or the decode "
     "loop's buffers",
@@ -626,19 +679,22 @@ def analytic_items(x: Setup) -> dict[str, int]:
             total += vision_activations(cfg, sp, vrows=vrows, backward=backward, **common)
         return total
 
-    # The rollout: the prefill's forward over one generate call's prompts (layers unrolled, no
-    # backward), or the decode loop's per-row buffers ([rows, T] x 8) and per-step logits.
+    # The rollout: the prefill's forward over one generate call's prompts (static loop) or one
+    # admission's (engine: prefill_prompts per shard), layers unrolled, no backward; or the
+    # decode loop's per-row buffers ([rows, T] x 8; the engine keeps them in its state, counted
+    # as kv_cache) and per-step logits.
     ways = lambda name, size: _ways(x.mesh, _rules(x.c), name, size)  # noqa: E731
+    prompts = x.prefill_inputs.input_ids.shape[0]
     prefill = text_activations(
         cfg,
         sp,
-        rows=z.decode_prompts / ways(R.BATCH, z.decode_prompts),
+        rows=prompts / ways(R.BATCH, prompts),
         seq=z.prompt_len,
         backward=False,
         **common,
     )
     if z.image_tokens:
-        prefill_rows = _vision_rows(cfg, z.image_tokens, z.decode_prompts)
+        prefill_rows = _vision_rows(cfg, z.image_tokens, prompts)
         prefill += vision_activations(
             cfg,
             dataclasses.replace(sp, patches=ways(R.PATCHES, prefill_rows)),
@@ -646,8 +702,12 @@ def analytic_items(x: Setup) -> dict[str, int]:
             backward=False,
             **common,
         )
-    n = z.decode_rows / sp.decode_batch
-    decode = n * z.response_len * 4 * 8 + 6 * n * cfg.text.vocab_size / sp.vocab * 4
+    if x.engine is not None:
+        n = x.engine.slots
+        decode = 6 * n * cfg.text.vocab_size / sp.vocab * 4
+    else:
+        n = z.decode_rows / sp.decode_batch
+        decode = n * z.response_len * 4 * 8 + 6 * n * cfg.text.vocab_size / sp.vocab * 4
 
     trainable = tree_bytes(x.trainable)
     # The reference as aepo/train.py builds it (`learner.reference_params`): in the compute dtype
@@ -738,16 +798,35 @@ def lower_logprob(x: Setup):
 
 def lower_prefill(x: Setup):
     """The sampler's prefill of one generate call on the rollout's copy of the policy (mesh set,
-    as `generate` runs it)."""
+    as `generate` runs it); with the paged engine, one admission (`engine._admit`: prefill,
+    pages written, first tokens drawn) on the donated engine state."""
     graphdef, params = x.rollout_graphdef, x.rollout_params
+    if x.engine is not None:
+        key = _replicated(x.mesh, (2,), jnp.uint32)
+        with jax.set_mesh(x.mesh):
+            return E._admit.lower(
+                graphdef,
+                params,
+                x.cache,
+                x.prefill_inputs,
+                None,
+                x.requests,
+                x.sampling,
+                x.engine,
+                key,
+            )
     with jax.set_mesh(x.mesh):
         return S._prefill.lower(graphdef, params, x.prefill_inputs, x.sampling, x.sizes.cache_len)
 
 
 def lower_decode(x: Setup):
     """The sampler's decode loop of one generate call on the rollout's copy of the policy, on a
-    donated cache."""
+    donated cache; with the paged engine, one chunk of decode steps (`engine._decode_chunk`) on
+    the donated engine state."""
     graphdef, params = x.rollout_graphdef, x.rollout_params
+    if x.engine is not None:
+        with jax.set_mesh(x.mesh):
+            return E._decode_chunk.lower(graphdef, params, x.cache, x.sampling, x.engine)
     n, d = x.sizes.decode_rows, x.cfg.text.hidden_size
     rules = _rules(x.c)
     hidden = _sds(x.mesh, rules, (n, d), x.compute_dtype, (R.BATCH, None))
@@ -781,7 +860,8 @@ def argument_bytes(name: str, x: Setup) -> int:
             x.batch.packing,
             x.batch.row_valid,
         ),
-        "prefill": (x.rollout_params, x.prefill_inputs),
+        "prefill": (x.rollout_params, x.prefill_inputs)
+        + ((x.cache, x.requests) if x.engine is not None else ()),
         "decode": (x.rollout_params, x.cache),
     }
     return tree_bytes(trees[name])
