@@ -56,7 +56,8 @@ row) and every entry is clipped into [0, P): a kernel never reads outside the po
 row's own filled pages. Neither kernel masks the values (and the TPU one masks logits by adding a
 large negative number), so slots past lengths[b] inside the row's last filled page must hold finite
 numbers (they do once written or zero-initialised); "xla" has no such need. `interpret` runs the
-Pallas kernels in the Pallas interpreter (default: when the default backend is CPU), the only way
+Pallas kernels in the Pallas interpreter (default: when the platform compiled for, as "auto" reads
+it, is CPU; so compiling for a TPU topology from a CPU host lowers the real kernel), the only way
 they run on CPU.
 
 The writes: `write_decode` puts one new token per row at positions[b]; `write_prompt` puts a
@@ -151,8 +152,8 @@ def paged_attention(
         are never read for results.
       impl: one of IMPLS; "auto" picks by platform and falls back to "xla" (module docstring).
       pages_per_block: pages per block of the "xla" loop and compute block of the kernels.
-      interpret: run the Pallas kernels in the interpreter; None means when the default backend
-        is CPU.
+      interpret: run the Pallas kernels in the interpreter; None means when the platform
+        compiled for is CPU.
       partition: under a mesh, how rows, pages and heads are split (`Partition`); each shard
         then attends its own rows over its own pages. None: XLA partitions the call as it is.
 
@@ -193,7 +194,7 @@ def paged_attention(
     if pages_per_block < 1:
         raise ValueError(f"pages_per_block must be positive, got {pages_per_block}")
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = _platform() == "cpu"
     m = page_table.shape[1]
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, m * ps)
     page_table = page_table.astype(jnp.int32)
@@ -261,10 +262,11 @@ def write_decode(
         )
     page, slot = _page_slot(page_table, positions[:, None], valid[:, None], k_pages.shape)
     page, slot = page[:, 0], slot[:, 0]  # [B]
-    k_pages = k_pages.at[:, page, slot].set(
+    head = _heads(k_pages.shape[0], page.ndim)
+    k_pages = k_pages.at[head, page, slot].set(
         jnp.swapaxes(k_new, 0, 1).astype(k_pages.dtype), mode="drop"
     )
-    v_pages = v_pages.at[:, page, slot].set(
+    v_pages = v_pages.at[head, page, slot].set(
         jnp.swapaxes(v_new, 0, 1).astype(v_pages.dtype), mode="drop"
     )
     return k_pages, v_pages
@@ -321,13 +323,24 @@ def write_prompt(
     offset = jnp.arange(t)[None, :] - (t - lengths[:, None])  # [B, T], >= 0 on real tokens
     positions = jnp.broadcast_to(jnp.asarray(start), (b,))[:, None] + offset
     page, slot = _page_slot(page_table, positions, offset >= 0, k_pages.shape)  # [B, T]
-    k_pages = k_pages.at[:, page, slot].set(  # values [K, B, T, Dh]
+    head = _heads(k_pages.shape[0], page.ndim)
+    k_pages = k_pages.at[head, page, slot].set(  # values [K, B, T, Dh]
         jnp.moveaxis(k, 2, 0).astype(k_pages.dtype), mode="drop"
     )
-    v_pages = v_pages.at[:, page, slot].set(
+    v_pages = v_pages.at[head, page, slot].set(
         jnp.moveaxis(v, 2, 0).astype(v_pages.dtype), mode="drop"
     )
     return k_pages, v_pages
+
+
+def _heads(k: int, ndim: int) -> jax.Array:
+    """[K, 1, ...] head indices for a write `pages.at[head, page, slot]` with page and slot of
+    `ndim` dims. The head is an index of the scatter, not a window dimension: its only window
+    dimension is then Dh, the minor one, and TPU scatters into the pages in the [K, P, ps, Dh]
+    layout the Pallas kernel reads. (With `pages.at[:, page, slot]`, K is a window dimension
+    and TPU lays the pages out page-major for the scatter, then copies every layer's pool back
+    for the kernel, on every decode step: tests/sampling/layout_test.py counts them.)"""
+    return jnp.arange(k, dtype=jnp.int32).reshape((k,) + (1,) * ndim)
 
 
 def _page_slot(page_table, positions, valid, pages_shape):

@@ -241,7 +241,7 @@ class Counts:
     cache: int  # the KV cache, bytes per chip
 
 
-def count(compiled, cache) -> Counts:
+def count(compiled, cache, buf=None) -> Counts:
     """Counts in the optimized HLO of a compiled `_decode`. Cache copies: copies into a new
     buffer (`_new_buffer`) of an array of one cache buffer's shard (dtype and shape), outside
     fusions (a copy fused into its consumer changes the layout an operand is read in, in
@@ -256,7 +256,7 @@ def count(compiled, cache) -> Counts:
         if op == "fusion"
         for called in _CALLED.findall(rest)
     }
-    buf = cache.k[0]
+    buf = cache.k[0] if buf is None else buf
     shard = (np.dtype(buf.dtype).name.replace("bfloat16", "bf16").replace("float", "f"),)
     shard += (tuple(buf.sharding.shard_shape(buf.shape)),)
     body_ag = body_copies = copies = 0
@@ -375,3 +375,65 @@ def test_decode_loop_on_v5p8_copies_no_cache_around_the_loop(v5p8_decode):
             "the cache's layout to XLA, removes them)"
         )
     assert laid.cache_copies == 0, laid
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged engine's decode chunk compiled for a TPU v5p-8 slice
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def v5p8_engine():
+    """Counts of the engine's `_decode_chunk` compiled for v5p-8 on the laid-out policy: 32
+    slots in 4 shards (fsdp), pools of 128 pages of 64 positions per shard, top-p 0.99."""
+    compiled, engine_state = _engine_decode_chunk()
+    return count(compiled, engine_state, engine_state.k_pages[0]), engine_state
+
+
+def _engine_decode_chunk():
+    from ares_jax.models.qwen2_5_vl.model import ModelInputs
+    from ares_jax.sampling import engine as E
+
+    mesh = _v5p8_mesh()
+    cfg = _decode_model()
+    graphdef, state = nnx.split(
+        params.abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    )
+    shardings = params.param_shardings(state, mesh)
+    fsdp = nnx.from_flat_state(
+        [
+            (k, v.replace(SDS(v.get_value().shape, v.get_value().dtype, sharding=shardings[k])))
+            for k, v in nnx.to_flat_state(state)
+        ]
+    )
+    laid = layout.abstract_rollout_params(graphdef, fsdp, mesh)
+    sp = SamplingParams(
+        n=4, max_new_tokens=1536, temperature=1.0, top_p=0.99, stop_token_ids=(cfg.eos_token_id,)
+    )
+    prompt_len = 512
+    ep = E.EngineParams(slots=32, page_size=64, num_pages=512, chunk_steps=8, prefill_prompts=2)
+    pl = E.plan(ep, sp, prompt_len, cfg.text.num_key_value_heads, mesh)
+    assert (pl.shards, pl.slots, pl.pages) == (4, 8, 128)
+    rows = pl.shards * ep.prefill_prompts
+    prompts = ModelInputs(
+        input_ids=SDS((rows, prompt_len), jnp.int32),
+        attention_mask=SDS((rows, prompt_len), jnp.bool_),
+        position_ids=SDS((3, rows, prompt_len), jnp.int32),
+    )
+    abstract = E._abstract_state(graphdef, laid, pl, sp)
+    _, engine_state, _ = memory._engine_arrays(mesh, pl, prompts, abstract, sp.n)
+    with jax.set_mesh(mesh):
+        compiled = E._decode_chunk.lower(graphdef, laid, engine_state, sp, pl).compile()
+    return compiled, engine_state
+
+
+def test_engine_decode_chunk_on_v5p8_gathers_no_weight_and_copies_no_page(v5p8_engine):
+    """The engine's loop body on the laid-out policy: no all-gather (no weight, and no page:
+    each chip decodes its own slots over its own pages), and no copy of a page pool, in the body
+    or around it (the donated state keeps its layout)."""
+    counts, state = v5p8_engine
+    pool = state.k_pages[0]
+    k, pages, ps, hd = pool.shape
+    assert pool.sharding.shard_shape(pool.shape) == (k, pages // 4, ps, hd)  # a pool per chip
+    assert counts.body_all_gathers == 0, counts
+    assert counts.body_cache_copies == 0 and counts.cache_copies == 0, counts
