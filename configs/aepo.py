@@ -431,6 +431,7 @@ def _paper_scale(c: ml_collections.ConfigDict, size: str) -> None:
         # average, against a 4096-token prompt bucket and responses of median ~800; a shard whose
         # pool runs dry preempts its youngest row. Per v5p-8 chip: 22.5 GiB (3B), 35 GiB (7B).
         kv_pages=40960,
+        prefill_prompts=2,  # per shard and admission: 2 x 4096 prompt tokens per chip
     )
     c.optim.update(lr=1e-6, state_dtype="bfloat16")
     # 250 iterations: the length of the paper's training curves (METHOD.md 7.4, Fig. 6). The
