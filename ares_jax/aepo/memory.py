@@ -13,13 +13,16 @@ a laptop. Two sources, kept apart:
   3B at 3k-9k tokens, and about 1.4x at the paper's 20k tokens, where XLA fuses more;
 - XLA (`compile_phases`): `jit(f).lower(abstract inputs).compile().memory_analysis()` of the
   functions the stage really runs, for the mesh's devices: the learner's `train_step` and
-  `logprob_pass` (aepo/learner.py) and the sampler's `_prefill` and `_decode` (sampling/sampler.py),
-  with the static settings `aepo/train.py` derives from the same config.
+  `logprob_pass` (aepo/learner.py) and the rollout's prefill and decode: with the paged engine
+  (`rollout.engine='paged'`, the default) one admission (`engine._admit`) and one chunk of
+  decode steps (`engine._decode_chunk`) on the engine's state split over the batch axes (page
+  pools of `rollout.kv_pages`); with the static loop the sampler's `_prefill` and `_decode`
+  (sampling/sampler.py). The static settings are those `aepo/train.py` derives from the config.
 
 What lives at once (the phases of one iteration, aepo/train.py): the parameters, the optimizer
 state and the reference model (a copy of the trainable parameters made at start-up) always; during
-the rollout also the KV cache of one generate call and the prefill's or the decode loop's work
-space; during the log-prob passes the learner batch and one micro-batch's forward pass; during an
+the rollout also the KV cache (the engine's page pools and slots, or the static loop's cache of one
+generate call) and the prefill's or the decode loop's work space; during the log-prob passes the learner batch and one micro-batch's forward pass; during an
 update the batch, the gradient accumulator, one micro-batch's gradient and its activations. The
 optimizer moments take their parameters' shardings (`learner.opt_state_shardings`).
 The rollout runs on its own copy of the policy (`sampling/layout.py`, made once per iteration):
