@@ -9,7 +9,7 @@ from ares_jax.models.qwen2_5_vl import config, params
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
 from ares_jax.sampling import SamplingParams, generate
 from ares_jax.sampling.engine import EngineParams, generate_paged
-from tests.sampling.sampler_test import _image_prompts, _recompute
+from tests.sampling.sampler_test import _image_prompts, _recompute, _test_images
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +97,9 @@ def test_images_encoded_per_admission(tiny):
     """`images_of`: each admission runs the vision tower on its own prompts' images (prompts of
     one, two and no images, one prompt per admission, padded admissions repeating a prompt)."""
     from ares_jax.models.qwen2_5_vl import inputs as model_inputs
-    from ares_jax.models.qwen2_5_vl.processor import preprocess_image
 
     cfg = tiny.cfg
-    rng = np.random.default_rng(3)
-    pix, grids = zip(
-        *[
-            preprocess_image(
-                rng.integers(0, 256, (h, w, 3), dtype=np.uint8), min_pixels=3136, max_pixels=50176
-            )
-            for h, w in [(90, 60), (56, 112), (112, 84)]
-        ],
-        strict=True,
-    )
+    pix, grids = _test_images(seed=3)
     n = [int(np.prod(g)) // 4 for g in grids]
     vs, img, ve = cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id
     rows = [

@@ -311,11 +311,9 @@ def _decode_model():
     )
 
 
-@pytest.fixture(scope="module")
-def v5p8_decode():
-    """(FSDP-sharded, laid-out) Counts of `_decode` compiled for v5p-8: 32 rows, 2048 slots."""
-    mesh = _v5p8_mesh()
-    cfg = _decode_model()
+def _abstract_policies(cfg, mesh):
+    """(graphdef, unsharded state, the FSDP-sharded policy, its laid-out rollout copy), abstract,
+    bfloat16 compute over float32 parameters."""
     graphdef, state = nnx.split(
         params.abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     )
@@ -326,7 +324,15 @@ def v5p8_decode():
             for k, v in nnx.to_flat_state(state)
         ]
     )
-    laid = layout.abstract_rollout_params(graphdef, fsdp, mesh)
+    return graphdef, state, fsdp, layout.abstract_rollout_params(graphdef, fsdp, mesh)
+
+
+@pytest.fixture(scope="module")
+def v5p8_decode():
+    """(FSDP-sharded, laid-out) Counts of `_decode` compiled for v5p-8: 32 rows, 2048 slots."""
+    mesh = _v5p8_mesh()
+    cfg = _decode_model()
+    graphdef, state, fsdp, laid = _abstract_policies(cfg, mesh)
     rows, slots = 32, 2048
     cache = memory.abstract_cache(graphdef, state, mesh, None, rows, slots)
     whole = NamedSharding(mesh, PartitionSpec())
@@ -396,17 +402,7 @@ def _engine_decode_chunk():
 
     mesh = _v5p8_mesh()
     cfg = _decode_model()
-    graphdef, state = nnx.split(
-        params.abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    )
-    shardings = params.param_shardings(state, mesh)
-    fsdp = nnx.from_flat_state(
-        [
-            (k, v.replace(SDS(v.get_value().shape, v.get_value().dtype, sharding=shardings[k])))
-            for k, v in nnx.to_flat_state(state)
-        ]
-    )
-    laid = layout.abstract_rollout_params(graphdef, fsdp, mesh)
+    graphdef, state, fsdp, laid = _abstract_policies(cfg, mesh)
     sp = SamplingParams(
         n=4, max_new_tokens=1536, temperature=1.0, top_p=0.99, stop_token_ids=(cfg.eos_token_id,)
     )

@@ -35,12 +35,12 @@ def _text_prompts(b=2, length=6, pad=2, seed=0):
     return ModelInputs(ids, mask, np.broadcast_to(pos[None], (3, b, length)).astype(np.int32))
 
 
-def _image_prompts(cfg):
-    """Two left-padded prompts with one and two images (the tiny preset's token ids)."""
+def _test_images(seed=0):
+    """Three random images of 90x60, 56x112 and 112x84: (patches, grids) per image."""
     from ares_jax.models.qwen2_5_vl.processor import preprocess_image
 
-    rng = np.random.default_rng(0)
-    pix, grids = zip(
+    rng = np.random.default_rng(seed)
+    return zip(
         *[
             preprocess_image(
                 rng.integers(0, 256, (h, w, 3), dtype=np.uint8), min_pixels=3136, max_pixels=50176
@@ -49,6 +49,11 @@ def _image_prompts(cfg):
         ],
         strict=True,
     )
+
+
+def _image_prompts(cfg):
+    """Two left-padded prompts with one and two images (the tiny preset's token ids)."""
+    pix, grids = _test_images()
     n = [int(np.prod(g)) // 4 for g in grids]
     vs, img, ve = cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id
     row0 = [10, 11, vs] + [img] * n[0] + [ve, 12, 13]
