@@ -22,9 +22,10 @@ a laptop. Two sources, kept apart:
 What lives at once (the phases of one iteration, aepo/train.py): the parameters, the optimizer
 state and the reference model (a copy of the trainable parameters made at start-up) always; during
 the rollout also the KV cache (the engine's page pools and slots, or the static loop's cache of one
-generate call) and the prefill's or the decode loop's work space; during the log-prob passes the learner batch and one micro-batch's forward pass; during an
-update the batch, the gradient accumulator, one micro-batch's gradient and its activations. The
-optimizer moments take their parameters' shardings (`learner.opt_state_shardings`).
+generate call) and the prefill's or the decode loop's work space; during the log-prob passes
+the learner batch and one micro-batch's forward pass; during an update the batch, the gradient
+accumulator, one micro-batch's gradient and its activations. The optimizer moments take their
+parameters' shardings (`learner.opt_state_shardings`).
 The rollout runs on its own copy of the policy (`sampling/layout.py`, made once per iteration):
 every parameter in the compute dtype, none split over the batch axes, so that the decode loop
 gathers no weight per step. The prefill and the decode loop are compiled with that copy as
