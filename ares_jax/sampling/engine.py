@@ -24,6 +24,17 @@ engine keeps `slots` rows decoding at once and refills a slot as soon as its row
     generated tokens is evicted and queued again from its prompt. Its draws are keyed by (prompt,
     sample, position) (`sampler.row_keys`), so it regenerates the same tokens (up to float
     rounding of a different batch).
+  * **Shards.** On a mesh, the slots and the pool are split over the mesh axes of the batch
+    rule (`plan`: as many as divide the slots and leave each shard the n slots of a prompt):
+    shard s owns slots s*b .. and its own pool, free stack and counts, and its page tables
+    index its own pages. The host places each admitted prompt in one shard (the one with the
+    most free pages among those with room); page bookkeeping, page writes and paged attention
+    run per shard under `shard_map` (`ops.paged_attention.Partition`), the model's dense layers
+    as XLA partitions them on the rollout's laid-out weights (`sampling/layout.py`). No page
+    crosses devices, and the compiled decode chunk holds no all-gather (tests/sampling/
+    engine_test.py on 8 CPU devices, tests/sampling/layout_test.py compiled for a v5p-8).
+  * **Images.** With `images_of`, each admission runs the vision tower on its own prompts'
+    images; otherwise the features of all prompts are computed once up front.
 
 Every row's draws depend on its key and its logits only, so the engine's tokens, log-probs and
 entropies equal the static loop's for the same key (to float rounding of paged vs dense
