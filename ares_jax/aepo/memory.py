@@ -67,6 +67,7 @@ from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl.layers import remat_policy
 from ares_jax.models.qwen2_5_vl.model import KVCache, ModelInputs, VisionInputs
 from ares_jax.ops import kl as K
+from ares_jax.ops import paged_attention as paged
 from ares_jax.parallel import rules as R
 from ares_jax.sampling import engine as E
 from ares_jax.sampling import layout as sampling_layout
@@ -413,8 +414,7 @@ def _engine_arrays(mesh, pl: E._Plan, prompts: ModelInputs, state: E._State, n: 
         vision=None if prompts.vision is None else jax.tree.map(whole, prompts.vision),
     )
     dims = E._state_dims(len(state.k_pages))
-    is_dims = lambda d: isinstance(d, tuple) and all(e in ("rows", "heads", None) for e in d)  # noqa: E731
-    flat_dims = jax.tree.leaves(dims, is_leaf=is_dims)
+    flat_dims = jax.tree.leaves(dims, is_leaf=paged.is_dims)
     leaves, tree = jax.tree.flatten(state)
     state = jax.tree.unflatten(tree, [split(x, d) for x, d in zip(leaves, flat_dims, strict=True)])
     a = pl.shards * pl.ep.prefill_prompts * n  # one admission's rows, all shards

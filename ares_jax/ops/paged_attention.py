@@ -107,6 +107,15 @@ class Partition:
         axes = {"rows": self.rows, "heads": self.heads, None: ()}
         return PartitionSpec(*[_axes_entry(axes[d]) for d in dims])
 
+    def specs(self, dims_tree):
+        """`spec` of every leaf of a tree whose leaves are tuples of dimension roles."""
+        return jax.tree.map(lambda d: self.spec(*d), dims_tree, is_leaf=is_dims)
+
+
+def is_dims(x) -> bool:
+    """Whether `x` is a tuple of dimension roles (a leaf of a `Partition.specs` tree)."""
+    return isinstance(x, tuple) and all(d in ("rows", "heads", None) for d in x)
+
 
 def _axes_entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
@@ -119,13 +128,11 @@ def per_shard(fn, partition: Partition | None, in_dims, out_dims):
     mesh = jax.sharding.get_abstract_mesh()
     if partition is None or mesh.empty:
         return fn
-    spec = lambda dims: partition.spec(*dims)  # noqa: E731
-    is_dims = lambda x: isinstance(x, tuple) and all(d in ("rows", "heads", None) for d in x)  # noqa: E731
     return jax.shard_map(
         fn,
         mesh=mesh,
-        in_specs=jax.tree.map(spec, in_dims, is_leaf=is_dims),
-        out_specs=jax.tree.map(spec, out_dims, is_leaf=is_dims),
+        in_specs=partition.specs(in_dims),
+        out_specs=partition.specs(out_dims),
         check_vma=False,
     )
 

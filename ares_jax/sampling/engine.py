@@ -188,9 +188,7 @@ def _constrain(state: _State, pl: _Plan) -> _State:
     """The state's fields in their shardings (a donated state comes back as it went in)."""
     if pl.partition is None or jax.sharding.get_abstract_mesh().empty:
         return state
-    dims = _state_dims(len(state.k_pages))
-    is_dims = lambda x: isinstance(x, tuple) and all(d in ("rows", "heads", None) for d in x)  # noqa: E731
-    specs = jax.tree.map(lambda d: pl.partition.spec(*d), dims, is_leaf=is_dims)
+    specs = pl.partition.specs(_state_dims(len(state.k_pages)))
     return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
 
 
