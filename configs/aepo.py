@@ -165,7 +165,7 @@ def _base() -> ml_collections.ConfigDict:
         # 'paged': continuous batching over a paged KV cache (ares_jax/sampling/engine.py): a row
         # that ends is replaced by the next waiting one, attention reads filled pages only.
         # 'static': calls of decode_batch_size rows, each until its longest row ends (a dense
-        # cache of prompt + max_response_len per row). Branching always runs in the static loop.
+        # cache of prompt + max_response_len per row). Both branch (branching.*) alike.
         engine="paged",
         page_size=64,  # tokens per KV page
         # Pages in the pool, 0 = decode_batch_size x (longest prompt + max_response_len) / page

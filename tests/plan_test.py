@@ -151,7 +151,9 @@ def test_engine_state_per_device():
     assert (pl.shards, pl.slots, pl.pages, pl.width) == (4, 4, 6, 5)  # (256 + 16) / 64 -> 5
     pool = 2 * t.num_hidden_layers * (t.num_key_value_heads // 2) * 6 * 64 * t.head_dim * 4
     pages = 6 * 4 * 2 + 4  # refs and free stack, the free count
-    slots = 4 * (5 * 4 + 6 * 4 + 1 + 2 * 4) + 4 * 16 * 4 * 7  # table, 6 int32, done, key; out
+    # table, 9 int32 (row, length, gen, next_pos, last, reason, parent, fork_step, last_fork),
+    # done and active, key; out
+    slots = 4 * (5 * 4 + 9 * 4 + 2 + 2 * 4) + 4 * 16 * 4 * 7
     assert memory.analytic_items(x)["kv_cache"] == pool + pages + slots
     # One admission: prefill_prompts (4) prompts per shard, n rows each.
     assert x.prefill_inputs.input_ids.shape == (16, 256)

@@ -345,7 +345,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
     sampling = _sampling(c, cfg, z)
     ep = aepo_train._engine(c)
     pl = requests = None
-    if ep is not None and not (sampling.branching.enabled and sampling.branching.budget > 0):
+    if ep is not None:
         pl = E.plan(ep, sampling, z.prompt_len, cfg.text.num_key_value_heads, mesh)
     # The prompts of one prefill, placed as the sampler places them (rows over `batch`): one
     # generate call's (static loop), or one admission's, prefill_prompts per shard (engine).
@@ -371,7 +371,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
             pl,
             prompts,
             E._abstract_state(rollout_graphdef, rollout_params, pl, sampling),
-            sampling.n,
+            sampling.rows_per_prompt,
         )
     return Setup(
         c=c,
@@ -396,7 +396,7 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
     )
 
 
-def _engine_arrays(mesh, pl: E._Plan, prompts: ModelInputs, state: E._State, n: int):
+def _engine_arrays(mesh, pl: E._Plan, prompts: ModelInputs, state: E._State, rows: int):
     """The engine's admission prompts, state and requests with the shardings it gives them
     (`engine._run`: rows, slots and pages over the batch axes of `pl`, the rest whole)."""
     whole = lambda x: _replicated(mesh, x.shape, x.dtype)  # noqa: E731
@@ -405,20 +405,20 @@ def _engine_arrays(mesh, pl: E._Plan, prompts: ModelInputs, state: E._State, n: 
         spec = pl.partition.spec(*dims, *[None] * (len(x.shape) - len(dims)))
         return SDS(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
 
-    rows = lambda x: split(x, ("rows",))  # noqa: E731
+    by_row = lambda x: split(x, ("rows",))  # noqa: E731
     inputs = ModelInputs(
-        input_ids=rows(prompts.input_ids),
-        attention_mask=rows(prompts.attention_mask),
+        input_ids=by_row(prompts.input_ids),
+        attention_mask=by_row(prompts.attention_mask),
         position_ids=split(prompts.position_ids, (None, "rows")),
-        image_index=None if prompts.image_index is None else rows(prompts.image_index),
+        image_index=None if prompts.image_index is None else by_row(prompts.image_index),
         vision=None if prompts.vision is None else jax.tree.map(whole, prompts.vision),
     )
     dims = E._state_dims(len(state.k_pages))
     flat_dims = jax.tree.leaves(dims, is_leaf=paged.is_dims)
     leaves, tree = jax.tree.flatten(state)
     state = jax.tree.unflatten(tree, [split(x, d) for x, d in zip(leaves, flat_dims, strict=True)])
-    a = pl.shards * pl.ep.prefill_prompts * n  # one admission's rows, all shards
-    requests = E._Requests(*[rows(SDS((a,), jnp.int32)) for _ in E._Requests._fields])
+    a = pl.shards * pl.ep.prefill_prompts * rows  # one admission's rows (per prompt: `rows`)
+    requests = E._Requests(*[by_row(SDS((a,), jnp.int32)) for _ in E._Requests._fields])
     return inputs, state, requests
 
 

@@ -389,8 +389,7 @@ def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSetting
     with the engine, one call that keeps `decode_batch_size` rows decoding. Row (prompt b, sample
     j) draws with the keys of prompt b either way (`sampler.row_keys`)."""
     sp = s.sampling
-    branching = sp.branching.enabled and sp.branching.budget > 0
-    if s.engine is not None and not branching:
+    if s.engine is not None:
 
         def images_of(which):  # the images of the prompts one admission prefills
             sub = sampler_inputs(_subset(prompts, which), cfg)
@@ -405,6 +404,7 @@ def _generate_chunked(graphdef, params, prompts: Prompts, cfg, s: RolloutSetting
             mesh=mesh,
             engine=s.engine,
             images_of=images_of if prompts.has_images else None,
+            branch_threshold=tau,
         )
     per_call = prompts.size
     if s.decode_batch_size:

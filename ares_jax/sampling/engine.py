@@ -39,8 +39,14 @@ engine keeps `slots` rows decoding at once and refills a slot as soon as its row
 Every row's draws depend on its key and its logits only, so the engine's tokens, log-probs and
 entropies equal the static loop's for the same key (to float rounding of paged vs dense
 attention); tests/sampling/engine_test.py checks it. Output: `sampler.GenerateOutput`, rows in
-prompt order, as `sampler.generate` returns them. Branching (entropy-triggered forks) runs in the
-static loop only (`generate` picks it when branching is enabled).
+prompt order, as `sampler.generate` returns them.
+
+Branching (entropy-triggered forks, `sampler._branch`'s rule). A prompt's R = n + budget rows
+are admitted, and preempted, together, so that they run in step; its spare rows take slots
+inactive. Before each decode step the rows that generated position s fork as the static loop
+forks them after drawing s: a branch takes its parent's generated positions and state, shares
+its parent's full pages (reference counts) and gets a copy of its partial page, and then draws
+with its own key. A prompt's unused spare slots are freed when none of its rows is running.
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ class _State(NamedTuple):
     free: jax.Array  # [S*P] int32: per shard, free[:n_free] are its free pages
     n_free: jax.Array  # [S] int32
     table: jax.Array  # [S*b, max_pages] int32, pages local to the slot's shard
-    row: jax.Array  # [S*b] int32: output row (prompt * n + sample), -1 for a free slot
+    row: jax.Array  # [S*b] int32: output row (prompt * R + j), -1 for a free slot
     keys: jax.Array  # [S*b] row keys
     length: jax.Array  # [S*b] int32: tokens in the cache
     gen: jax.Array  # [S*b] int32: positions generated
@@ -115,6 +121,10 @@ class _State(NamedTuple):
     last: jax.Array  # [S*b] int32: the token fed at the next step
     done: jax.Array  # [S*b] bool
     reason: jax.Array  # [S*b] int32
+    active: jax.Array  # [S*b] bool: False for a spare row no branch has filled yet
+    parent: jax.Array  # [S*b] int32: output row a branch was forked from, -1 otherwise
+    fork_step: jax.Array  # [S*b] int32: last position shared with the parent, -1 otherwise
+    last_fork: jax.Array  # [S*b] int32: position of the row's last fork (cooldown)
     out: S.Draw  # each field [S*b, T]: the slot's generated positions
 
 
@@ -136,15 +146,16 @@ class _Plan:
 
 def plan(ep: EngineParams, sp: S.SamplingParams, prompt_len: int, kv_heads: int, mesh=None):
     """How the engine splits `ep` over `mesh`: slots and pages over the mesh axes the batch rule
-    maps to, as many of them (in order) as divide the slots and leave each shard at least the n
-    slots of one prompt; KV heads over those of the `kv_heads` rule that divide them."""
+    maps to, as many of them (in order) as divide the slots and leave each shard at least the
+    rows of one prompt (n, plus the branching budget); KV heads over those of the `kv_heads`
+    rule that divide them."""
     partition, shards = None, 1
     if mesh is not None:
         spec = R.logical_to_spec((R.BATCH, R.KV_HEADS), shape=(ep.slots, kv_heads), mesh=mesh)
         tup = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)  # noqa: E731
         rows = []
         for axis in tup(spec[0]):
-            if ep.slots // (shards * mesh.shape[axis]) < sp.n:
+            if ep.slots // (shards * mesh.shape[axis]) < sp.rows_per_prompt:
                 break
             rows.append(axis)
             shards *= mesh.shape[axis]
@@ -154,6 +165,7 @@ def plan(ep: EngineParams, sp: S.SamplingParams, prompt_len: int, kv_heads: int,
     return _Plan(ep, partition, shards, ep.slots // shards, pages, width)
 
 
+_NEVER = -(10**6)  # last_fork of a row that never forked
 _PAGES = ("heads", "rows", None, None)
 _ROWS = ("rows",)
 _ROWS2 = ("rows", None)
@@ -176,6 +188,10 @@ def _state_dims(num_layers: int) -> _State:
         last=_ROWS,
         done=_ROWS,
         reason=_ROWS,
+        active=_ROWS,
+        parent=_ROWS,
+        fork_step=_ROWS,
+        last_fork=_ROWS,
         out=S.Draw(*[_ROWS2] * len(S.Draw._fields)),
     )
 
@@ -198,7 +214,7 @@ def _fills(sp: S.SamplingParams) -> S.Draw:
 
 
 def _live(state: _State) -> jax.Array:
-    return (state.row >= 0) & ~state.done
+    return (state.row >= 0) & state.active & ~state.done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +250,10 @@ def _zeros(graphdef, params, pl: _Plan, sp: S.SamplingParams) -> _State:
         last=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
         reason=jnp.full((b,), S.LENGTH, jnp.int32),
+        active=jnp.zeros((b,), bool),
+        parent=jnp.full((b,), -1, jnp.int32),
+        fork_step=jnp.full((b,), -1, jnp.int32),
+        last_fork=jnp.full((b,), _NEVER, jnp.int32),
         out=out,
     )
 
@@ -255,8 +275,9 @@ def _take_pages(free: jax.Array, n_free: jax.Array, offset: jax.Array) -> jax.Ar
 
 
 class _Requests(NamedTuple):
-    """Rows to admit, S*A of them (A = prefill_prompts * n per shard); entries with slot == b
-    are unused. Shard s's requests are entries s*A .. and refer to its own prompts and slots."""
+    """Rows to admit, S*A of them (A = prefill_prompts * R per shard, R = rows_per_prompt);
+    entries with slot == b are unused. Shard s's requests are entries s*A .. and refer to its own
+    prompts and slots."""
 
     prompt_local: jax.Array  # [S*A] int32: which of the shard's prefilled prompts
     prompt: jax.Array  # [S*A] int32: the prompt's index in the caller's numbering (its key)
@@ -265,12 +286,14 @@ class _Requests(NamedTuple):
     row: jax.Array  # [S*A] int32: the output row
 
 
-def _local_place(state: _State, ks, vs, hidden_last, plen, req: _Requests, ps: int):
+def _local_place(state: _State, ks, vs, hidden_last, plen, req: _Requests, ps: int, n: int):
     """A shard's prompts into pages: the full pages of each admitted prompt once, the last
-    partial page per row. Returns (state, hidden of each request's prompt [A, D], row lengths)."""
+    partial page per sample row (spare rows, `sample` >= n, get none until a branch fills them).
+    Returns (state, hidden of each request's prompt [A, D], row lengths)."""
     b = state.row.shape[0]
     n_prompts = plen.shape[0]
-    valid = req.slot < b  # [A]
+    slot = jnp.where(req.slot < b, req.slot, b)
+    valid = (req.slot < b) & (req.sample < n)  # [A]: rows that start now
     rows_of = jnp.zeros((n_prompts,), jnp.int32).at[req.prompt_local].add(valid.astype(jnp.int32))
     nfull = plen // ps
     partial = (plen % ps) > 0
@@ -311,7 +334,7 @@ def _local_place(state: _State, ks, vs, hidden_last, plen, req: _Requests, ps: i
         )
         k_pages.append(kp)
         v_pages.append(vp)
-    slot = jnp.where(valid, req.slot, b)
+    table = jnp.where(valid[:, None], table, 0)
     state = state._replace(
         k_pages=tuple(k_pages),
         v_pages=tuple(v_pages),
@@ -323,10 +346,14 @@ def _local_place(state: _State, ks, vs, hidden_last, plen, req: _Requests, ps: i
     return state, hidden_last[req.prompt_local], row_len
 
 
-def _local_start(state: _State, req: _Requests, keys, d: S.Draw, next_pos, fills, stop_ids, t):
-    """A shard's admitted rows start in their slots with their first drawn token."""
+def _local_start(
+    state: _State, req: _Requests, keys, d: S.Draw, next_pos, fills, stop_ids, t: int, n: int
+):
+    """A shard's admitted rows start in their slots with their first drawn token; spare rows
+    (`sample` >= n) take their slots inactive, for branches to fill."""
     b = state.row.shape[0]
-    stopped = jnp.isin(d.tokens, stop_ids)
+    start = req.sample < n
+    stopped = jnp.isin(d.tokens, stop_ids) & start
     at_end = (t <= 1) & ~stopped
     slot = jnp.where(req.slot < b, req.slot, b)
     put = lambda x, v: x.at[slot].set(v, mode="drop")  # noqa: E731
@@ -335,18 +362,23 @@ def _local_start(state: _State, req: _Requests, keys, d: S.Draw, next_pos, fills
             buf.at[slot]
             .set(jnp.full(buf.shape[1:], f, buf.dtype), mode="drop")
             .at[slot, 0]
-            .set(x, mode="drop")
+            .set(jnp.where(start, x, f).astype(buf.dtype), mode="drop")
             for buf, f, x in zip(state.out, fills, d, strict=True)
         ]
     )
+    reason = jnp.where(stopped, S.STOP, jnp.where(start, S.LENGTH, S.INACTIVE))
     return state._replace(
         row=put(state.row, req.row),
         keys=put(state.keys, keys),
-        gen=put(state.gen, jnp.ones_like(req.slot)),
+        gen=put(state.gen, start.astype(jnp.int32)),
         next_pos=put(state.next_pos, next_pos[req.prompt_local] + 1),
         last=put(state.last, d.tokens),
         done=put(state.done, stopped | at_end),
-        reason=put(state.reason, jnp.where(stopped, S.STOP, S.LENGTH)),
+        reason=put(state.reason, reason),
+        active=put(state.active, start),
+        parent=put(state.parent, jnp.full_like(req.slot, -1)),
+        fork_step=put(state.fork_step, jnp.full_like(req.slot, -1)),
+        last_fork=put(state.last_fork, jnp.full_like(req.slot, _NEVER)),
         out=out,
     )
 
@@ -374,7 +406,7 @@ def _admit(
     req_dims = _Requests(*[_ROWS] * len(_Requests._fields))
     dims = _state_dims(layers)
     state, h_rows, _ = _local(
-        functools.partial(_local_place, ps=pl.ep.page_size),
+        functools.partial(_local_place, ps=pl.ep.page_size, n=sp.n),
         pl,
         (dims, (kv,) * layers, (kv,) * layers, _ROWS2, _ROWS, req_dims),
         (dims, _ROWS2, _ROWS),
@@ -394,6 +426,7 @@ def _admit(
         fills=_fills(sp),
         stop_ids=jnp.asarray(sp.stop_token_ids, jnp.int32),
         t=sp.max_new_tokens,
+        n=sp.n,
     )
     draw_dims = S.Draw(*[_ROWS] * len(S.Draw._fields))
     state = _local(start, pl, (dims, req_dims, _ROWS2, draw_dims, _ROWS), dims)(
@@ -405,6 +438,105 @@ def _admit(
 def _page_need(state: _State, ps: int) -> jax.Array:
     """[S*b] bool: live rows whose next token starts a new page."""
     return _live(state) & (state.length % ps == 0)
+
+
+def _branching(sp: S.SamplingParams) -> bool:
+    return sp.branching.enabled and sp.branching.budget > 0
+
+
+def _fork_choice(state: _State, sp: S.SamplingParams, tau) -> tuple[jax.Array, jax.Array]:
+    """The forks of a shard's rows at the position each row generated last (`sampler._branch`'s
+    rule; a prompt's rows run in step, all in one shard). Returns (is_child [b]: the spare slot a
+    branch fills, src [b]: the slot it copies)."""
+    bp, r = sp.branching, sp.rows_per_prompt
+    s = state.gen - 1  # the position each row generated last
+    cols = jnp.maximum(s[:, None] - jnp.arange(bp.window)[None, :], 0)
+    window = jnp.mean(jnp.take_along_axis(state.out.entropy, cols, axis=1), axis=1)
+    eligible = (
+        _live(state)
+        & (s + 1 >= bp.window)
+        & (s + 1 < sp.max_new_tokens)
+        & (s - state.last_fork >= bp.cooldown)
+        & (window >= tau)
+    )
+    held = state.row >= 0
+    same = held[:, None] & held[None, :] & (state.row[:, None] // r == state.row[None, :] // r)
+    local = state.row % r
+    before = local[None, :] < local[:, None]  # [i, j]: j comes before i in its prompt
+    # The parent: the prompt's eligible row with the highest window entropy (the first on ties).
+    beaten = (
+        same
+        & eligible[None, :]
+        & ((window[None, :] > window[:, None]) | ((window[None, :] == window[:, None]) & before))
+    )
+    parent = eligible & ~jnp.any(beaten, axis=1)
+    # The child: the prompt's first spare row, when the prompt has a parent.
+    spare = held & ~state.active
+    first_spare = spare & ~jnp.any(same & spare[None, :] & before, axis=1)
+    parents_of = same & parent[None, :]  # [j, i]: i is the parent in j's prompt
+    is_child = first_spare & jnp.any(parents_of, axis=1)
+    return is_child, jnp.argmax(parents_of, axis=1)
+
+
+def _local_need(state: _State, tau, ps: int, sp: S.SamplingParams) -> jax.Array:
+    """[1] pages a shard's next step takes: one per live row starting a page, one per fork (the
+    copy of its parent's partial page, or its first page of its own)."""
+    need = jnp.sum(_page_need(state, ps))
+    if _branching(sp):
+        need += jnp.sum(_fork_choice(state, sp, tau)[0])
+    return need[None].astype(jnp.int32)
+
+
+def _local_fork(state: _State, tau, ps: int, sp: S.SamplingParams) -> _State:
+    """A shard's forks (`_fork_choice`): each child takes its parent's generated positions and
+    state, shares its full pages and gets a copy of its partial page; it keeps its own key."""
+    is_child, src = _fork_choice(state, sp, tau)
+
+    def fork(state: _State) -> _State:
+        b, width = state.table.shape
+        pool = state.refs.shape[0]
+        take = lambda x: jnp.take(x, src, axis=0)  # noqa: E731
+        length = take(state.length)
+        full = length // ps
+        partial = is_child & (length % ps > 0)
+        offset = jnp.cumsum(partial) - partial
+        new = _take_pages(state.free, state.n_free, offset)
+        j = jnp.arange(width)[None, :]
+        parent_table = take(state.table)
+        table = jnp.where(
+            j < full[:, None], parent_table, jnp.where(j == full[:, None], new[:, None], 0)
+        )
+        shared = is_child[:, None] & (j < full[:, None])
+        refs = state.refs.at[jnp.where(shared, parent_table, pool)].add(1, mode="drop")
+        refs = refs.at[jnp.where(partial, new, pool)].set(1, mode="drop")
+        old = jnp.take_along_axis(parent_table, jnp.minimum(full, width - 1)[:, None], 1)[:, 0]
+        dst = jnp.where(partial, new, pool)
+        copy = lambda pages: pages.at[:, dst].set(pages[:, old], mode="drop")  # noqa: E731
+        s = state.gen - 1
+        pick = lambda new, old: jnp.where(  # noqa: E731
+            is_child.reshape((b,) + (1,) * (old.ndim - 1)), new, old
+        )
+        is_parent = jnp.zeros((b,), bool).at[jnp.where(is_child, src, b)].set(True, mode="drop")
+        return state._replace(
+            k_pages=tuple(copy(p) for p in state.k_pages),
+            v_pages=tuple(copy(p) for p in state.v_pages),
+            refs=refs,
+            n_free=state.n_free - jnp.sum(partial),
+            table=pick(table, state.table),
+            length=pick(length, state.length),
+            gen=pick(take(state.gen), state.gen),
+            next_pos=pick(take(state.next_pos), state.next_pos),
+            last=pick(take(state.last), state.last),
+            done=pick(False, state.done),
+            reason=pick(S.LENGTH, state.reason),
+            active=state.active | is_child,
+            parent=pick(take(state.row), state.parent),
+            fork_step=pick(take(s), state.fork_step),
+            last_fork=jnp.where(is_child, take(s), jnp.where(is_parent, s, state.last_fork)),
+            out=S.Draw(*[pick(take(x), x) for x in state.out]),
+        )
+
+    return jax.lax.cond(jnp.any(is_child), fork, lambda x: x, state)
 
 
 def _local_allocate(state: _State, ps: int) -> _State:
@@ -444,27 +576,36 @@ def _local_advance(state: _State, d: S.Draw, stop_ids, t: int) -> _State:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=(2,))
-def _decode_chunk(graphdef, params, state: _State, sp: S.SamplingParams, pl: _Plan):
-    """Up to `chunk_steps` decode steps for every live slot; leaves early when every row has
-    stopped or a shard's pool cannot give each row starting a page its page."""
+def _decode_chunk(graphdef, params, state: _State, sp: S.SamplingParams, pl: _Plan, tau=np.inf):
+    """Up to `chunk_steps` decode steps for every live slot, each after the forks of the position
+    generated last (with branching, `tau` its threshold); leaves early when every row has
+    stopped or a shard's pool cannot give the step its pages (`_local_need`)."""
     model = nnx.merge(graphdef, params)
     bias = S.logit_bias(sp, model.cfg.text.vocab_size)
     ps, t = pl.ep.page_size, sp.max_new_tokens
     stop_ids = jnp.asarray(sp.stop_token_ids, jnp.int32)
+    tau = jnp.asarray(tau, jnp.float32)
     dims = _state_dims(model.cfg.text.num_hidden_layers)
     draw_dims = S.Draw(*[_ROWS] * len(S.Draw._fields))
     allocate = _local(functools.partial(_local_allocate, ps=ps), pl, (dims,), dims)
     advance = _local(
         functools.partial(_local_advance, stop_ids=stop_ids, t=t), pl, (dims, draw_dims), dims
     )
+    need = _local(functools.partial(_local_need, ps=ps, sp=sp), pl, (dims, ()), _ROWS)
+    fork = _local(functools.partial(_local_fork, ps=ps, sp=sp), pl, (dims, ()), dims)
 
     def cond(carry):
         i, state = carry
-        need = jnp.sum(_page_need(state, ps).reshape(pl.shards, pl.slots), axis=1)
-        return (i < pl.ep.chunk_steps) & jnp.any(_live(state)) & jnp.all(need <= state.n_free)
+        return (
+            (i < pl.ep.chunk_steps)
+            & jnp.any(_live(state))
+            & jnp.all(need(state, tau) <= state.n_free)
+        )
 
     def body(carry):
         i, state = carry
+        if _branching(sp):
+            state = fork(state, tau)
         state = allocate(state)
         hidden, k_pages, v_pages = model.paged_decode_step(
             state.last,
@@ -507,7 +648,13 @@ def _local_release(state: _State, release: jax.Array, ps: int) -> _State:
 
 def _local_collect(state: _State, slots: jax.Array, release: jax.Array, ps: int):
     take = lambda x: jnp.take(x, slots, axis=0)  # noqa: E731
-    out = (S.Draw(*[take(x) for x in state.out]), take(state.gen), take(state.reason))
+    out = (
+        S.Draw(*[take(x) for x in state.out]),
+        take(state.gen),
+        take(state.reason),
+        take(state.parent),
+        take(state.fork_step),
+    )
     return _local_release(state, release, ps), out
 
 
@@ -516,11 +663,11 @@ def _collect(state: _State, slots: jax.Array, release: jax.Array, pl: _Plan):
     """Each shard's outputs of its `slots` [S*k] (finished rows, indices within the shard), then
     those and the `release` [S*b] slots freed.
 
-    Returns (state, (outputs [S*k, T] per field, lengths, stop reasons, free pages [S])): one
-    fetch for the host.
+    Returns (state, (outputs [S*k, T] per field, lengths, stop reasons, parents, fork steps,
+    free pages [S])): one fetch for the host.
     """
     dims = _state_dims(len(state.k_pages))
-    out_dims = (S.Draw(*[_ROWS2] * len(S.Draw._fields)), _ROWS, _ROWS)
+    out_dims = (S.Draw(*[_ROWS2] * len(S.Draw._fields)), _ROWS, _ROWS, _ROWS, _ROWS)
     state, out = _local(
         functools.partial(_local_collect, ps=pl.ep.page_size),
         pl,
@@ -530,9 +677,13 @@ def _collect(state: _State, slots: jax.Array, release: jax.Array, pl: _Plan):
     return _constrain(state, pl), (*out, state.n_free)
 
 
-@jax.jit
-def _summary(state: _State):
-    return state.row, state.done, state.gen, state.length, state.n_free
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _summary(state: _State, sp: S.SamplingParams, pl: _Plan, tau):
+    """What the host reads between chunks: per slot its row, whether it has stopped, whether it
+    is active, positions generated; per shard the pages the next step takes and those free."""
+    dims = _state_dims(len(state.k_pages))
+    need = _local(functools.partial(_local_need, ps=pl.ep.page_size, sp=sp), pl, (dims, ()), _ROWS)
+    return state.row, state.done, state.active, state.gen, need(state, tau), state.n_free
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,13 +707,14 @@ def generate_paged(
     mesh=None,
     first_prompt: int = 0,
     images_of=None,
+    branch_threshold: float | None = None,
 ) -> S.GenerateOutput:
     """`sampler.generate` by continuous batching over a paged cache (module docstring).
 
     Args:
       graphdef, params: the model (`nnx.split`).
       inputs: B prompts, left-padded to one length, with their images (NumPy or device arrays).
-      sampling: `SamplingParams` without branching.
+      sampling: `SamplingParams`.
       key: a PRNG key: row (prompt b, sample j) draws with `sampler.row_keys(key, b, j)`, as the
         static loop does, so both give the same tokens for the same key.
       engine: `EngineParams`.
@@ -574,25 +726,27 @@ def generate_paged(
         of the subset): each admission then runs the vision tower on its own prompts' images,
         and no feature of a prompt waiting in the queue is held on device. Without it, the
         features of all of `inputs.vision` are computed once up front.
+      branch_threshold: tau of the branching rule (required when branching is enabled).
 
     Returns:
-      GenerateOutput of NumPy arrays, B * n rows, prompt by prompt.
+      GenerateOutput of NumPy arrays, B * rows_per_prompt rows, prompt by prompt.
     """
+    args = (graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, images_of)
     if mesh is not None:
         with jax.set_mesh(mesh):
-            return _run(
-                graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, images_of
-            )
-    return _run(graphdef, params, inputs, sampling, key, engine, first_prompt, None, images_of)
+            return _run(*args, branch_threshold)
+    return _run(*args, branch_threshold)
 
 
-def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, images_of):
+def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, images_of, tau):
     sp, ep = sampling, engine
-    if sp.branching.enabled and sp.branching.budget > 0:
-        raise ValueError("generate_paged: branching runs in the static loop (sampler.generate).")
-    if ep.slots < sp.n:
+    branching, r = _branching(sp), sp.rows_per_prompt
+    if branching and tau is None:
+        raise ValueError("generate_paged: branching is enabled but branch_threshold (tau) is None.")
+    if ep.slots < r:
         raise ValueError(
-            f"generate_paged: slots={ep.slots} < n={sp.n}: a prompt's samples start together."
+            f"generate_paged: slots={ep.slots} < {r} rows per prompt (n plus the branching "
+            "budget): a prompt's rows start together."
         )
     inputs = jax.tree.map(np.asarray, inputs)
     n_prompts, prompt_len = inputs.input_ids.shape
@@ -622,33 +776,57 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, im
         features = _image_features(graphdef, params, jax.tree.map(place, inputs.vision))
     state = _init(graphdef, params, pl, sp)
     key = place(np.asarray(key))
+    tau = place(np.float32(np.inf if tau is None else tau))
 
+    n_rows = n_prompts * r
     host = S.Draw(
         *[
-            np.full((n_prompts * n, t), f, np.int32 if isinstance(f, int) else np.float32)
+            np.full((n_rows, t), f, np.int32 if isinstance(f, int) else np.float32)
             for f in _fills(sp)
         ]
     )
-    lengths = np.zeros((n_prompts * n,), np.int32)
-    reason = np.full((n_prompts * n,), S.LENGTH, np.int32)
-    queue = collections.deque((p, list(range(n))) for p in range(n_prompts))
+    lengths = np.zeros((n_rows,), np.int32)
+    sample_row = np.arange(n_rows) % r < n
+    reason = np.where(sample_row, S.LENGTH, S.INACTIVE).astype(np.int32)
+    active = sample_row.copy()
+    parent = np.full((n_rows,), -1, np.int32)
+    fork_step = np.full((n_rows,), -1, np.int32)
+    # Queue entries: (prompt, its rows to start). With branching a prompt's rows, spare ones
+    # included, always start (and are preempted) together, so that they run in step.
+    queue = collections.deque((p, list(range(r))) for p in range(n_prompts))
     preempted = 0
     while True:
-        row, done, gen, length, n_free = multihost.fetch(_summary(state))
+        row, done, act, gen, need, n_free = multihost.fetch(_summary(state, sp, pl, tau))
         n_free = n_free.astype(np.int64)
-        ended = (row >= 0) & done
+        held = row >= 0
+        ended = held & act & done
+        live = held & act & ~done
         release = ended.copy()
-        live = (row >= 0) & ~done
-        # A shard whose pool cannot give each row starting a page its page, and that has no
-        # finished row to free, evicts its live row with the fewest generated tokens.
-        need = (live & (length % ps == 0)).reshape(ns, b).sum(1)
+        if branching:  # spare slots of prompts with no live row left: no branch can come
+            prompt_of = np.where(held, row // r, -1)
+            release |= held & ~act & ~np.isin(prompt_of, prompt_of[live])
+        # A shard whose pool cannot give the next step its pages, and that has no finished row
+        # to free, evicts its live row with the fewest generated tokens (with branching, that
+        # row's prompt).
         for s in np.flatnonzero((need > n_free) & ~ended.reshape(ns, b).any(1)):
             local = np.flatnonzero(live.reshape(ns, b)[s])
             victim = s * b + int(local[np.argmin(gen.reshape(ns, b)[s][local])])
-            p, j = divmod(int(row[victim]), n)
-            queue.appendleft((p, [j]))
-            release[victim] = True
+            p, j = divmod(int(row[victim]), r)
+            if branching:
+                evict = held & (row // r == p)
+                queue.appendleft((p, list(range(r))))
+            else:
+                evict = np.arange(ns * b) == victim
+                queue.appendleft((p, [j]))
+            release |= evict
+            live &= ~evict
             preempted += 1
+            if not live.reshape(ns, b)[s].any():
+                raise RuntimeError(
+                    f"generate_paged: prompt {p}'s rows alone outgrow a shard's pool of {pool} "
+                    f"pages of {ps} tokens (prompt {plen[p]} + up to {t} tokens per row); raise "
+                    f"EngineParams.num_pages (split over {ns} shards)."
+                )
         if release.any():
             counts = ended.reshape(ns, b).sum(1)
             k = _bucket(int(counts.max()), b) if counts.max() else 1
@@ -658,16 +836,16 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, im
             state, got = _collect(
                 state, place(idx.reshape(-1), ("rows",)), place(release, ("rows",)), pl
             )
-            out, g, r, n_free = multihost.fetch(got)
+            out, g, why, par, fst, n_free = multihost.fetch(got)
             n_free = n_free.astype(np.int64)
             for s in np.flatnonzero(counts):
-                slots = s * b + idx[s, : counts[s]]
+                rows = row[s * b + idx[s, : counts[s]]]
                 src = s * k + np.arange(counts[s])
                 for dst, o in zip(host, out, strict=True):
-                    dst[row[slots]] = o[src]
-                lengths[row[slots]], reason[row[slots]] = g[src], r[src]
+                    dst[rows] = o[src]
+                lengths[rows], reason[rows] = g[src], why[src]
+                parent[rows], fork_step[rows], active[rows] = par[src], fst[src], True
             row = np.where(release, -1, row)
-            live &= ~release
         # Admission: whole queue entries, in order, each into the shard with the most free pages
         # among those whose slots and pages (one page of growth per running row kept in reserve)
         # allow; at most prefill_prompts per shard and call.
@@ -676,13 +854,14 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, im
         chosen = [[] for _ in range(ns)]
         while queue:
             p, samples = queue[0]
-            pages = int(plen[p] // ps + len(samples) * (plen[p] % ps > 0))
+            starting = sum(j < n for j in samples)
+            pages = int(plen[p] // ps + starting * (plen[p] % ps > 0))
             fits = [
                 s
                 for s in range(ns)
                 if len(chosen[s]) < ep.prefill_prompts
                 and len(samples) <= len(free_slots[s])
-                and pages + running[s] + len(samples) <= n_free[s]
+                and pages + running[s] + starting <= n_free[s]
             ]
             if not fits:
                 break
@@ -690,7 +869,7 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, im
             queue.popleft()
             chosen[s].append((p, samples, [free_slots[s].pop(0) for _ in samples]))
             n_free[s] -= pages
-            running[s] += len(samples)
+            running[s] += starting
         if any(chosen):
             state = _admit_prompts(
                 graphdef,
@@ -713,7 +892,7 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, im
                 f"generate_paged: {len(queue)} prompts wait but none fits an empty pool of "
                 f"{pool} pages (EngineParams.num_pages over {ns} shards)."
             )
-        state = _decode_chunk(graphdef, params, state, sp, pl)
+        state = _decode_chunk(graphdef, params, state, sp, pl, tau)
     if preempted:
         log.info(
             "generate_paged: %d rows preempted and regenerated (pools of %d pages)", preempted, pool
@@ -730,10 +909,10 @@ def _run(graphdef, params, inputs, sampling, key, engine, first_prompt, mesh, im
         mask=mask,
         lengths=lengths,
         stop_reason=reason,
-        prompt_index=np.repeat(np.arange(n_prompts), n).astype(np.int32),
-        active=np.ones((n_prompts * n,), bool),
-        parent=np.full((n_prompts * n,), -1, np.int32),
-        fork_step=np.full((n_prompts * n,), -1, np.int32),
+        prompt_index=np.repeat(np.arange(n_prompts), r).astype(np.int32),
+        active=active,
+        parent=parent,
+        fork_step=fork_step,
     )
 
 
@@ -741,11 +920,11 @@ def _admit_prompts(
     graphdef, params, state, inputs, features, images_of, chosen, sp, pl, key, first, place
 ):
     """One `_admit` call for `chosen[s]` [(prompt, samples, slots)] per shard, padded to static
-    sizes (prefill_prompts prompts and prefill_prompts * n requests per shard)."""
-    pp, n, b, ns = pl.ep.prefill_prompts, sp.n, pl.slots, pl.shards
+    sizes (prefill_prompts prompts and prefill_prompts * R requests per shard)."""
+    pp, r, b, ns = pl.ep.prefill_prompts, sp.rows_per_prompt, pl.slots, pl.shards
     any_prompt = next(c for c in chosen if c)[0][0]
     which = []
-    a = pp * n
+    a = pp * r
     local = np.zeros((ns * a,), np.int32)
     prompt = np.zeros((ns * a,), np.int32)
     sample = np.zeros((ns * a,), np.int32)
@@ -757,7 +936,7 @@ def _admit_prompts(
         for q, (p, samples, slots) in enumerate(chosen[s]):
             for j, slot_ in zip(samples, slots, strict=True):
                 local[i], prompt[i], sample[i], slot[i] = q, first + p, j, slot_
-                row[i] = p * n + j
+                row[i] = p * r + j
                 i += 1
     index = None if inputs.image_index is None else inputs.image_index[which]
     vision = None

@@ -410,8 +410,8 @@ def generate(
       first_prompt: the index of the first prompt in the caller's numbering (the key of its rows):
         a batch generated in several calls gives the tokens of one call.
       engine: `engine.EngineParams`: generate by continuous batching over a paged KV cache
-        (engine.py) instead of this static loop; the same tokens for the same key. Not with
-        branching (forks run in the static loop).
+        (engine.py) instead of this static loop; the same tokens, and the same forks, for the
+        same key.
       images_of: with `engine`, the images of a subset of the prompts (`engine.generate_paged`):
         each admission encodes its own prompts' images only.
 
@@ -425,7 +425,7 @@ def generate(
     branching = sampling.branching.enabled and sampling.branching.budget > 0
     if branching and branch_threshold is None:
         raise ValueError("generate: branching is enabled but branch_threshold (tau) is None.")
-    if engine is not None and not branching:
+    if engine is not None:
         from ares_jax.sampling.engine import generate_paged
 
         return generate_paged(
@@ -438,6 +438,7 @@ def generate(
             mesh=mesh,
             first_prompt=first_prompt,
             images_of=images_of,
+            branch_threshold=branch_threshold,
         )
     tau = jnp.asarray(np.inf if branch_threshold is None else branch_threshold, jnp.float32)
     b, prompt_len = np.shape(inputs.input_ids)

@@ -7,7 +7,7 @@ from flax import nnx
 
 from ares_jax.models.qwen2_5_vl import config, params
 from ares_jax.models.qwen2_5_vl.model import ModelInputs
-from ares_jax.sampling import SamplingParams, generate
+from ares_jax.sampling import BranchingParams, SamplingParams, generate
 from ares_jax.sampling.engine import EngineParams, generate_paged
 from tests.sampling.sampler_test import _image_prompts, _recompute, _test_images
 
@@ -79,6 +79,61 @@ def test_a_small_pool_preempts_rows_and_regenerates_the_same_tokens(tiny):
         graphdef, state, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(3), engine=ep
     )
     _assert_same(got, want)
+
+
+@pytest.mark.parametrize(
+    "ep",
+    [
+        EngineParams(slots=8, page_size=4, chunk_steps=3, prefill_prompts=2),
+        # Two prompts of 4 rows share a pool of 24 pages; each can grow to 18: whole prompts
+        # (samples and branches) are preempted and regenerated.
+        EngineParams(slots=8, page_size=4, num_pages=24, chunk_steps=2, prefill_prompts=1),
+    ],
+    ids=["refill", "preempt"],
+)
+def test_branches_equal_the_static_loop(tiny, ep, caplog):
+    """Entropy-triggered forks in the engine: the same branches (parents, fork steps, spare
+    rows left inactive) and the same tokens and statistics as the static loop. A branch shares
+    its parent's full pages and copies its partial one."""
+    inputs = _ragged_prompts(b=4)
+    bp = BranchingParams(enabled=True, budget=2, window=2, cooldown=2)
+    # A low temperature spreads the tiny model's entropies, so that no window entropy lies
+    # within float rounding of tau (checked below): both loops take the same forks.
+    sp = SamplingParams(n=2, max_new_tokens=12, temperature=0.05, branching=bp)
+    key = jax.random.PRNGKey(5)
+    base = generate(tiny, inputs=inputs, sampling=sp, key=key, branch_threshold=1e9)
+    tau = float(np.quantile(base.entropy[base.mask], 0.7))
+    want = generate(tiny, inputs=inputs, sampling=sp, key=key, branch_threshold=tau)
+    window = (want.entropy[:, 1:] + want.entropy[:, :-1]) / 2
+    assert np.abs(window[want.mask[:, 1:]] - tau).min() > 1e-3
+    forks = want.parent >= 0
+    assert 3 <= forks.sum() and (~want.active).any()  # forks, and unused spare rows
+    assert len(set(want.fork_step[forks] % ep.page_size)) > 1  # forks within and at page ends
+    graphdef, state = nnx.split(tiny)
+    with caplog.at_level("INFO", logger="ares_jax.sampling.engine"):
+        got = generate_paged(
+            graphdef, state, inputs=inputs, sampling=sp, key=key, engine=ep, branch_threshold=tau
+        )
+    _assert_same(got, want, atol=1e-4)  # z / 0.05 scales the logits' rounding by 20
+    for name in ("active", "parent", "fork_step"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert ("preempted" in caplog.text) == (ep.num_pages > 0)
+    logp, ent = _recompute(tiny, inputs, got, 4, temperature=sp.temperature)
+    m = got.mask
+    np.testing.assert_allclose(np.asarray(logp)[m], got.logp[m], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ent)[m], got.entropy[m], atol=1e-4)
+
+
+def test_a_prompt_outgrowing_the_pool_is_named(tiny):
+    """A prompt whose rows alone outgrow the pool stops with the fix, not a livelock."""
+    inputs = _ragged_prompts(b=1)  # 11 tokens: 3 pages of 4 to start, 6 at 12 new tokens
+    sp = SamplingParams(n=1, max_new_tokens=12, temperature=1.0)
+    graphdef, state = nnx.split(tiny)
+    ep = EngineParams(slots=2, page_size=4, num_pages=5, chunk_steps=4)
+    with pytest.raises(RuntimeError, match="outgrow a shard's pool of 5 pages.*num_pages"):
+        generate_paged(
+            graphdef, state, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(0), engine=ep
+        )
 
 
 def test_images_and_temperature(tiny):
@@ -224,3 +279,35 @@ def test_on_a_mesh_each_shard_decodes_its_rows_over_its_own_pages(tiny):
     pages = [f"{k // 2},{p_all // 4},{ps},{hd}]", f"{k},{p_all},{ps},{hd}]"]
     moved = [ln for ln in _collectives(hlo) if any(shape in ln.split("=")[1] for shape in pages)]
     assert _collectives(hlo) and not moved  # tensor-parallel collectives only, no page
+
+
+def test_branches_on_a_mesh_equal_one_device(tiny):
+    """Forks per shard under `shard_map` (8 devices, 4 shards of 2 slots: one prompt's sample
+    and its spare row each): the branches and tokens of one device."""
+    from jax.sharding import Mesh
+
+    from ares_jax.sampling.layout import rollout_params
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    graphdef, state = nnx.split(params.init_model(config.preset("tiny"), seed=1, mesh=mesh))
+    inputs = _ragged_prompts(b=6)
+    bp = BranchingParams(enabled=True, budget=1, window=2, cooldown=2)
+    sp = SamplingParams(n=1, max_new_tokens=8, temperature=0.05, branching=bp)
+    key = jax.random.PRNGKey(0)
+    tau = 2.799  # 5 of 6 prompts fork, no window entropy within 0.03 of it
+    ep = EngineParams(slots=8, page_size=4, chunk_steps=3, prefill_prompts=1)
+    single = generate(tiny, inputs=inputs, sampling=sp, key=key, branch_threshold=tau)
+    assert (single.parent >= 0).sum() == 5
+    multi = generate_paged(
+        graphdef,
+        rollout_params(graphdef, state, mesh),
+        inputs=inputs,
+        sampling=sp,
+        key=key,
+        engine=ep,
+        mesh=mesh,
+        branch_threshold=tau,
+    )
+    _assert_same(multi, single, atol=1e-4)
+    for name in ("active", "parent", "fork_step"):
+        np.testing.assert_array_equal(getattr(multi, name), getattr(single, name), err_msg=name)
