@@ -174,6 +174,9 @@ def _base() -> ml_collections.ConfigDict:
         kv_pages=0,
         chunk_steps=32,  # decode steps per device call (one host round trip each)
         prefill_prompts=4,  # prompts prefilled per admission
+        # Prompt tokens per prefill chunk, 0 = whole prompts: long prompts are prefilled chunk by
+        # chunk (each attending to the chunks before it), bounding the prefill's activations.
+        prefill_chunk=0,
         image_token_logit_bias=-100.0,  # released vLLM setting: never sample image placeholders
         # METHOD.md 4.3 / 9.5: the paper branches extra trajectories where the window entropy
         # exceeds tau; the released code has no branching (plain n independent samples). The paper
@@ -578,6 +581,7 @@ SCHEMA = {
     "rollout.kv_pages": (_int, _nonneg),
     "rollout.chunk_steps": (_int, _pos),
     "rollout.prefill_prompts": (_int, _pos),
+    "rollout.prefill_chunk": (_int, _nonneg),
     "rollout.branching.budget": (_int, _nonneg),
     "rollout.branching.cooldown": (_int, _nonneg),
     "entropy.window": (_int, _pos),

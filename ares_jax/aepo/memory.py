@@ -687,16 +687,26 @@ def analytic_items(x: Setup) -> dict[str, int]:
     # admission's (engine: prefill_prompts per shard), layers unrolled, no backward; or the
     # decode loop's per-row buffers ([rows, T] x 8; the engine keeps them in its state, counted
     # as kv_cache) and per-step logits.
+    # With `rollout.prefill_chunk` the layers see one chunk at a time (its queries against
+    # blocks of keys), beside the whole prompt's embeddings, hidden states, cos/sin and the
+    # keys and values of every layer, carried from chunk to chunk.
     ways = lambda name, size: _ways(x.mesh, _rules(x.c), name, size)  # noqa: E731
     prompts = x.prefill_inputs.input_ids.shape[0]
+    prompt_rows = prompts / ways(R.BATCH, prompts)
+    chunk = x.engine.ep.prefill_chunk if x.engine is not None else 0
+    chunked = 0 < chunk < z.prompt_len
     prefill = text_activations(
         cfg,
         sp,
-        rows=prompts / ways(R.BATCH, prompts),
-        seq=z.prompt_len,
+        rows=prompt_rows,
+        seq=chunk if chunked else z.prompt_len,
         backward=False,
-        **common,
+        **{**common, "flash": common["flash"] or chunked},
     )
+    if chunked:
+        t, c = cfg.text, common["c"]
+        kv = 2 * t.num_hidden_layers * t.num_key_value_heads / sp.kv_heads * t.head_dim
+        prefill += prompt_rows * z.prompt_len * c * (2 * t.hidden_size + 2 * t.head_dim + kv)
     if z.image_tokens:
         prefill_rows = _vision_rows(cfg, z.image_tokens, prompts)
         prefill += vision_activations(

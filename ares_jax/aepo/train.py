@@ -149,6 +149,7 @@ def _engine(c) -> EngineParams | None:
         num_pages=c.rollout.kv_pages,
         chunk_steps=c.rollout.chunk_steps,
         prefill_prompts=c.rollout.prefill_prompts,
+        prefill_chunk=c.rollout.prefill_chunk,
     )
 
 

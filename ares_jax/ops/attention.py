@@ -2,7 +2,8 @@
 
 One function, `attention(q, k, v, *, segment_ids, causal, impl="auto")`, for the learner's packed
 batches (several prompt+response sequences per row) and the vision tower (images and windows as
-segments), over the kernels each backend maintains.
+segments), over the kernels each backend maintains; and `prefix_attention` for the chunks of a
+chunked prefill (end of this docstring).
 
 Semantics
 - q [B, S, H, Dh]; k, v [B, S, K, Dh] with K dividing H (grouped-query attention: query head h
@@ -14,7 +15,8 @@ Semantics
   index", which is position order within a segment only when each segment is contiguous (as in a
   packed row). A query with no key to attend to (a padding query; an all-padding row) yields 0,
   never NaN, forward and backward.
-- Self-attention only: q and k/v have the same length (no KV cache; decode needs its own kernel).
+- Self-attention only: q and k/v have the same length (no KV cache; decode needs its own kernel;
+  a prefill chunk, `prefix_attention`).
 
 Implementations (`impl`); "auto" picks by the platform compiled for (the devices of the mesh set
 by `jax.set_mesh`, else `jax.default_backend()`):
@@ -60,8 +62,14 @@ no collective. When k/v heads are split differently from q's (2 KV heads replica
 4-way tensor axis), k and v are first repeated to one head per query head, so each shard's local
 query head h still reads its own KV head.
 
+Chunked prefill. `prefix_attention(q, k, v, *, q_start, kv_mask)` is the other shape: a chunk of
+C queries at positions q_start .. q_start + C - 1 of a longer key buffer [B, T] (the keys of the
+chunks before it and its own), causally and only to keys marked valid; plain XLA, forward only
+(its docstring).
+
 Dimension letters as in STYLE.md: B rows, S positions, H query heads, K KV heads, G = H // K,
-Dh head dim; bq, bk query and key block lengths; nq, nk block counts.
+Dh head dim; bq, bk query and key block lengths; nq, nk block counts; C queries of a chunk, T keys
+of its buffer.
 """
 
 from __future__ import annotations
@@ -304,8 +312,8 @@ def _block_scores(q_i, k_j, seg_q, seg_k, i, j, bq, bk, causal, scale):
     return jnp.where(ok[:, None, None], s, -jnp.inf)
 
 
-def _while_loop(n: int, body, init):
-    """`body(i, carry)` for i in 0..n-1, as a `lax.while_loop`, never a scan.
+def _while_loop(n: int | jax.Array, body, init):
+    """`body(i, carry)` for i in 0..n-1, as a `lax.while_loop`, never a scan (n may be traced).
 
     The block loops run inside the custom VJP, so nothing differentiates them. As scans
     (`fori_loop` with static bounds) they are still partially evaluated when the attention sits
@@ -432,6 +440,101 @@ def _flash_bwd(causal, scale, bq, bk, res, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked prefill: a chunk of queries against the keys of every chunk so far.
+# ---------------------------------------------------------------------------------------------
+
+
+def prefix_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_start: int | jax.Array,
+    kv_mask: jax.Array,
+    scale: float | None = None,
+    block_kv: int = 512,
+) -> jax.Array:
+    """Causal attention of a chunk of queries to a prefix of keys (chunked prefill).
+
+    Query i sits at key position q_start + i and attends to key j iff j <= q_start + i and
+    kv_mask[b, j]. The keys are read in blocks of `block_kv` with an online softmax (running max
+    and sum, float32), so at most [B, H, C, block_kv] scores exist at once, never [C, T]. Key
+    blocks past the chunk are skipped, not masked: the blocks run in a `lax.while_loop` whose trip
+    count is ceil((q_start + C) / block_kv) (dynamic when q_start is traced), so a chunk near the
+    start of the buffer reads few blocks. When block_kv does not divide T the last block is read
+    at T - block_kv (`dynamic_slice` clamps) and its keys already read by the block before are
+    masked, so T needs no padding. Forward only: reverse-mode autodiff does not go through the
+    while loop (prefills need no gradient). Plain XLA ops, so it jits and partitions under a mesh
+    like the "xla" path of `attention` (rows and heads split; T is read whole).
+
+    Args:
+      q: [B, C, H, Dh] queries, already rotated.
+      k, v: [B, T, K, Dh] keys (rotated) and values, K dividing H (query head h reads KV head
+        h // (H // K)); same dtype as q. Keys at or past q_start + C are never attended; they
+        may hold anything finite (the zeros of a buffer not yet written).
+      q_start: int or int32 scalar (may be traced): the key position of query 0;
+        0 <= q_start and q_start + C <= T.
+      kv_mask: [B, T] bool, True at keys that may be attended (real tokens), False at padding.
+      scale: logit scale, Dh**-0.5 when None.
+      block_kv: key block length; clipped to T.
+
+    Returns:
+      [B, C, H, Dh] in q's dtype; exactly 0 for a query with no key to attend (a left-padding
+      query before its row's first real token; an all-padding row).
+    """
+    b, c, h, dh = q.shape
+    t, n_kv = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != dh or h % n_kv or t < c:
+        raise ValueError(
+            f"prefix_attention expects q [B, C, H, Dh] and k, v [B, T, K, Dh] with T >= C and K "
+            f"dividing H; got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if kv_mask.shape != (b, t):
+        raise ValueError(f"kv_mask must be [B, T] = {(b, t)}, got {kv_mask.shape}")
+    if block_kv < 1:
+        raise ValueError(f"block_kv must be positive, got {block_kv}")
+    if isinstance(q_start, int) and not 0 <= q_start <= t - c:
+        raise ValueError(f"prefix_attention: q_start {q_start} must be in [0, T - C = {t - c}]")
+    scale = dh**-0.5 if scale is None else float(scale)
+    bk = min(block_kv, t)
+    q_start = jnp.asarray(q_start, jnp.int32)
+    q_pos = q_start + jnp.arange(c)  # [C]
+    kv_mask = kv_mask.astype(bool)
+    q_g = _grouped(q, n_kv)  # [B, C, K, G, Dh]
+    g = h // n_kv
+
+    def kv_step(j, carry):
+        m, total, acc = carry
+        start = jnp.minimum(j * bk, t - bk)  # the last block ends at T
+        k_j, v_j, ok_j = (
+            jax.lax.dynamic_slice_in_dim(x, start, bk, axis=1) for x in (k, v, kv_mask)
+        )
+        k_pos = start + jnp.arange(bk)  # [bk]
+        ok = (k_pos[None, :] <= q_pos[:, None]) & (k_pos >= j * bk)[None, :]  # [C, bk]
+        ok = ok[None] & ok_j[:, None, :]  # [B, C, bk]
+        sc = jnp.einsum("bqkgd,bskd->bkgqs", q_g, k_j, preferred_element_type=_F32) * scale
+        sc = jnp.where(ok[:, None, None], sc, -jnp.inf)  # [B, K, G, C, bk]
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(sc - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        total = alpha * total + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_j, preferred_element_type=_F32)
+        return m_new, total, alpha[..., None] * acc + pv
+
+    init = (
+        jnp.full((b, n_kv, g, c), -jnp.inf, _F32),
+        jnp.zeros((b, n_kv, g, c), _F32),
+        jnp.zeros((b, n_kv, g, c, dh), _F32),
+    )
+    n_blocks = jnp.minimum(-(-t // bk), (q_start + c + bk - 1) // bk)
+    _, total, acc = _while_loop(n_blocks, kv_step, init)
+    seen = total > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, total, 1.0)[..., None], 0.0)
+    return jnp.moveaxis(out, 3, 1).reshape(b, c, h, dh).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ engine keeps `slots` rows decoding at once and refills a slot as soon as its row
 
   * **Queue.** Rows are (prompt, sample) pairs. A prompt's n samples are admitted together: the
     prompt is prefilled once (`Qwen2_5_VL.prompt_kv`, the prompt attending to itself through the
-    model's attention kernel) and its keys and values are written into pages.
+    model's attention kernel, or chunk by chunk with `prefill_chunk`, each chunk attending to
+    the chunks before it) and its keys and values are written into pages.
   * **Pages.** Keys and values live in a pool of fixed-size pages (`page_size` tokens; per layer
     [K, pages, page_size, hd]), with a page table per slot. A prompt's full pages are shared by
     its samples (reference counts); the page holding the prompt's last tokens is copied to each
@@ -83,13 +84,17 @@ class EngineParams:
     num_pages: int = 0
     chunk_steps: int = 32  # decode steps per device call (one host round trip each)
     prefill_prompts: int = 4  # prompts prefilled per admission call
+    # Prompt tokens per prefill chunk (`Qwen2_5_VL.prompt_kv(chunk=)`), 0 = the whole prompt at
+    # once. Chunks bound the prefill's activations by the chunk, not the prompt length.
+    prefill_chunk: int = 0
 
     def __post_init__(self):
         for name in ("slots", "page_size", "chunk_steps", "prefill_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineParams: {name}={getattr(self, name)} must be >= 1.")
-        if self.num_pages < 0:
-            raise ValueError(f"EngineParams: num_pages={self.num_pages} must be >= 0.")
+        for name in ("num_pages", "prefill_chunk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineParams: {name}={getattr(self, name)} must be >= 0.")
 
     def max_pages(self, prompt_len: int, max_new_tokens: int) -> int:
         """Page-table width: the pages of the longest row."""
@@ -399,7 +404,7 @@ def _admit(
     requested rows in their slots."""
     model = nnx.merge(graphdef, params)
     layers = model.cfg.text.num_hidden_layers
-    hidden, ks, vs = model.prompt_kv(inputs, features)
+    hidden, ks, vs = model.prompt_kv(inputs, features, chunk=pl.ep.prefill_chunk or None)
     plen = jnp.sum(inputs.attention_mask, axis=1).astype(jnp.int32)  # [S*pp]
     last_pos = jnp.max(jnp.where(inputs.attention_mask, inputs.position_ids, -1), axis=(0, 2))
     kv = ("rows", None, "heads", None)

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ares_jax.ops.attention import attention
+from ares_jax.ops.attention import attention, prefix_attention
 
 B, S, H, K, DH = 2, 200, 4, 2, 32
 # Row 0: three segments of unequal length, padding in the middle and at the end.
@@ -240,3 +240,114 @@ def test_splash_over_more_blocks_than_smem_holds_runs_the_xla_path(monkeypatch):
     assert "pallas_call" not in str(jax.make_jaxpr(fn)(q))
     want = attention(q, k, v, segment_ids=seg, causal=True, impl="dense")
     np.testing.assert_allclose(np.asarray(fn(q)), np.asarray(want), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix_attention: a prefill chunk against the keys of the chunks so far.
+# ---------------------------------------------------------------------------------------------
+
+T, C = 130, 40
+# Row 0: left padding over the first chunk and more; row 1: real from 3 with a hole of padding;
+# row 2: all padding.
+KV_MASK = np.zeros((3, T), bool)
+KV_MASK[0, 50:] = True
+KV_MASK[1, 3:] = True
+KV_MASK[1, 60:70] = False
+
+
+def _prefix_inputs(seed, b=3, t=T, c=C, h=H, k=K, dh=DH):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(b, c, h, dh)).astype(np.float32)
+    kk = rng.normal(size=(b, t, k, dh)).astype(np.float32)
+    v = rng.normal(size=(b, t, k, dh)).astype(np.float32)
+    return q, kk, v
+
+
+def _prefix_reference(q, k, v, q_start, kv_mask):
+    """Textbook softmax in float64 with the explicit [B, C, T] mask; 0 where nothing is seen."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    q_pos = q_start + np.arange(q.shape[1])
+    ok = (np.arange(k.shape[1])[None, :] <= q_pos[:, None])[None] & kv_mask[:, None, :]
+    logits = np.einsum("bqhd,bshd->bhqs", q, k) * q.shape[-1] ** -0.5
+    logits = np.where(ok[:, None], logits, -np.inf)
+    m = np.max(logits, axis=-1, keepdims=True)
+    p = np.exp(logits - np.where(np.isfinite(m), m, 0.0))
+    total = p.sum(-1, keepdims=True)
+    p = p / np.where(total > 0, total, 1.0)
+    return np.einsum("bhqs,bshd->bqhd", p, v), ok.any(-1)
+
+
+@pytest.mark.parametrize("block_kv", [16, 48, 512])  # 48 divides neither T nor C; 512 > T
+@pytest.mark.parametrize("q_start", [0, 37, 64, T - C])
+def test_prefix_attention_matches_masked_softmax(q_start, block_kv):
+    q, k, v = _prefix_inputs(q_start + block_kv)
+    got = np.asarray(
+        prefix_attention(
+            jnp.asarray(q),
+            jnp.asarray(k),
+            jnp.asarray(v),
+            q_start=q_start,
+            kv_mask=jnp.asarray(KV_MASK),
+            block_kv=block_kv,
+        )
+    )
+    want, seen = _prefix_reference(q, k, v, q_start, KV_MASK)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.all(got[~seen] == 0), "queries with no key to attend must output exactly 0"
+    assert np.all(got[2] == 0)  # the all-padding row
+    if q_start == 0:
+        assert not seen[0].any()  # row 0's chunk is all padding
+
+
+def test_prefix_attention_jitted_with_traced_start_reads_no_block_past_the_chunk():
+    """q_start traced (the chunk loop's index): one compilation for every start. Keys and values
+    of the blocks past the chunk are NaN, so a block that were read and masked would give NaN."""
+    q, k, v = _prefix_inputs(7)
+    fn = jax.jit(functools.partial(prefix_attention, kv_mask=jnp.asarray(KV_MASK), block_kv=16))
+    for q_start in (0, 45, T - C):
+        end = -(-(q_start + C) // 16) * 16  # first position of the first block past the chunk
+        k_nan, v_nan = k.copy(), v.copy()
+        k_nan[:, end:], v_nan[:, end:] = np.nan, np.nan
+        got = np.asarray(fn(q, k_nan, v_nan, q_start=jnp.int32(q_start)))
+        want, _ = _prefix_reference(q, k, v, q_start, KV_MASK)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert fn._cache_size() == 1
+
+
+def test_prefix_attention_sharded_over_batch_and_heads_matches_single_device():
+    q, k, v = _prefix_inputs(8, b=4)
+    mask = jnp.asarray(np.concatenate([KV_MASK, KV_MASK[:1]]))
+    fn = jax.jit(functools.partial(prefix_attention, q_start=jnp.int32(50), block_kv=32))
+    want = np.asarray(fn(q, k, v, kv_mask=mask))
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    heads = NamedSharding(mesh, P("data", None, "model", None))
+    q, k, v = (jax.device_put(x, heads) for x in (q, k, v))
+    mask = jax.device_put(mask, NamedSharding(mesh, P("data", None)))
+    np.testing.assert_allclose(np.asarray(fn(q, k, v, kv_mask=mask)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_prefix_attention_holds_chunk_by_block_scores_only():
+    c, t, h, dh = 256, 16384, 2, 64
+    q = jax.ShapeDtypeStruct((1, c, h, dh), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, t, h, dh), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, t), jnp.bool_)
+    fn = jax.jit(functools.partial(prefix_attention, block_kv=512))
+    compiled = fn.lower(q, kv, kv, q_start=jnp.int32(0), kv_mask=mask).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    scores = c * t * h * 4  # one [H, C, T] float32 score array: 32 MiB
+    print(f"prefix_attention temp at C={c}, T={t}: {temp / 2**20:.1f} MiB")
+    assert temp < scores // 8
+
+
+def test_prefix_attention_rejects_bad_shapes():
+    q, k, v = _prefix_inputs(9)
+    mask = jnp.asarray(KV_MASK)
+    with pytest.raises(ValueError, match="q_start"):
+        prefix_attention(q, k, v, q_start=T - C + 1, kv_mask=mask)
+    with pytest.raises(ValueError, match="K dividing H"):
+        prefix_attention(q[:, :, :3], k, v, q_start=0, kv_mask=mask)
+    with pytest.raises(ValueError, match="kv_mask"):
+        prefix_attention(q, k, v, q_start=0, kv_mask=mask[:, 1:])

@@ -206,6 +206,22 @@ def test_images_encoded_per_admission(tiny):
     assert calls == [[0], [1], [2]]
 
 
+def test_prompts_prefilled_in_chunks(tiny):
+    """`prefill_chunk`: prompts with images, 26 positions (one of 12 real tokens after 14 of
+    padding), prefilled 4 at a time (7 chunks: all-padding chunks, the last one overlapping the
+    one before): the tokens and statistics of the static loop."""
+    inputs = _image_prompts(tiny.cfg)
+    assert inputs.input_ids.shape[1] == 26
+    sp = SamplingParams(n=2, max_new_tokens=6, temperature=0.7, top_k=40)
+    want = generate(tiny, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(4))
+    graphdef, state = nnx.split(tiny)
+    ep = EngineParams(slots=4, page_size=4, chunk_steps=3, prefill_prompts=1, prefill_chunk=4)
+    got = generate_paged(
+        graphdef, state, inputs=inputs, sampling=sp, key=jax.random.PRNGKey(4), engine=ep
+    )
+    _assert_same(got, want)
+
+
 def test_greedy_through_generate(tiny):
     inputs = _ragged_prompts(b=3)
     sp = SamplingParams(n=1, max_new_tokens=10, temperature=0.0)

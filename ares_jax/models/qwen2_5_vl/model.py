@@ -27,6 +27,7 @@ from ares_jax.models.qwen2_5_vl.text import (
     uses_kernel,
 )
 from ares_jax.models.qwen2_5_vl.vision import VisionTower
+from ares_jax.ops import attention as ops_attention
 from ares_jax.ops import paged_attention as paged
 from ares_jax.parallel import rules as R
 
@@ -271,15 +272,30 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
     # ------------------------------------------------------------------------------------------
 
     def prompt_kv(
-        self, inputs: ModelInputs, features: jax.Array | None = None
+        self, inputs: ModelInputs, features: jax.Array | None = None, *, chunk: int | None = None
     ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         """A prefill without a cache: the prompt [B, T] attends to itself only.
 
         Returns final hidden states [B, T, D] and each layer's rotated keys and values
         [B, T, K, hd], for the caller to write into its pages (`ops.paged_attention.write_prompt`).
+
+        `chunk` (tokens) bounds the activations when T > chunk: the embedding and cos/sin are
+        computed for the whole prompt, then the decoder runs over ceil(T / chunk) consecutive
+        chunks in a `lax.fori_loop` (one compiled chunk, whatever T / chunk), each chunk's
+        queries attending to the keys and values of the chunks so far, written chunk by chunk
+        into the [B, T, K, hd] outputs (`ops.attention.prefix_attention`, whatever
+        `attention_impl`). T need not be a multiple of `chunk`: the last chunk is then taken to
+        end at T, overlapping the one before, whose tokens it recomputes to the same values. The
+        result equals the unchunked one to float rounding at real tokens (hidden states and
+        keys/values at padding are defined differently; callers ignore them). T <= chunk, or
+        None, runs the whole prompt at once.
         """
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"prompt_kv: chunk must be a positive number of tokens, got {chunk}")
         x = self.embed(inputs, features)
         cos, sin = self._cos_sin(inputs.position_ids)
+        if chunk is not None and x.shape[1] > chunk:
+            return self._chunked_prompt_kv(x, cos, sin, inputs.attention_mask, chunk)
         segments = inputs.attention_mask.astype(jnp.int32)
         if uses_kernel(self.attention_impl):
             mask = segments
@@ -296,6 +312,36 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
             ks.append(k)
             vs.append(v)
         return self.language_model.final_norm(x), tuple(ks), tuple(vs)
+
+    def _chunked_prompt_kv(self, x, cos, sin, real, chunk: int):
+        """`prompt_kv` over chunks: x [B, T, D], cos/sin [B, T, hd], real [B, T] bool."""
+        b, t, _ = x.shape
+        tc = self.cfg.text
+        graphdef, state = nnx.split(self.language_model.layers)
+        real = real.astype(bool)
+
+        def one_chunk(c, carry):
+            hidden, ks, vs = carry
+            start = jnp.minimum(c * chunk, t - chunk)  # the last chunk ends at T
+            h, cos_c, sin_c = (
+                jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for a in (x, cos, sin)
+            )
+            ks, vs = list(ks), list(vs)
+            for i in range(tc.num_hidden_layers):
+                layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                q, k, v = layer.qkv(h, cos_c, sin_c)
+                ks[i] = jax.lax.dynamic_update_slice_in_dim(ks[i], k, start, axis=1)
+                vs[i] = jax.lax.dynamic_update_slice_in_dim(vs[i], v, start, axis=1)
+                attn = ops_attention.prefix_attention(q, ks[i], vs[i], q_start=start, kv_mask=real)
+                h = layer.finish(h, attn)
+            hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h, start, axis=1)
+            return hidden, tuple(ks), tuple(vs)
+
+        kv = jnp.zeros((b, t, tc.num_key_value_heads, tc.head_dim), x.dtype)
+        layers = range(tc.num_hidden_layers)
+        init = (jnp.zeros_like(x), tuple(kv for _ in layers), tuple(kv for _ in layers))
+        hidden, ks, vs = jax.lax.fori_loop(0, -(-t // chunk), one_chunk, init)
+        return self.language_model.final_norm(hidden), ks, vs
 
     def init_pages(self, num_pages: int, page_size: int) -> tuple[tuple, tuple]:
         """Empty page pools: per layer keys and values [K, num_pages, page_size, hd]."""
