@@ -303,7 +303,7 @@ def resolve_init(
             log.info("Initialising from config.%s: %s", kind, path)
             return InitSource(kind, str(path), None)
     log.info(
-        "Initialising from random init (no checkpoint in %s, no resume, no init_from)",
+        "Starting from the stage's initial weights (no checkpoint in %s, no resume, no init_from)",
         workdir_ckpt_dir,
     )
     return InitSource("random", None, None)

@@ -38,8 +38,10 @@ from ares_jax import checkpoint as ckpt
 from ares_jax import metrics as mt
 from ares_jax.data import prompts
 from ares_jax.models.qwen2_5_vl import config as model_config
+from ares_jax.models.qwen2_5_vl import hub_files
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl import tokenizer as tok
+from ares_jax.models.qwen2_5_vl.processor import ImageSettings
 from ares_jax.parallel import multihost
 from ares_jax.parallel.mesh import make_mesh
 
@@ -264,6 +266,32 @@ def restore_or_start(
     )
     writer.truncate_after(restored.step)
     return restored.state, restored.extra, restored.step
+
+
+def run_image_settings(c) -> ImageSettings:
+    """The image settings the stage preprocesses with: the pixel limits of `c.data`, the rest
+    (patch sizes, normalisation) from `c.model.path`'s image processor, else the hub's."""
+    source = hub_files.read_image_settings(c.model.path) if c.model.path else None
+    base = source or hub_files.default_image_settings()
+    return base._replace(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
+
+
+def export_policy(c, policy, export: str | os.PathLike, tokenizer, *, stage: str) -> None:
+    """Writes the stage's final policy as a Hugging Face checkpoint directory that transformers
+    loads with its processor and generation config: weights in the dtype of `c.model.path`'s
+    checkpoint (else `c.model.param_dtype`), the tokenizer, and `hub_files.write_export_files`
+    (the run's image settings, the source's generation config and chat template). Every process
+    calls it (gathering the weights is a collective); process 0 writes."""
+    source = c.model.path or None
+    dtype = hub_files.source_dtype(source) if source else None
+    dtype = dtype if dtype in model_params._NP_DTYPES else c.model.param_dtype
+    model_params.save_pretrained(policy, export, dtype=dtype)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(export)
+        hub_files.write_export_files(
+            export, settings=run_image_settings(c), source=source, tokenizer=tokenizer
+        )
+        log.info("%s: policy exported to %s (%s)", stage, export, dtype)
 
 
 def prompt_settings(c, cfg) -> prompts.PromptSettings:

@@ -284,7 +284,7 @@ def test_resolve_init_order(tmp_path, caplog):
     other.mkdir()
     with caplog.at_level(logging.INFO, logger="ares_jax.checkpoint"):
         assert checkpoint.resolve_init(ckpt_dir).kind == "random"
-        assert "random init" in caplog.text
+        assert "initial weights" in caplog.text
         assert checkpoint.resolve_init(ckpt_dir, init_from=str(other)) == (
             "init_from",
             str(other),

@@ -36,7 +36,6 @@ from ares_jax.adacs import pass_rate as PR
 from ares_jax.adacs import report, sft
 from ares_jax.aepo import learner as Lr
 from ares_jax.data import pipeline, prompts, records, synthetic
-from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.ops import kl as K
 from ares_jax.parallel import multihost
 from ares_jax.rewards import answers
@@ -388,10 +387,6 @@ def _run(config, work: Path, hold) -> dict[str, float]:
         result = evaluation.metrics
         writer.write(steps, result)
     policy = Lr.merge(graphdef, state.trainable, frozen)
-    # Every process gathers (a collective); process 0 writes.
-    model_params.save_pretrained(policy, work / "export", dtype=c.model.param_dtype)
-    if is_main:
-        tokenizer.save_pretrained(work / "export")
-        log.info("AdaCS: fine-tuned model exported to %s", work / "export")
+    runtime.export_policy(c, policy, work / "export", tokenizer, stage="AdaCS")
     runtime.mark_complete(work, "AdaCS", steps)
     return result

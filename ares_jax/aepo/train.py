@@ -48,7 +48,6 @@ from ares_jax import runtime
 from ares_jax.aepo import learner as Lr
 from ares_jax.aepo import rollout as RO
 from ares_jax.data import pipeline, prompts
-from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl import tokenizer as tok
 from ares_jax.ops import hwe as H
 from ares_jax.ops import kl as K
@@ -333,7 +332,6 @@ def run(config, workdir: str) -> dict[str, float]:
 
 def _run(config, workdir_path: Path, hold) -> dict[str, float]:
     c = config
-    is_main = jax.process_index() == 0
     if c.rollout.prompts_per_iter % jax.process_count():
         raise ValueError(
             f"config.rollout.prompts_per_iter={c.rollout.prompts_per_iter} must be a multiple of "
@@ -703,10 +701,6 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
     if c.train.export:
         export = workdir_path / "export"
         policy = Lr.merge(graphdef, state.trainable, frozen)
-        # Every process gathers (a collective); process 0 writes.
-        model_params.save_pretrained(policy, export, dtype=c.model.param_dtype)
-        if is_main:
-            tokenizer.save_pretrained(export)
-            log.info("AEPO: policy exported to %s", export)
+        runtime.export_policy(c, policy, export, tokenizer, stage="AEPO")
     runtime.mark_complete(workdir_path, "AEPO", c.train.steps)
     return last_eval

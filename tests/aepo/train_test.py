@@ -89,6 +89,15 @@ def test_smoke_writes_metrics_checkpoint_and_export(smoke_run):
     exported = params.from_pretrained(smoke_run / "export", dtype=jax.numpy.float32)
     assert exported.cfg.text.num_hidden_layers == 2
     assert (smoke_run / "export" / "tokenizer.json").is_file()
+    # The export's image processor has the run's pixel limits (what `evaluate --model=EXPORT`
+    # reads back), and a generation config comes from the tokenizer's special tokens.
+    from ares_jax.models.qwen2_5_vl import processor
+
+    data = json.loads((smoke_run / "config.json").read_text())["data"]
+    settings = processor.load_image_settings(smoke_run / "export")
+    assert (settings.min_pixels, settings.max_pixels) == (data["min_pixels"], data["max_pixels"])
+    generation = json.loads((smoke_run / "export" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] and "pad_token_id" in generation
 
 
 def test_sigkill_then_resume_equals_uninterrupted(smoke_run, tmp_path):

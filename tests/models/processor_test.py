@@ -383,5 +383,5 @@ def test_image_settings_from_checkpoint_directory(hf_image_processor, tmp_path):
     ours, grid = processor.preprocess_image(image, **settings.kwargs())
     ref = hf_image_processor(images=[image], return_tensors="np")
     np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-5)
-    with pytest.raises(FileNotFoundError, match="No preprocessor_config.json"):
+    with pytest.raises(FileNotFoundError, match="No preprocessor_config.json or processor_config"):
         processor.load_image_settings(tmp_path / "missing")

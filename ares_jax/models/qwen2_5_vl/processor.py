@@ -470,30 +470,21 @@ class ImageSettings(NamedTuple):
 
 
 def load_image_settings(path: str | os.PathLike[str]) -> ImageSettings:
-    """Reads the image processor of a checkpoint directory through transformers, offline.
+    """The image processor's settings of a checkpoint directory, in either layout: the hub's
+    preprocessor_config.json or transformers 5's processor_config.json
+    (`hub_files.read_image_settings`). Our preprocessing with them matches transformers'
+    processor pixel for pixel.
 
-    `AutoImageProcessor.from_pretrained(path, local_files_only=True)` reads the directory's
-    preprocessor_config.json (the PIL backend is used when torchvision is absent); its pixel
-    limits, patch sizes and normalisation become the settings of our own preprocessing, which
-    matches that processor pixel for pixel.
+    Raises:
+      FileNotFoundError: the directory holds neither file.
+      ValueError: naming the file and key, for a missing or malformed value.
     """
-    directory = os.fspath(path)
-    if not os.path.isfile(os.path.join(directory, "preprocessor_config.json")):
-        raise FileNotFoundError(f"No preprocessor_config.json in checkpoint directory {directory}.")
-    import transformers
+    from ares_jax.models.qwen2_5_vl import hub_files
 
-    proc = transformers.AutoImageProcessor.from_pretrained(directory, local_files_only=True)
-    size = getattr(proc, "size", None) or {}
-    min_pixels = getattr(proc, "min_pixels", None) or size.get("shortest_edge")
-    max_pixels = getattr(proc, "max_pixels", None) or size.get("longest_edge")
-    if not min_pixels or not max_pixels:
-        raise ValueError(f"{directory}/preprocessor_config.json gives no min_pixels/max_pixels.")
-    return ImageSettings(
-        min_pixels=int(min_pixels),
-        max_pixels=int(max_pixels),
-        patch_size=int(proc.patch_size),
-        temporal_patch_size=int(proc.temporal_patch_size),
-        merge_size=int(proc.merge_size),
-        mean=tuple(float(x) for x in proc.image_mean),
-        std=tuple(float(x) for x in proc.image_std),
-    )
+    settings = hub_files.read_image_settings(path)
+    if settings is None:
+        raise FileNotFoundError(
+            f"No {hub_files.PREPROCESSOR} or {hub_files.PROCESSOR} in checkpoint directory "
+            f"{os.fspath(path)}."
+        )
+    return settings
