@@ -24,6 +24,35 @@ from ares_jax.parallel import multihost
 from ares_jax.rewards import answers
 from ares_jax.sampling import SamplingParams, generate
 
+# For a checkpoint without an image processor: the paper presets' data.min_pixels/max_pixels.
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 262144, 4194304
+
+
+def image_pixel_limits(model_dir, min_pixels: int | None, max_pixels: int | None):
+    """(min_pixels, max_pixels) for evaluating `model_dir`: each given value, else the
+    checkpoint's image processor (either layout), else ARES's defaults; logged once."""
+    from absl import logging
+
+    from ares_jax.models.qwen2_5_vl import hub_files
+
+    found = hub_files.read_image_settings(model_dir)
+    source = "the checkpoint's image processor" if found else "the defaults"
+    base = (
+        (found.min_pixels, found.max_pixels) if found else (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    )
+    lo = base[0] if min_pixels is None else min_pixels
+    hi = base[1] if max_pixels is None else max_pixels
+    if lo > hi:
+        raise ValueError(f"evaluate: min_pixels {lo} > max_pixels {hi}.")
+    logging.info(
+        "Images resized within [%d, %d] pixels (%s%s).",
+        lo,
+        hi,
+        source,
+        ", overridden by flags" if (min_pixels, max_pixels) != (None, None) else "",
+    )
+    return lo, hi
+
 
 @dataclasses.dataclass
 class EvalResult:
@@ -199,7 +228,6 @@ def main(argv):
     from ares_jax.data import pipeline, prompts
     from ares_jax.data.records import DataError
     from ares_jax.models.qwen2_5_vl import params as model_params
-    from ares_jax.models.qwen2_5_vl import processor
     from ares_jax.models.qwen2_5_vl import tokenizer as tok
     from ares_jax.models.qwen2_5_vl.processor import THINK_BOXED_SUFFIX
     from ares_jax.parallel.mesh import make_mesh
@@ -211,11 +239,7 @@ def main(argv):
         f.model, dtype=jax.numpy.bfloat16 if f.bf16 else jax.numpy.float32, mesh=mesh
     )
     tokenizer = tok.load_tokenizer(f.model)
-    try:
-        settings = processor.load_image_settings(f.model)
-        min_pixels, max_pixels = settings.min_pixels, settings.max_pixels
-    except FileNotFoundError:
-        min_pixels, max_pixels = f.min_pixels, f.max_pixels
+    min_pixels, max_pixels = image_pixel_limits(f.model, f.min_pixels, f.max_pixels)
     cfg = model.cfg
     examples = []
     # Every prompt is measured when read: one over --prompt_len names its file and line here
@@ -325,10 +349,18 @@ def define_flags(flag_values=None) -> None:
         flag_values=fv,
     )
     flags.DEFINE_integer(
-        "min_pixels", 262144, "Used when the checkpoint has no image processor.", flag_values=fv
+        "min_pixels",
+        None,
+        "Image resize lower bound; default: the checkpoint's image processor, else "
+        f"{DEFAULT_MIN_PIXELS}.",
+        flag_values=fv,
     )
     flags.DEFINE_integer(
-        "max_pixels", 4194304, "Used when the checkpoint has no image processor.", flag_values=fv
+        "max_pixels",
+        None,
+        "Image resize upper bound; default: the checkpoint's image processor, else "
+        f"{DEFAULT_MAX_PIXELS}.",
+        flag_values=fv,
     )
     flags.DEFINE_bool("bf16", True, "Compute in bfloat16.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)

@@ -109,3 +109,23 @@ def test_command_line_names_an_overlong_prompt_before_generating(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {data}, line 2: the prompt has ") and "(128)" in last, last
+
+
+def test_pixel_limits_from_checkpoint_flags_override(tmp_path):
+    """`evaluate`'s pixel limits: the checkpoint's image processor (transformers 5 layout here),
+    a flag overriding one of them, the defaults without a processor, and a bad pair named."""
+    import json
+
+    import pytest
+
+    (tmp_path / "processor_config.json").write_text(
+        json.dumps({"image_processor": {"min_pixels": 3136, "max_pixels": 12544}})
+    )
+    assert ev.image_pixel_limits(tmp_path, None, None) == (3136, 12544)
+    assert ev.image_pixel_limits(tmp_path, None, 50176) == (3136, 50176)
+    assert ev.image_pixel_limits(tmp_path / "none", None, None) == (
+        ev.DEFAULT_MIN_PIXELS,
+        ev.DEFAULT_MAX_PIXELS,
+    )
+    with pytest.raises(ValueError, match="min_pixels 20000 > max_pixels 12544"):
+        ev.image_pixel_limits(tmp_path, 20000, None)
