@@ -92,7 +92,7 @@ def encode_prompts(
 ) -> Prompts:
     """Chat prompts (question + the think/boxed instruction) with their images, encoded."""
     texts = [
-        processor.build_prompt(q, len(imgs), suffix=template)
+        processor.chat_prompt(tokenizer, q, len(imgs), suffix=template)
         for q, imgs in zip(questions, images, strict=True)
     ]
     enc = processor.encode_batch(

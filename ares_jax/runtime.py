@@ -203,7 +203,15 @@ def load_policy(c, *, path: str | None = None) -> Policy:
     path = path or c.model.path
     if path:
         model = model_params.from_pretrained(path, mesh=mesh, rules=rules, **kwargs)
-        return Policy(mesh, model, tok.load_tokenizer(path))
+        tokenizer = tok.load_tokenizer(path)
+        log.info(
+            "%s: prompts with %s.",
+            path,
+            "its chat template"
+            if getattr(tokenizer, "chat_template", None)
+            else "the built-in Qwen2.5-VL chat format (the checkpoint has no chat template)",
+        )
+        return Policy(mesh, model, tokenizer)
     cfg = model_config.preset(c.model.preset)
     model = model_params.init_model(cfg, seed=c.seed, mesh=mesh, rules=rules, **kwargs)
     return Policy(mesh, model, tok.build_tokenizer())

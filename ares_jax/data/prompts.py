@@ -5,7 +5,7 @@
 
 A prompt longer than the largest prompt length bucket, or one the processor cannot encode, would
 otherwise stop a run in the first rollout that draws it, with no file or line named. The length
-is the one `batching.encode_prompts` gives (the chat text of `processor.build_prompt`, its
+is the one `batching.encode_prompts` gives (the chat text of `processor.chat_prompt`, its
 tokens, each `<|image_pad|>` expanded to the image's tokens), computed cheaply: the texts are
 tokenized in batches, and each image's token count comes from its size, read from the file header
 without decoding, through the processor's `smart_resize` (tests/data/prompts_test.py checks the
@@ -86,7 +86,9 @@ def prompt_lengths(
         for ex in chunk:
             try:
                 image_tokens = [_image_tokens(image, s) for image in ex.images]
-                text = processor.build_prompt(ex.question, len(ex.images), suffix=s.template)
+                text = processor.chat_prompt(
+                    tokenizer, ex.question, len(ex.images), suffix=s.template
+                )
             except _Unusable as e:
                 lengths.append((e.reason, str(e)))
                 continue

@@ -385,3 +385,41 @@ def test_image_settings_from_checkpoint_directory(hf_image_processor, tmp_path):
     np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-5)
     with pytest.raises(FileNotFoundError, match="No preprocessor_config.json or processor_config"):
         processor.load_image_settings(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "question, images",
+    [
+        ("What is x?", 0),
+        ("Count the shapes.", 2),
+        ("Compare <image> with <image>: which is larger?", 2),
+        ("<image>Read the chart.", 1),
+    ],
+)
+def test_hub_chat_template_renders_build_prompt(tokenizer, question, images):
+    """The hub's Qwen2.5-VL chat template, applied by transformers to `chat_messages`, gives
+    `build_prompt`'s text: a checkpoint with that template prompts as before."""
+    import copy
+
+    templated = copy.copy(tokenizer)
+    templated.chat_template = processor.QWEN2_5_VL_CHAT_TEMPLATE
+    got = processor.chat_prompt(templated, question, images)
+    assert got == processor.build_prompt(question, images)
+    assert processor.chat_prompt(tokenizer, question, images) == got  # no template: built in
+
+
+def test_a_checkpoint_chat_template_is_used(tokenizer):
+    """A checkpoint's own template (another system prompt) decides the prompt."""
+    import copy
+
+    custom = copy.copy(tokenizer)
+    custom.chat_template = processor.QWEN2_5_VL_CHAT_TEMPLATE.replace(
+        "You are a helpful assistant.", "Think step by step."
+    )
+    text = processor.chat_prompt(custom, "<image>Why?", 1, suffix=None)
+    assert text == (
+        "<|im_start|>system\nThink step by step.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Why?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(ValueError, match="2 <image> marker"):
+        processor.chat_prompt(custom, "<image> and <image>", 1)

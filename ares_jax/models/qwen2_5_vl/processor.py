@@ -281,6 +281,68 @@ def build_prompt(
     return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
+# The chat template of the hub's Qwen2.5-VL checkpoints (tokenizer_config.json / chat_template
+# .json): a default system turn, images as vision blocks, the generation prompt. `chat_prompt`
+# renders a question with it exactly as `build_prompt` writes it.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_messages(
+    question: str, num_images: int, *, suffix: str | None = THINK_BOXED_SUFFIX
+) -> list[dict[str, Any]]:
+    """One user turn in the chat-template message format: the question's text and images in
+    `build_prompt`'s order (at the `<image>` markers, else images first)."""
+    text = question.strip()
+    if suffix:
+        text = f"{text} {suffix}" if text else suffix
+    pieces = text.split(IMAGE_MARKER)
+    if len(pieces) > 1 and len(pieces) - 1 != num_images:
+        raise ValueError(
+            f"more or fewer images than placeholders: the question has {len(pieces) - 1} "
+            f"{IMAGE_MARKER} marker(s) but {num_images} image(s) were given"
+        )
+    image = {"type": "image"}
+    if len(pieces) == 1:
+        content = [image] * num_images + ([{"type": "text", "text": text}] if text else [])
+    else:
+        content = []
+        for i, piece in enumerate(pieces):
+            if i:
+                content.append(image)
+            if piece:
+                content.append({"type": "text", "text": piece})
+    return [{"role": "user", "content": content}]
+
+
+def chat_prompt(
+    tokenizer: Any, question: str, num_images: int, *, suffix: str | None = THINK_BOXED_SUFFIX
+) -> str:
+    """The chat text of one question: with the tokenizer's chat template (the checkpoint's
+    tokenizer_config.json or chat_template file: its system prompt and format) when it has one,
+    else `build_prompt` (the hub template's output, written in code)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return build_prompt(question, num_images, suffix=suffix)
+    return tokenizer.apply_chat_template(
+        chat_messages(question, num_images, suffix=suffix),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+
+
 def _token_id(tokenizer: Any, token: str, given: int | None) -> int:
     if given is not None:
         return int(given)
