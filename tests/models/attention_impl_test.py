@@ -47,10 +47,11 @@ def _packed_text():
     return ModelInputs(*(jnp.asarray(x) for x in (ids, seg, pos)), None, None), seg > 0
 
 
-def _with_images():
+def encode(questions, images):
+    """Sampler inputs of `questions` with their images (lists of PNG bytes), rows of 128."""
     prompts = B.encode_prompts(
-        ["Count the dots.", "How many squares?"],
-        [[_png(84, 56, 1), _png(56, 56, 2)], [_png(112, 168, 3)]],
+        questions,
+        images,
         tokenizer.build_tokenizer(),
         CFG,
         template="Think, then answer in \\boxed{}.",
@@ -58,7 +59,14 @@ def _with_images():
         max_pixels=3136 * 8,
         length_buckets=(128, 256),
     )
-    inputs = jax.tree.map(jnp.asarray, B.sampler_inputs(prompts, CFG))
+    return jax.tree.map(jnp.asarray, B.sampler_inputs(prompts, CFG))
+
+
+def _with_images():
+    inputs = encode(
+        ["Count the dots.", "How many squares?"],
+        [[_png(84, 56, 1), _png(56, 56, 2)], [_png(112, 168, 3)]],
+    )
     return inputs, np.asarray(inputs.attention_mask)
 
 

@@ -7,31 +7,22 @@ images, chunks made only of padding and a last chunk that overlaps the one befor
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ares_jax import batching as B
-from ares_jax.models.qwen2_5_vl import params, tokenizer
-from tests.models.attention_impl_test import CFG, _png
+from ares_jax.models.qwen2_5_vl import params
+from tests.models.attention_impl_test import CFG, _png, encode
 
 
 @pytest.fixture(scope="module")
 def inputs():
     """Three prompts of different real lengths in one row bucket of 128: two images, text only,
     one image."""
-    prompts = B.encode_prompts(
+    return encode(
         ["Count the dots.", "What is 12 times 7?", "How many squares?"],
         [[_png(84, 56, 1), _png(56, 56, 2)], [], [_png(112, 168, 3)]],
-        tokenizer.build_tokenizer(),
-        CFG,
-        template="Think, then answer in \\boxed{}.",
-        min_pixels=3136,
-        max_pixels=3136 * 8,
-        length_buckets=(128, 256),
     )
-    return jax.tree.map(jnp.asarray, B.sampler_inputs(prompts, CFG))
 
 
 @pytest.fixture(scope="module")
