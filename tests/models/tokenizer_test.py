@@ -112,3 +112,13 @@ def test_load_errors(tmp_path):
         tokenizer_lib.load_tokenizer(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nowhere.* does not exist"):
         tokenizer_lib.load_tokenizer(tmp_path / "nowhere")
+
+
+def test_special_ids_when_unk_is_endoftext():
+    """transformers gives a Qwen2 tokenizer whose config leaves unk_token out `<|endoftext|>`
+    as unk: the special ids are still found."""
+    tok = tokenizer_lib.build_tokenizer()
+    want = tokenizer_lib.special_ids(tok)
+    tok.unk_token = "<|endoftext|>"
+    assert tok.unk_token_id == want.endoftext
+    assert tokenizer_lib.special_ids(tok) == want

@@ -279,11 +279,14 @@ def special_ids(tokenizer: Any = None) -> SpecialIds:
             video_pad=ids["<|video_pad|>"],
         )
 
+    # Membership, not "not the unk id": a Qwen2 tokenizer whose config leaves unk_token out gets
+    # `<|endoftext|>` as its unk token from transformers.
+    vocab = tokenizer.get_vocab()
+
     def lookup(token: str) -> int:
-        i = tokenizer.convert_tokens_to_ids(token)
-        if i is None or i == getattr(tokenizer, "unk_token_id", None):
+        if token not in vocab:
             raise ValueError(f"tokenizer has no token {token!r}; is it a Qwen2.5 tokenizer?")
-        return int(i)
+        return int(vocab[token])
 
     endoftext = lookup("<|endoftext|>")
     pad = tokenizer.pad_token_id
