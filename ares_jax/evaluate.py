@@ -7,25 +7,42 @@ per data source (benchmark file) and per difficulty level: the layout of the pap
 threshold (METHOD.md 2.3 item 3).
 
   python -m ares_jax.evaluate --model=CKPT_DIR --data=mathvista.jsonl,gsm8k.jsonl
+
+Problems go to the sampler in batches sized by a token budget (`plan_batches`): the KV cache of a
+call, problems x rows per problem x (prompt bucket + max_new_tokens) positions, stays within
+`batch_tokens`, so a long response budget runs few problems at a time and a short one many. The
+batches keep the problems' order and each row's sampling key is its problem's index
+(`generate(first_prompt=...)`), so the samples do not depend on how the problems were batched.
+A prompt longer than the largest bucket is skipped, named and counted (`eval/skipped_overlong`),
+or, with `skip_overlong=False` (`--strict_prompt_len`), stops the evaluation before it generates.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
-from ares_jax.batching import encode_examples, sampler_inputs
+from ares_jax.batching import encode_examples, pow2, sampler_inputs
+from ares_jax.data import prompts
+from ares_jax.data.records import OVERLONG_PROMPT, DataError
 from ares_jax.parallel import multihost
 from ares_jax.rewards import answers
 from ares_jax.sampling import SamplingParams, generate
 
 # For a checkpoint without an image processor: the paper presets' data.min_pixels/max_pixels.
 DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 262144, 4194304
+# The command line's KV cache budget per generate call when --batch_tokens is not given: a few
+# GiB, which a 3B or 7B model in bfloat16 leaves room for beside its weights on a 24 GB card.
+DEFAULT_KV_CACHE_GIB = 4.0
+_MAX_NAMED_SKIPS = 20  # over-long prompts named one by one in the log; the rest are counted
 
 
 def image_pixel_limits(model_dir, min_pixels: int | None, max_pixels: int | None):
@@ -56,7 +73,9 @@ def image_pixel_limits(model_dir, min_pixels: int | None, max_pixels: int | None
 
 @dataclasses.dataclass
 class EvalResult:
-    metrics: dict[str, float]  # eval/accuracy, eval/response_len, eval/<group>/<key>/...
+    # eval/accuracy, eval/response_len, eval/count (responses), eval/skipped_overlong (problems
+    # left out: prompt over the largest bucket), eval/<group>/<key>/...
+    metrics: dict[str, float]
     correct: np.ndarray  # [N] bool, per response
     lengths: np.ndarray  # [N] int
     entropy: np.ndarray  # [N, T] exact entropy per generated position
@@ -108,6 +127,129 @@ def _difficulty(e) -> str:
     return "all" if e.difficulty is None else str(e.difficulty)
 
 
+# ---------------------------------------------------------------------------------------------
+# Batches by token budget
+# ---------------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_position(cfg, dtype) -> int:
+    """Bytes of one KV cache position of one row: 2 (K and V) x layers x KV heads x head dim x
+    bytes per element (`Qwen2_5_VL.init_cache`, in the model's compute dtype)."""
+    t = cfg.text
+    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * np.dtype(dtype).itemsize
+
+
+def problems_per_call(
+    bucket: int,
+    *,
+    max_new_tokens: int,
+    rows_per_prompt: int = 1,
+    batch_tokens: int | None,
+    batch_size: int | None = None,
+) -> int:
+    """Problems in one generate call whose prompts fit `bucket` tokens.
+
+    With a budget, the largest power of two of problems whose KV cache, problems x
+    rows_per_prompt x (bucket + max_new_tokens) positions, fits `batch_tokens`; at least 1 (one
+    problem over the budget still runs, alone). `batch_size` caps it; without a budget it is the
+    count.
+    """
+    if batch_tokens is None and batch_size is None:
+        raise ValueError("evaluate: give batch_tokens, batch_size or both.")
+    if batch_tokens is None:
+        return max(1, int(batch_size))
+    fit = int(batch_tokens) // (rows_per_prompt * (bucket + max_new_tokens))
+    fit = 1 << (fit.bit_length() - 1) if fit >= 1 else 1  # a power of two: few compiled shapes
+    return fit if batch_size is None else max(1, min(fit, int(batch_size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One generate call: problems [start, start + size) padded to `rows` prompts of `bucket`
+    tokens (the padding rows are dropped); `start` keys the rows (`generate(first_prompt=)`)."""
+
+    start: int
+    size: int
+    rows: int
+    bucket: int  # tokens: the smallest prompt length bucket holding the batch's longest prompt
+
+
+def plan_batches(
+    prompt_buckets: Sequence[int | None],
+    *,
+    max_new_tokens: int,
+    rows_per_prompt: int = 1,
+    batch_tokens: int | None,
+    batch_size: int | None = None,
+) -> list[Batch]:
+    """Consecutive problems grouped into generate calls within the token budget.
+
+    A batch grows problem by problem while `problems_per_call` of its longest prompt's bucket
+    still holds it, so that bucket bounds its size; it never spans a problem left out (None),
+    so its problems' indices stay consecutive. Its row count is its size rounded up to a power
+    of two, within that bound (a short last batch compiles a smaller shape rather than running
+    padding rows for max_new_tokens steps).
+
+    Args:
+      prompt_buckets: per problem, its prompt length bucket in tokens, or None (left out).
+      max_new_tokens, rows_per_prompt, batch_tokens, batch_size: as `problems_per_call`.
+    """
+    per_call = functools.cache(
+        lambda b: problems_per_call(
+            b,
+            max_new_tokens=max_new_tokens,
+            rows_per_prompt=rows_per_prompt,
+            batch_tokens=batch_tokens,
+            batch_size=batch_size,
+        )
+    )
+    plan, n, start = [], len(prompt_buckets), 0
+    while start < n:
+        if prompt_buckets[start] is None:
+            start += 1
+            continue
+        end, top = start + 1, prompt_buckets[start]
+        while end < n and prompt_buckets[end] is not None:
+            bucket = max(top, prompt_buckets[end])
+            if per_call(bucket) < end + 1 - start:
+                break
+            top, end = bucket, end + 1
+        size = end - start
+        plan.append(Batch(start, size, min(pow2(size), per_call(top)), top))
+        start = end
+    return plan
+
+
+def _prompt_buckets(examples, tokenizer, cfg, buckets, *, template, min_pixels, max_pixels):
+    """Each example's prompt length bucket, or None for one longer than the largest bucket (with
+    its description); raises DataError for a prompt the processor cannot encode."""
+    settings = prompts.PromptSettings(
+        template=template,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        max_len=max(buckets),
+        patch_size=cfg.vision.patch_size,
+        merge_size=cfg.vision.spatial_merge_size,
+        image_token_id=cfg.image_token_id,
+    )
+    out, overlong = [], []
+    for e, length in zip(
+        examples, prompts.prompt_lengths(examples, tokenizer, settings), strict=True
+    ):
+        where = e.origin or f"example {e.id!r}"
+        if not isinstance(length, int):
+            raise DataError(f"{where}: {length[1]}", reason=length[0])
+        if length > settings.max_len:
+            out.append(None)
+            overlong.append(
+                f"{where}: the prompt has {length} tokens (text and image tokens), more than the "
+                f"largest prompt length bucket ({settings.max_len})"
+            )
+        else:
+            out.append(min(b for b in buckets if b >= length))
+    return out, overlong
+
+
 def evaluate(
     graphdef,
     params,
@@ -120,41 +262,112 @@ def evaluate(
     min_pixels: int,
     max_pixels: int,
     prompt_len_buckets: Sequence[int],
-    batch_size: int,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
+    skip_overlong: bool = True,
     key: jax.Array,
     mesh=None,
     progress=None,
 ) -> EvalResult:
-    """Generates for every example (in batches of `batch_size` prompts) and scores the answers."""
+    """Generates for every example and scores the answers.
+
+    Args:
+      examples: the problems; problem i's rows sample with `generate`'s keys of prompt i, and
+        the result's rows are the kept problems' in order, `rows_per_prompt` each.
+      prompt_len_buckets: prompt lengths (tokens) a batch is padded to: its longest prompt's.
+        Its KV cache holds that bucket + max_new_tokens positions, so prefill and decode
+        compile once per (rows, bucket) pair the plan uses.
+      batch_size: at most this many problems per generate call (without `batch_tokens`, exactly
+        this many, the last batch excepted).
+      batch_tokens: KV cache positions per generate call, problems x rows_per_prompt x
+        (prompt bucket + max_new_tokens) (`plan_batches`); None: `batch_size` alone.
+      skip_overlong: a prompt longer than the largest bucket is left out, named in a warning
+        and counted in `eval/skipped_overlong`; False raises DataError naming the first one,
+        before anything is generated.
+      progress: an object with `update(problems)` (tqdm), called after each batch.
+
+    Raises:
+      DataError: a prompt the processor cannot encode (naming its file and line), an over-long
+        one under `skip_overlong=False`, or none left to evaluate.
+    """
+    buckets = sorted({int(b) for b in prompt_len_buckets})
+    bucket_of, overlong = _prompt_buckets(
+        examples,
+        tokenizer,
+        cfg,
+        buckets,
+        template=template,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
+    if overlong and not skip_overlong:
+        raise DataError(overlong[0], reason=OVERLONG_PROMPT)
+    for message in overlong[:_MAX_NAMED_SKIPS]:
+        logging.warning("evaluate: skipped: %s.", message)
+    if len(overlong) > _MAX_NAMED_SKIPS:
+        logging.warning(
+            "evaluate: ... %d more over-long prompts skipped.", len(overlong) - _MAX_NAMED_SKIPS
+        )
+    limits = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        rows_per_prompt=sampling.rows_per_prompt,
+        batch_tokens=batch_tokens,
+        batch_size=batch_size,
+    )
+    plan = plan_batches(bucket_of, **limits)
+    if not plan:
+        raise DataError(
+            f"evaluate: none of the {len(examples)} prompts fits the largest prompt length "
+            f"bucket ({buckets[-1]}); the first: {overlong[0] if overlong else 'none given'}",
+            reason=OVERLONG_PROMPT,
+        )
+    total = sum(b.size for b in plan)
+    by_bucket = ", ".join(
+        f"{bucket} tokens: {problems_per_call(bucket, **limits)} "
+        f"(largest here {max(b.rows for b in plan if b.bucket == bucket)})"
+        for bucket in sorted({b.bucket for b in plan})
+    )
+    logging.info(
+        "evaluate: %d problems (%d over-long skipped) in %d generate calls; problems per call by "
+        "prompt bucket: %s, with %d rows each and %d new tokens (budget %s KV cache positions%s).",
+        total,
+        len(overlong),
+        len(plan),
+        by_bucket,
+        sampling.rows_per_prompt,
+        sampling.max_new_tokens,
+        batch_tokens,
+        "" if batch_size is None else f", at most {batch_size} problems",
+    )
     correct, lengths, owners = [], [], []
     per_row = {k: [] for k in ("entropy", "topk_entropy_tail", "topk_entropy_raw", "mask")}
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start : start + batch_size])
-        size = len(chunk)
-        if size < batch_size:  # pad the last batch to the static size; padding rows are dropped
-            chunk = chunk + [chunk[-1]] * (batch_size - size)
-        prompts = encode_examples(
+    began = last_log = time.perf_counter()
+    for done, batch in enumerate(plan, 1):
+        chunk = list(examples[batch.start : batch.start + batch.size])
+        chunk += [chunk[-1]] * (batch.rows - batch.size)  # padding rows, dropped below
+        encoded = encode_examples(
             chunk,
             tokenizer,
             cfg,
             template=template,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
-            length_buckets=prompt_len_buckets,
+            length_buckets=(batch.bucket,),
         )
         out = generate(
             graphdef,
             params,
-            inputs=sampler_inputs(prompts, cfg),
+            inputs=sampler_inputs(encoded, cfg),
             sampling=sampling,
-            key=jax.random.fold_in(key, start),
+            key=key,
             mesh=mesh,
-            cache_len=max(prompt_len_buckets) + sampling.max_new_tokens,
+            cache_len=batch.bucket + sampling.max_new_tokens,
+            first_prompt=batch.start,
         )
-        keep = out.prompt_index < size
+        keep = out.prompt_index < batch.size
         texts = [
-            tokenizer.decode(out.tokens[r, : out.lengths[r]], skip_special_tokens=True)
-            for r in np.flatnonzero(keep)
+            tokenizer.decode(out.tokens[i, : out.lengths[i]], skip_special_tokens=True)
+            for i in np.flatnonzero(keep)
         ]
         golds = [chunk[p].answer for p in out.prompt_index[keep]]
         scores = grade(texts, golds)
@@ -164,13 +377,27 @@ def evaluate(
             parts.append(getattr(out, k)[keep])
         owners.extend(chunk[p] for p in out.prompt_index[keep])
         if progress is not None:
-            progress.update(size)
+            progress.update(batch.size)
+        now = time.perf_counter()
+        if done in (1, len(plan)) or now - last_log >= 30:
+            solved = sum(b.size for b in plan[:done])
+            logging.info(
+                "evaluate: batch %d/%d, %d/%d problems, %.2f problems/s, %.0f s elapsed.",
+                done,
+                len(plan),
+                solved,
+                total,
+                solved / max(now - began, 1e-9),
+                now - began,
+            )
+            last_log = now
     correct = np.concatenate(correct)
     lengths = np.concatenate(lengths)
     metrics = {
         "eval/accuracy": float(correct.mean()),
         "eval/response_len": float(lengths.mean()),
         "eval/count": float(len(correct)),
+        "eval/skipped_overlong": float(len(overlong)),
     }
     groups: dict[str, dict[str, tuple[float, float, int]]] = {}
     for by, key_fn in (("source", lambda e: e.source or "all"), ("difficulty", _difficulty)):
@@ -215,6 +442,15 @@ def _sort_key(k: str):
     return (0, int(k)) if k.isdigit() else (1, k)
 
 
+def cli_prompt_buckets(prompt_len: int, *, smallest: int = 256) -> tuple[int, ...]:
+    """The command line's prompt length buckets: prompt_len and its quarters down to `smallest`
+    (4096: 256, 1024, 4096), few enough to compile few shapes."""
+    buckets = [int(prompt_len)]
+    while buckets[0] // 4 >= smallest:
+        buckets.insert(0, buckets[0] // 4)
+    return tuple(buckets)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: python -m ares_jax.evaluate --model=CKPT_DIR --data=a.jsonl,b.jsonl
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +461,7 @@ def main(argv):
 
     from absl import flags
 
-    from ares_jax.data import pipeline, prompts
-    from ares_jax.data.records import DataError
+    from ares_jax.data import pipeline
     from ares_jax.models.qwen2_5_vl import params as model_params
     from ares_jax.models.qwen2_5_vl import tokenizer as tok
     from ares_jax.models.qwen2_5_vl.processor import THINK_BOXED_SUFFIX
@@ -242,21 +477,9 @@ def main(argv):
     min_pixels, max_pixels = image_pixel_limits(f.model, f.min_pixels, f.max_pixels)
     cfg = model.cfg
     examples = []
-    # Every prompt is measured when read: one over --prompt_len names its file and line here
-    # rather than stopping the evaluation at its batch (a benchmark is not silently shortened).
-    lengths = prompts.PromptSettings(
-        template=THINK_BOXED_SUFFIX,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        max_len=f.prompt_len,
-        patch_size=cfg.vision.patch_size,
-        merge_size=cfg.vision.spatial_merge_size,
-        image_token_id=cfg.image_token_id,
-    )
     try:
         for path in f.data.split(","):
             src = pipeline.example_source(pipeline.FilesSpec(paths=(path,)))
-            src, _ = prompts.check_prompts(src, tokenizer, lengths, drop_overlong=False)
             stem = Path(path).stem
             examples += [
                 dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
@@ -271,22 +494,63 @@ def main(argv):
         temperature=f.temperature,
         top_p=f.top_p,
     )
-    graphdef, params = nnx.split(model)
-    result = evaluate(
-        graphdef,
-        params,
-        examples,
-        tokenizer,
-        cfg,
-        sampling=sampling,
-        template=THINK_BOXED_SUFFIX,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        prompt_len_buckets=(f.prompt_len,),
-        batch_size=f.batch_size,
-        key=jax.random.PRNGKey(f.seed),
-        mesh=mesh,
+    per_position = kv_bytes_per_position(cfg, model.dtype)
+    batch_tokens = f.batch_tokens
+    if batch_tokens is None:
+        batch_tokens = max(1, int(f.kv_cache_gib * 2**30) // per_position)
+    buckets = cli_prompt_buckets(f.prompt_len)
+    logging.info(
+        "KV cache: %d bytes per position (2 x %d layers x %d KV heads x %d head dim x %d bytes); "
+        "budget %d positions (%.2f GiB) per generate call%s; prompt buckets %s.",
+        per_position,
+        cfg.text.num_hidden_layers,
+        cfg.text.num_key_value_heads,
+        cfg.text.head_dim,
+        np.dtype(model.dtype).itemsize,
+        batch_tokens,
+        batch_tokens * per_position / 2**30,
+        "" if f.batch_size is None else f", at most {f.batch_size} problems",
+        buckets,
     )
+    graphdef, params = nnx.split(model)
+    try:
+        # Every prompt is measured before anything is generated: an over-long one is named by
+        # file and line, then skipped or (--strict_prompt_len) the end of the run.
+        result = evaluate(
+            graphdef,
+            params,
+            examples,
+            tokenizer,
+            cfg,
+            sampling=sampling,
+            template=THINK_BOXED_SUFFIX,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            prompt_len_buckets=buckets,
+            batch_size=f.batch_size,
+            batch_tokens=batch_tokens,
+            skip_overlong=not f.strict_prompt_len,
+            key=jax.random.PRNGKey(f.seed),
+            mesh=mesh,
+        )
+    except DataError as e:
+        hint = ""
+        if e.reason == OVERLONG_PROMPT:
+            hint = "; raise --prompt_len" + (
+                ", or leave out --strict_prompt_len to skip such prompts"
+                if f.strict_prompt_len
+                else ""
+            )
+        raise SystemExit(f"error: {e}{hint}") from None
+    skipped = int(result.metrics["eval/skipped_overlong"])
+    if skipped:
+        logging.warning(
+            "%d over-long prompt(s) skipped (longer than --prompt_len=%d); accuracies are over "
+            "the %d problems evaluated.",
+            skipped,
+            f.prompt_len,
+            len(examples) - skipped,
+        )
     name = Path(f.model).name
     print(table4({name: result}, by="source"))
     print()
@@ -340,12 +604,41 @@ def define_flags(flag_values=None) -> None:
         "max_new_tokens", d.max_new_tokens, "Response length limit.", flag_values=fv
     )
     flags.DEFINE_integer(
-        "prompt_len", d.prompt_len, "Prompts are padded to this many tokens.", flag_values=fv
+        "prompt_len",
+        d.prompt_len,
+        "The longest prompt, in tokens (text and image tokens); prompts are padded to the "
+        "smallest of its buckets (prompt_len / 4^k, down to 256) that holds a batch's longest.",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "strict_prompt_len",
+        False,
+        "Stop, naming its file and line, at a prompt longer than --prompt_len (found before "
+        "generating); default: skip such prompts, each named in a warning, and report their "
+        "count as eval/skipped_overlong.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "batch_tokens",
+        None,
+        "KV cache positions per generate call: problems x n x (prompt bucket + max_new_tokens). "
+        "Each batch holds the largest power of two of problems that fits, at least one. "
+        "Default: --kv_cache_gib of cache, i.e. kv_cache_gib x 2^30 / bytes per position, where "
+        "bytes per position = 2 x layers x KV heads x head dim x dtype bytes (from the "
+        "checkpoint's config; 57344 for 7B and 36864 for 3B in bfloat16).",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "kv_cache_gib",
+        DEFAULT_KV_CACHE_GIB,
+        "KV cache per generate call, in GiB, when --batch_tokens is not given.",
+        flag_values=fv,
     )
     flags.DEFINE_integer(
         "batch_size",
-        16,
-        "Problems per generate call; the KV cache holds batch_size x n rows.",
+        None,
+        "At most this many problems per generate call: a cap on what the token budget "
+        "(--batch_tokens, else --kv_cache_gib) allows, which it never raises.",
         flag_values=fv,
     )
     flags.DEFINE_integer(

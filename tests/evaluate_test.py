@@ -29,7 +29,7 @@ def test_evaluate_groups_real_generations():
         min_pixels=3136,
         max_pixels=12544,
         prompt_len_buckets=(256,),
-        batch_size=2,  # 5 problems: the last batch is padded and its padding dropped
+        batch_size=2,  # 5 problems: calls of 2, 2 and 1
         key=jax.random.PRNGKey(0),
     )
     assert result.correct.shape == (10,) and result.lengths.shape == (10,)
@@ -71,9 +71,19 @@ def test_command_line_defaults_are_the_papers_evaluation():
     defaults = {name: fv[name].default for name in ("temperature", "top_p", "n", "max_new_tokens")}
     assert defaults == {"temperature": 0.3, "top_p": 0.95, "n": 1, "max_new_tokens": 32768}
     assert fv["prompt_len"].default == 4096
+    # Batches by KV cache budget (4 GiB unless --batch_tokens), no row count; skip over-long.
+    batching = ("batch_tokens", "kv_cache_gib", "batch_size", "strict_prompt_len")
+    assert {name: fv[name].default for name in batching} == {
+        "batch_tokens": None,
+        "kv_cache_gib": 4.0,
+        "batch_size": None,
+        "strict_prompt_len": False,
+    }
 
 
-def test_command_line_names_an_overlong_prompt_before_generating(tmp_path):
+def _run_command_line(tmp_path, *extra):
+    """`python -m ares_jax.evaluate` on a tiny checkpoint and a file whose line 2 holds a prompt
+    over --prompt_len=128; returns (the process, the data file)."""
     import json
     import os
     import subprocess
@@ -99,6 +109,7 @@ def test_command_line_names_an_overlong_prompt_before_generating(tmp_path):
             "--prompt_len=128",
             "--max_new_tokens=4",
             "--nobf16",
+            *extra,
         ],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
@@ -106,9 +117,28 @@ def test_command_line_names_an_overlong_prompt_before_generating(tmp_path):
         text=True,
         timeout=300,
     )
+    return proc, data
+
+
+def test_command_line_skips_an_overlong_prompt_and_counts_it(tmp_path):
+    import json
+
+    proc, data = _run_command_line(tmp_path, f"--output={tmp_path / 'metrics.json'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped: {data}, line 2: the prompt has " in proc.stderr, proc.stderr[-3000:]
+    assert "1 over-long prompt(s) skipped" in proc.stderr
+    assert "batch 1/1, 1/1 problems" in proc.stderr  # progress
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["eval/skipped_overlong"] == 1 and metrics["eval/count"] == 1
+
+
+def test_command_line_strict_prompt_len_names_an_overlong_prompt_before_generating(tmp_path):
+    proc, data = _run_command_line(tmp_path, "--strict_prompt_len")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "evaluate: batch" not in proc.stderr  # nothing generated
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {data}, line 2: the prompt has ") and "(128)" in last, last
+    assert last.endswith("leave out --strict_prompt_len to skip such prompts"), last
 
 
 def test_pixel_limits_from_checkpoint_flags_override(tmp_path):
