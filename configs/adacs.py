@@ -60,8 +60,21 @@ def _base() -> ml_collections.ConfigDict:
         source="synthetic",  # 'synthetic' (problems with the project's teacher traces) | 'files'
         # Problems with teacher traces, in the cold-start layout (question, answer, images,
         # reasoning traces, source, optional pass rate; ares_jax/data/records.py lists the columns).
+        # The traces come from external teacher models (the paper's cold-start set); RL data
+        # such as ViRL39K has none, and the stage stops before any work when no training row
+        # carries one. A row's provided pass rate (e.g. ViRL39K's) is used, not estimated.
         train_files=config_dict.placeholder(object),
         val_files=config_dict.placeholder(object),
+        # Data paths (train_files, val_files): a file, a directory (its .jsonl/.json/.parquet
+        # files, sorted; subdirectories are not searched), a glob (`**` spans directories), or a
+        # comma-separated string / list of these.
+        # Field -> column of the data files, for files whose columns records.COLUMNS does not
+        # know (or to pick one of several): --config.data.columns.question=problem, or all at
+        # once --config.data.columns='{"question": "problem", "pass_rate": "PassRate_32BTrained"}'
+        # (fields left out keep the default lookup). Fields: question, answer, images, id,
+        # traces, source, pass_rate, difficulty, messages. By default a ViRL39K row's pass rate
+        # is PassRate_7BBase, else (null) PassRate_32BTrained (records.py docstring).
+        columns=common.data_columns(),
         synthetic_train_size=256,
         synthetic_val_size=64,
         prompt_template=PROMPT_SUFFIX,
@@ -293,3 +306,4 @@ def validate(c: ml_collections.ConfigDict) -> None:
     common.check_files(c, "data.train_files", required=files, why="for data.source='files'")
     common.check_files(c, "data.val_files", required=False)
     common.check_path(c, "data.image_root", required=False)
+    common.check_columns(c, "data.columns")

@@ -122,6 +122,16 @@ def _base() -> ml_collections.ConfigDict:
         # (the released code's global_id, METHOD.md 4.2).
         train_files=config_dict.placeholder(object),
         val_files=config_dict.placeholder(object),
+        # Data paths (train_files, val_files): a file, a directory (its .jsonl/.json/.parquet
+        # files, sorted; subdirectories are not searched), a glob (`**` spans directories), or a
+        # comma-separated string / list of these: ViRL39K's release directory works as it is.
+        # Field -> column of the data files, for files whose columns records.COLUMNS does not
+        # know (or to pick one of several): --config.data.columns.question=problem, or all at
+        # once --config.data.columns='{"question": "problem", "pass_rate": "PassRate_32BTrained"}'
+        # (fields left out keep the default lookup). Fields: question, answer, images, id,
+        # traces, source, pass_rate, difficulty, messages. By default a ViRL39K row's pass rate
+        # is PassRate_7BBase, else (null) PassRate_32BTrained (records.py docstring).
+        columns=common.data_columns(),
         synthetic_train_size=512,  # problems generated for data.source='synthetic'
         synthetic_val_size=64,
         prompt_template=PROMPT_SUFFIX,
@@ -759,6 +769,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need_val = files and (c.eval.val_before_train or c.eval.every_steps > 0)
     common.check_files(c, "data.train_files", required=files, why="for data.source='files'")
     common.check_path(c, "data.image_root", required=False)
+    common.check_columns(c, "data.columns")
     common.check_files(
         c,
         "data.val_files",

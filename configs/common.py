@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 
 import ml_collections
+from ml_collections import config_dict
 
 # ---------------------------------------------------------------------------------------------
 # The preset argument.
@@ -271,6 +272,48 @@ def check_path(config, key: str, *, required: bool, why: str = "") -> None:
         fail(key, f"path {value!r} does not exist.")
 
 
+# `data.columns`: the fields of ares_jax/data/records.py COLUMNS (tests/configs checks the two
+# agree; kept here so configs import nothing from ares_jax), and the data file types it reads.
+DATA_FIELDS = (
+    "question",
+    "answer",
+    "images",
+    "id",
+    "traces",
+    "source",
+    "pass_rate",
+    "difficulty",
+    "messages",
+)
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+def data_columns() -> dict:
+    """The `data.columns` block: one str entry per field of DATA_FIELDS, None = the defaults."""
+    return {field: config_dict.placeholder(str) for field in DATA_FIELDS}
+
+
+def check_columns(config, key: str = "data.columns") -> None:
+    """The field -> column mapping at `key` names known fields, each a column name or None."""
+    value = get_path(config, key)
+    if value is None:
+        return
+    if not hasattr(value, "items"):
+        fail(
+            key,
+            f"must map field names to column names, e.g. {{'question': 'problem'}}; got {value!r}.",
+        )
+    for field, column in value.items():
+        if field not in DATA_FIELDS:
+            fail(
+                key,
+                f"unknown field {field!r}; known fields: {', '.join(DATA_FIELDS)} (write "
+                f"--config.{key}.FIELD=COLUMN).",
+            )
+        if column is not None and (not isinstance(column, str) or not column):
+            fail(f"{key}.{field}", f"must be a column name (a non-empty string), got {column!r}.")
+
+
 def split_files(value) -> list[str]:
     """Returns the entries of a file-list field: a list/tuple, or a comma-separated string."""
     if value is None:
@@ -281,7 +324,9 @@ def split_files(value) -> list[str]:
 
 
 def check_files(config, key: str, *, required: bool, why: str = "") -> None:
-    """Checks a file-list field: each local entry (path or glob) must match at least one file."""
+    """Checks a file-list field: each local entry must name data (ares_jax/data/records.py
+    `expand_paths`): a file, a directory holding a DATA_EXTENSIONS file (or a tfds build's
+    dataset_info.json), or a glob that matches a file (`**` spans directories)."""
     value = get_path(config, key)
     files = split_files(value) if isinstance(value, str | list | tuple) or value is None else None
     if files is None:
@@ -291,5 +336,17 @@ def check_files(config, key: str, *, required: bool, why: str = "") -> None:
             fail(key, f"is required{' ' + why if why else ''}; set --config.{key}=PATH[,PATH...].")
         return
     for pattern in files:
-        if not _is_remote(pattern) and not glob.glob(pattern):
+        if _is_remote(pattern):
+            continue
+        if os.path.isdir(pattern):
+            names = os.listdir(pattern)
+            data = [n for n in names if os.path.splitext(n)[1].lower() in DATA_EXTENSIONS]
+            if not any(not n.startswith(".") for n in data):
+                fail(
+                    key,
+                    f"directory {pattern!r} holds no {', '.join(DATA_EXTENSIONS)} file "
+                    f"(subdirectories are not searched; use a glob such as "
+                    f"{os.path.join(pattern, '**', '*.parquet')!r}).",
+                )
+        elif not any(os.path.isfile(p) for p in glob.glob(pattern, recursive=True)):
             fail(key, f"no file matches {pattern!r}.")

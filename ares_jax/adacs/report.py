@@ -9,6 +9,10 @@
   kept traces' lengths (drawn with Pillow, no plotting library);
 - `records.jsonl`: one `ProblemRecord` per problem, input order.
 
+Given a `PassRateOrigin`, the report also says where the pass rates came from: a line with the
+counts given by the data files (per column, e.g. ViRL39K's `PassRate_7BBase`) and estimated by
+the pass-rate model, and two more columns in every bracket table, `given` and `estimated`.
+
 Lengths are in tokens of the tokenizer given to `curate`.
 """
 
@@ -19,7 +23,7 @@ import fractions
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -45,21 +49,72 @@ class ReportPaths(NamedTuple):
     records: str
 
 
+@dataclasses.dataclass(frozen=True)
+class PassRateOrigin:
+    """Where the problems' pass rates came from (METHOD.md 3.1).
+
+    Attributes:
+      estimated: ids of the problems whose pass rate the pass-rate model estimated; every other
+        problem with a pass rate had it from the data.
+      columns: data column -> rows whose pass rate it gave (`records.ReadStats.columns`).
+      estimator: the model that estimated them, e.g. "the model being fine-tuned, 8 samples".
+    """
+
+    estimated: frozenset[str] = frozenset()
+    columns: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    estimator: str = ""
+
+    def summary(self, result: CurationResult) -> str:
+        """One line: how many rates the data gave (by column) and how many were estimated."""
+        rated = [r for r in result.records if r.pass_rate is not None]
+        estimated = sum(r.id in self.estimated for r in rated)
+        given = len(rated) - estimated
+        columns = ", ".join(f"`{c}`: {n}" for c, n in sorted(self.columns.items()))
+        text = f"{given} given by the data" + (
+            f" (rows read per column: {columns})" if columns else ""
+        )
+        text += f", {estimated} estimated"
+        if estimated and self.estimator:
+            text += f" by {self.estimator}"
+        return text
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
 
 
-def bracket_table(result: CurationResult) -> str:
-    """Markdown: the anchors, then a table per bracket, pooled and per source when several."""
+def bracket_table(result: CurationResult, origin: PassRateOrigin | None = None) -> str:
+    """Markdown: the anchors, then a table per bracket, pooled and per source when several;
+    with `origin`, each table also counts the bracket's pass rates given and estimated."""
     k = result.settings.num_brackets - 1
     parts = ["## Length anchors (tokens)", "", _anchor_table(result), ""]
     several = len(result.by_source) > 1
-    parts += [f"## {'All sources' if several else 'Brackets'}", "", _table(result.brackets, k)]
+    pooled = _table(result.brackets, k, _origin_counts(result, origin, None))
+    parts += [f"## {'All sources' if several else 'Brackets'}", "", pooled]
     if several:
         for source in result.sources:
-            parts += ["", f"## Source `{source}`", "", _table(result.by_source[source], k)]
+            table = _table(result.by_source[source], k, _origin_counts(result, origin, source))
+            parts += ["", f"## Source `{source}`", "", table]
     return "\n".join(parts) + "\n"
+
+
+def _origin_counts(
+    result: CurationResult, origin: PassRateOrigin | None, source: str | None
+) -> dict[int, tuple[int, int]] | None:
+    """bracket -> (rates given by the data, rates estimated) of `source` (None: all)."""
+    if origin is None:
+        return None
+    counts: dict[int, tuple[int, int]] = {}
+    for r in result.records:
+        if r.bracket is None or (source is not None and r.source != source):
+            continue
+        given, estimated = counts.get(r.bracket, (0, 0))
+        if r.id in origin.estimated:
+            counts[r.bracket] = (given, estimated + 1)
+        else:
+            counts[r.bracket] = (given + 1, estimated)
+    return counts
 
 
 def _anchor_table(result: CurationResult) -> str:
@@ -75,22 +130,33 @@ def _anchor_table(result: CurationResult) -> str:
     return "\n".join(lines)
 
 
-def _table(rows: Sequence[BracketStats], k: int) -> str:
+def _table(
+    rows: Sequence[BracketStats], k: int, origin: Mapping[int, tuple[int, int]] | None = None
+) -> str:
+    extra = origin is not None
     lines = [
         "| bracket | pass rate | problems | eligible | selected | median kept length "
-        "| target length |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| target length |" + (" given | estimated |" if extra else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if extra else ""),
     ]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r.bracket} | {_rate(r.bracket, k)} | {r.problems} | {r.eligible} | "
             f"{r.selected} | {_num(r.median_length)} | {_num(r.target)} |"
         )
+        if extra:
+            given, estimated = origin.get(r.bracket, (0, 0))
+            line += f" {given} | {estimated} |"
+        lines.append(line)
     total = sum(r.selected for r in rows)
-    lines.append(
+    line = (
         f"| all | | {sum(r.problems for r in rows)} | {sum(r.eligible for r in rows)} | "
         f"{total} | | |"
     )
+    if extra:
+        given = sum(g for g, _ in origin.values())
+        line += f" {given} | {sum(e for _, e in origin.values())} |"
+    lines.append(line)
     return "\n".join(lines)
 
 
@@ -305,8 +371,14 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_report(result: CurationResult, directory: str | os.PathLike) -> ReportPaths:
-    """Writes report.md, lengths.png and records.jsonl into `directory` (created if missing)."""
+def write_report(
+    result: CurationResult,
+    directory: str | os.PathLike,
+    *,
+    origin: PassRateOrigin | None = None,
+) -> ReportPaths:
+    """Writes report.md, lengths.png and records.jsonl into `directory` (created if missing);
+    `origin` adds where the pass rates came from (module docstring)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     paths = ReportPaths(
@@ -331,9 +403,11 @@ def write_report(result: CurationResult, directory: str | os.PathLike) -> Report
         f"- problems: {len(result.records)}, selected: {n_sel}",
         "- not selected: "
         + (", ".join(f"{why}: {n}" for why, n in sorted(reasons.items())) or "-"),
-        "",
     ]
-    text = "\n".join(header) + bracket_table(result)
+    if origin is not None:
+        header.append(f"- pass rates: {origin.summary(result)}")
+    header.append("")
+    text = "\n".join(header) + bracket_table(result, origin)
     text += f"\n![trace length against pass rate]({os.path.basename(paths.plot)})\n"
     with open(paths.markdown, "w", encoding="utf-8") as f:
         f.write(text)

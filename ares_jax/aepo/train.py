@@ -221,6 +221,7 @@ def _source(c, split: str, tokenizer=None, cfg=None, paths=None):
             on_error=d.on_error,
             image_root=d.image_root,
             allow_absolute_image_paths=d.allow_absolute_image_paths,
+            columns=d.columns,
         )
     )
     if tokenizer is None:

@@ -69,10 +69,15 @@ class SyntheticSpec:
 
 @dataclasses.dataclass(frozen=True)
 class FilesSpec:
-    """Local data files: JSONL / JSON / parquet (records.py), paths or globs, read into memory.
+    """Local data files: JSONL / JSON / parquet (records.py), read into memory.
 
-    A single directory holding a tfds build (dataset_info.json), or `.array_record` shard files
-    of one, are read through `TfdsExamples` instead (split taken from the shard names).
+    Each path is a file, a directory (its data files) or a glob (`records.expand_paths`). A
+    single directory holding a tfds build (dataset_info.json), or `.array_record` shard files of
+    one, are read through `TfdsExamples` instead (split taken from the shard names).
+
+    `columns` takes (field, column) pairs or a mapping (a dict, or the config's `data.columns`
+    ConfigDict, whose None entries keep the default lookup); it is stored as sorted pairs, and
+    an unknown field is a ValueError naming the known ones (`records.column_overrides`).
     """
 
     paths: tuple[str, ...]
@@ -81,6 +86,14 @@ class FilesSpec:
     image_root: str | None = None  # image files must lie in it (default: each file's directory)
     check_images: bool = True
     allow_absolute_image_paths: bool = False  # True: image files may lie anywhere
+
+    def __post_init__(self):
+        columns = self.columns
+        if not isinstance(columns, Mapping):
+            columns = dict(columns or ())
+        object.__setattr__(
+            self, "columns", tuple(sorted(records.column_overrides(columns).items()))
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +132,6 @@ def source_spec(config: Mapping[str, Any]) -> SourceSpec:
         config["paths"] = (paths,) if isinstance(paths, str) else tuple(paths)
     if "difficulties" in config:
         config["difficulties"] = tuple(int(d) for d in config["difficulties"])
-    if "columns" in config:
-        columns = config["columns"]
-        config["columns"] = tuple(dict(columns).items() if columns else ())
     return cls(**config)
 
 

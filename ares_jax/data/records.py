@@ -3,14 +3,20 @@
 A row becomes an `Example` by looking up each field under the first column name present (and not
 null) in `COLUMNS`; `columns=` overrides the lookup per field. Accepted layouts:
 
-- ViRL39K (TIGER-Lab: `question`, `answer`, `image` list of relative paths, `qid`, `source`; the
-  HF parquet mirrors: `problem`, `answer`, `images` list of `{"bytes", "path"}`, `qid`/`id`).
+- ViRL39K (TIGER-Lab: `question`, `answer`, `image` list of relative paths, `qid`, `source`,
+  `category`, and the pass rates `PassRate_7BBase` / `PassRate_32BTrained`; the HF parquet
+  mirrors: `problem`, `answer`, `images` list of `{"bytes", "path"}`, `qid`/`id`). ViRL39K has
+  no teacher traces: it is RL data, and AdaCS needs traces supplied by the user.
 - EasyR1 / verl parquet: `problem`/`prompt` (a string, or a chat list whose first user turn is
   taken), `answer` or `reward_model.ground_truth`, `images`, `data_source`.
 - Cold-start / AdaCS rows (the released ARES cold-start set): the above plus a teacher trace in
   `traces`/`trace`/`responses`/`response`/`reasoning`/`teacher_response`/`cot`/`output` (a string
   or a list of strings), `source`/`data_source`/`dataset`, and a pass rate in
-  `pass_rate`/`passrate`/`acc`/`accuracy` (a number in [0, 1]).
+  `pass_rate`/`passrate`/`acc`/`accuracy`/`PassRate_7BBase`/`PassRate_32BTrained` (a number in
+  [0, 1]). Per row the first of these that is present and not null wins, so in ViRL39K the 7B
+  base model's rate wins over the trained 32B model's (AdaCS measures difficulty for the base
+  model it fine-tunes, METHOD.md 3.1); a row whose 7B rate is null takes the 32B one. To use
+  one column only, map it: `columns={"pass_rate": "PassRate_32BTrained"}`.
 - Chat rows (LLaMA-Factory / ShareGPT): `messages` (`role`/`content`) or `conversations`
   (`from`/`value`): the first user turn is the question, assistant turns are traces, and a
   missing answer is the content of the last `\\boxed{}` of the first assistant turn.
@@ -20,8 +26,9 @@ is reduced to the content of its last `\\boxed{}`.
 
 An image entry is raw bytes (parquet binary), a `{"bytes": ..., "path": ...}` dict (what HF
 `datasets` writes; bytes win), a `data:image/...;base64,` URL, a file path or a bare base64
-string. A single entry instead of a list is one image. Images are stored encoded, as read;
-`check_images` decodes each once with PIL to reject unreadable files early.
+string. A single entry instead of a list is one image; a string holding a JSON or Python list
+of entries (`"['images/a.png']"`, as CSV-born files carry) is that list. Images are stored
+encoded, as read; `check_images` decodes each once with PIL to reject unreadable files early.
 
 Image files. A relative path is resolved against `image_root`, else the data file's directory
 (the image root), and must stay inside it once `..` and symlinks are resolved; an absolute path
@@ -32,6 +39,16 @@ A question's `<image>` markers place its images in the prompt (processor.build_p
 question with markers must have exactly one per image; one without markers gets all its images
 before the text. A question holding the model's own image token `<|image_pad|>` is refused.
 
+Data paths (`expand_paths`): a file; a directory, meaning every .jsonl, .json and .parquet file
+directly in it, sorted by name (subdirectories are not searched, so an `images/` folder beside the
+data costs nothing; name nested files with a glob such as `DIR/**/*.parquet`); or a glob pattern
+(`*`, `?`, `[...]`, and `**` across directories), expanded to the files it matches, sorted. A
+pattern or directory that yields no data file is an error naming it.
+
+`columns` maps a field of `COLUMNS` to the one column that holds it in a file (configs:
+`data.columns`); an unknown field is a ValueError naming the known ones. `ReadStats.columns`
+counts, per field, the rows whose value came from each column (e.g. which pass-rate column).
+
 Errors name the file and the place: `path, line N` (JSONL, 1-based), `path, entry N` (a JSON
 array, 0-based) or `path, row N` (parquet, 0-based); each Example keeps that place as `origin`.
 With `on_error="skip"` bad rows are skipped and counted by reason in `ReadStats`; a missing,
@@ -40,6 +57,7 @@ unreadable or empty data file always raises, and so does a data set left empty b
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import dataclasses
@@ -78,7 +96,15 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "output",
     ),
     "source": ("source", "data_source", "dataset"),
-    "pass_rate": ("pass_rate", "passrate", "acc", "accuracy"),
+    # ViRL39K: the 7B base model's rate first (module docstring); the trained 32B's if null.
+    "pass_rate": (
+        "pass_rate",
+        "passrate",
+        "acc",
+        "accuracy",
+        "PassRate_7BBase",
+        "PassRate_32BTrained",
+    ),
     "difficulty": ("difficulty",),
     "messages": ("messages", "conversations"),
 }
@@ -155,6 +181,8 @@ class ReadStats:
     first_errors: list[str] = dataclasses.field(default_factory=list)
     first_by_reason: dict[str, str] = dataclasses.field(default_factory=dict)
     paths: list[str] = dataclasses.field(default_factory=list)
+    # field -> {column: rows of kept examples whose value came from it}
+    columns: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_skipped(self) -> int:
@@ -185,7 +213,15 @@ class ReadStats:
             self.first_by_reason.setdefault(reason, message)
         room = _MAX_LOGGED_ERRORS - len(self.first_errors)
         self.first_errors.extend(other.first_errors[: max(room, 0)])
+        for field, counts in other.columns.items():
+            for column, n in counts.items():
+                self.count_column(field, column, n)
         return self
+
+    def count_column(self, field: str, column: str, n: int = 1) -> None:
+        """Counts `n` kept rows whose `field` came from `column`."""
+        per_field = self.columns.setdefault(field, {})
+        per_field[column] = per_field.get(column, 0) + n
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -274,10 +310,13 @@ def iter_examples(
     for where, default_id, row in rows:
         count += 1
         stats.rows += 1
+        used: dict[str, str] = {}
         try:
             if isinstance(row, _RowError):
                 raise row
-            example = _to_example(row, default_id, f"{path}, {where}", lookup, images, check_images)
+            example = _to_example(
+                row, default_id, f"{path}, {where}", lookup, images, check_images, used
+            )
         except _RowError as e:
             message = f"{path}, {where}: {e}"
             if on_error == "raise":
@@ -285,6 +324,8 @@ def iter_examples(
             stats.skip(e.reason, message)
             continue
         stats.examples += 1
+        for field, column in used.items():
+            stats.count_column(field, column)
         yield example
     if not count:
         raise DataError(f"data file {path} is empty: it has no rows")
@@ -316,10 +357,14 @@ def read_examples(
 
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Files named by a path, a glob pattern or a list of either, each pattern sorted.
+    """Files named by a path, a directory, a glob pattern or a list of these (module docstring).
+
+    A directory gives the .jsonl, .json and .parquet files directly in it, sorted (not its
+    subdirectories, nor hidden files); a glob the files it matches, sorted, `**` spanning
+    directories. A plain file path is kept as it is (`iter_examples` checks it).
 
     Raises:
-      DataError: a pattern matches no file.
+      DataError: a glob matches no file, or a directory holds no data file; naming it.
     """
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
@@ -327,13 +372,55 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     for pattern in paths:
         pattern = os.fspath(pattern)
         if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise DataError(f"no data file matches {pattern}")
             files.extend(matches)
+        elif os.path.isdir(pattern):
+            files.extend(_directory_files(pattern))
         else:
             files.append(pattern)
     return files
+
+
+def file_columns(path: str | os.PathLike) -> tuple[str, ...]:
+    """The column names of one data file, without reading its rows: a parquet file's schema,
+    else the keys of the first JSON object (so a check such as "has a traces column" is cheap).
+
+    Raises:
+      DataError: the file is missing or unreadable, naming it.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} does not exist")
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            return tuple(pq.read_schema(path).names)
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise DataError(f"cannot read parquet file {path}: {e}") from None
+    for _, _, row in _json_rows(path):
+        if isinstance(row, dict):
+            return tuple(row)
+    return ()
+
+
+def _directory_files(directory: str) -> list[str]:
+    names = sorted(
+        name
+        for name in os.listdir(directory)
+        if not name.startswith(".")
+        and os.path.splitext(name)[1].lower() in _EXTENSIONS
+        and os.path.isfile(os.path.join(directory, name))
+    )
+    if not names:
+        nested = os.path.join(directory, "**", "*.parquet")
+        raise DataError(
+            f"directory {directory} holds no {', '.join(_EXTENSIONS)} file (subdirectories are "
+            f"not searched: name nested files with a glob such as {nested})"
+        )
+    return [os.path.join(directory, name) for name in names]
 
 
 def read_many(
@@ -444,18 +531,46 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _column_lookup(columns: Mapping[str, str] | None) -> dict[str, tuple[str, ...]]:
-    lookup = dict(COLUMNS)
-    for field, column in (columns or {}).items():
+def column_overrides(columns: Mapping[str, str | None] | None) -> dict[str, str]:
+    """The field -> column overrides of `columns` (a dict or a ConfigDict), None values dropped.
+
+    Raises:
+      ValueError: a field that `COLUMNS` does not know, or a column that is not a non-empty
+        string, naming the field and the known fields.
+    """
+    out = {}
+    for field, column in dict(columns or {}).items():
         if field not in COLUMNS:
             raise ValueError(
                 f"unknown field {field!r} in columns; known fields: {', '.join(sorted(COLUMNS))}"
             )
+        if column is None:
+            continue
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"columns[{field!r}] must be a column name, got {column!r}")
+        out[field] = column
+    return out
+
+
+def column_names(field: str, columns: Mapping[str, str | None] | None = None) -> tuple[str, ...]:
+    """The columns `field` is looked up in, first match first, given the `columns` overrides."""
+    return _column_lookup(columns)[field]
+
+
+def _column_lookup(columns: Mapping[str, str | None] | None) -> dict[str, tuple[str, ...]]:
+    lookup = dict(COLUMNS)
+    for field, column in column_overrides(columns).items():
         lookup[field] = (column,)
     return lookup
 
 
-def _get(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
+def _get(
+    row: Mapping[str, Any],
+    names: tuple[str, ...],
+    used: dict[str, str] | None = None,
+    field: str = "",
+) -> Any:
+    """The first present, non-empty value of `names` in `row`; `used[field]` = its column."""
     for name in names:
         head, _, tail = name.partition(".")
         value = row.get(head)
@@ -464,6 +579,8 @@ def _get(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
         elif tail:
             value = None
         if value is not None and not (isinstance(value, str | list | tuple) and not value):
+            if used is not None:
+                used[field] = name
             return value
     return None
 
@@ -475,19 +592,25 @@ def _to_example(
     lookup: Mapping[str, tuple[str, ...]],
     image_files: _ImageFiles,
     check_images: bool,
+    used: dict[str, str] | None = None,
 ) -> Example:
-    turns = _chat_turns(_get(row, lookup["messages"]))
-    question = _question_text(_get(row, lookup["question"]))
+    """The Example of one row; `used` gets field -> the column each value came from."""
+
+    def get(field: str) -> Any:
+        return _get(row, lookup[field], used, field)
+
+    turns = _chat_turns(get("messages"))
+    question = _question_text(get("question"))
     if question is None and turns:
         question = next((text for role, text in turns if role == "user"), None)
     if not question or not question.strip():
         raise _RowError(
             MISSING_QUESTION, f"row has no question (columns {', '.join(lookup['question'])})"
         )
-    traces = _traces(_get(row, lookup["traces"]))
+    traces = _traces(get("traces"))
     if not traces and turns:
         traces = tuple(text for role, text in turns if role == "assistant" and text.strip())
-    answer = _answer_text(_get(row, lookup["answer"]))
+    answer = _answer_text(get("answer"))
     if answer is not None and _BOXED.search(answer):  # a worked solution: keep its result
         answer = _last_boxed(answer) or answer
     if answer is None and traces:
@@ -496,10 +619,10 @@ def _to_example(
         raise _RowError(
             MISSING_ANSWER, f"row has no answer (columns {', '.join(lookup['answer'])})"
         )
-    images = _images(_get(row, lookup["images"]), image_files, check_images)
+    images = _images(get("images"), image_files, check_images)
     _check_markers(question, len(images))
-    raw_id = _get(row, lookup["id"])
-    source = _get(row, lookup["source"])
+    raw_id = get("id")
+    source = get("source")
     return Example(
         id=default_id if raw_id is None else str(raw_id),
         question=question,
@@ -507,8 +630,8 @@ def _to_example(
         images=images,
         source="" if source is None else str(source),
         traces=traces,
-        pass_rate=_pass_rate(_get(row, lookup["pass_rate"])),
-        difficulty=_difficulty(_get(row, lookup["difficulty"])),
+        pass_rate=_pass_rate(get("pass_rate")),
+        difficulty=_difficulty(get("difficulty")),
         origin=origin,
     )
 
@@ -692,6 +815,8 @@ class _ImageFiles:
 def _images(value: Any, files: _ImageFiles, check: bool) -> tuple[bytes, ...]:
     if value is None:
         return ()
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        value = _listed(value)
     items = value if isinstance(value, list | tuple) else [value]
     images = []
     for item in items:
@@ -702,6 +827,20 @@ def _images(value: Any, files: _ImageFiles, check: bool) -> tuple[bytes, ...]:
             _check_image(data, name)
         images.append(data)
     return tuple(images)
+
+
+def _listed(text: str) -> list[Any]:
+    """The list a string such as `["a.png"]` or `['a.png']` holds (JSON, else a Python literal)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise _RowError(BAD_FIELD, f"image list {text[:80]!r} is not a list") from None
+    if not isinstance(value, list):
+        raise _RowError(BAD_FIELD, f"image list {text[:80]!r} is not a list")
+    return value
 
 
 def _image_bytes(item: Any, files: _ImageFiles) -> tuple[bytes, str]:

@@ -108,3 +108,28 @@ def test_plot_sizes_and_edge_cases(tmp_path):
     for name in ("many.png", "empty.png"):
         with PIL.Image.open(tmp_path / name) as image:
             assert image.size == (960, 600)
+
+
+def test_pass_rate_origin_in_the_brackets_and_the_header(tmp_path):
+    """Rates given by the data (e.g. ViRL39K's PassRate_7BBase) and estimated ones, per bracket."""
+    result = _result(_problems())
+    origin = report.PassRateOrigin(
+        estimated=frozenset({"x1", "z0"}),
+        columns={"PassRate_7BBase": 3},
+        estimator="the model being fine-tuned, 8 samples each",
+    )
+    table = report.bracket_table(result, origin)
+    assert "| target length | given | estimated |" in table
+    for row in (
+        "| 0 | 0 | 2 | 2 | 2 | 110 | 110 | 1 | 1 |",
+        "| 1 | 1/8 | 0 | 0 | 0 | - | 102.5 | 0 | 0 |",
+        "| 4 | 1/2 | 1 | 1 | 1 | 80 | 80 | 0 | 1 |",
+        "| 8 | 1 | 2 | 2 | 2 | 50 | 50 | 2 | 0 |",
+        "| all | | 5 | 5 | 5 | | | 3 | 2 |",
+    ):
+        assert row in table, row
+    text = open(report.write_report(result, tmp_path, origin=origin).markdown).read()
+    assert (
+        "- pass rates: 3 given by the data (rows read per column: `PassRate_7BBase`: 3), "
+        "2 estimated by the model being fine-tuned, 8 samples each"
+    ) in text
