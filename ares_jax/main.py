@@ -98,6 +98,36 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def _pixels_from_checkpoint(config, module) -> str | None:
+    """With `model.path`, each of data.min_pixels and data.max_pixels that neither the preset nor
+    the command line set (still the config file's CPU default, `_base()`) becomes the
+    checkpoint's image processor's (either layout, `hub_files.read_image_settings`). Returns the
+    line to log, or None where the config has no such keys or no model.path."""
+    model, data, base = config.get("model"), config.get("data"), getattr(module, "_base", None)
+    if not model or not data or not model.get("path") or base is None or "min_pixels" not in data:
+        return None
+    from ares_jax.models.qwen2_5_vl import hub_files
+
+    found = hub_files.read_image_settings(model.path)
+    if found is None:
+        return (
+            f"{model.path} has no image processor: images resized within data.min_pixels="
+            f"{data.min_pixels}, data.max_pixels={data.max_pixels} as configured."
+        )
+    given = config_flags.get_override_values(flags.FLAGS["config"])
+    defaults = base().data
+    taken = []
+    for key in ("min_pixels", "max_pixels"):
+        if f"data.{key}" not in given and data[key] == defaults[key]:
+            data[key] = getattr(found, key)
+            taken.append(f"data.{key}")
+    source = f"{', '.join(taken)} from {model.path}'s image processor" if taken else "as set"
+    return (
+        f"Images resized within data.min_pixels={data.min_pixels}, "
+        f"data.max_pixels={data.max_pixels} ({source})."
+    )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _die(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --config.KEY=V.")
@@ -106,8 +136,12 @@ def main(argv: list[str]) -> None:
     dump_stacks_on_signal()
     distributed.maybe_initialize()
     config, workdir, path = _CONFIG.value, _WORKDIR.value, flags.FLAGS["config"].config_filename
-    validate = getattr(_config_module(path), "validate", None)
+    module = _config_module(path)
+    validate = getattr(module, "validate", None)
     try:
+        pixels = _pixels_from_checkpoint(config, module)
+        if pixels:
+            logging.info("%s", pixels)
         if validate is None:
             logging.warning("%s defines no validate(config); the config is not checked.", path)
         else:

@@ -119,3 +119,23 @@ def test_unwritable_workdir_is_one_sentence_before_the_model_loads(tmp_path):
     err = r.stderr.strip().splitlines()[-1]
     assert err.startswith(f"error: cannot write to the workdir {blocker / 'run'}: "), err
     assert "starting from" not in r.stderr  # nothing was loaded
+
+
+def test_pixel_limits_follow_the_checkpoint_unless_set(tmp_path):
+    """With model.path, data.min_pixels/max_pixels left at the config file's CPU defaults come
+    from the checkpoint's image processor (transformers 5 layout here); a command-line value
+    stays."""
+    import json
+
+    (tmp_path / "processor_config.json").write_text(
+        json.dumps({"image_processor": {"min_pixels": 50176, "max_pixels": 200704}})
+    )
+    args = ("--config=configs/aepo.py:stage", f"--config.model.path={tmp_path}", "--dry_run")
+    r = run_main(*args)
+    assert r.returncode == 0, r.stderr
+    assert "min_pixels: 50176" in r.stdout and "max_pixels: 200704" in r.stdout
+    r = run_main(*args, "--config.data.max_pixels=100352")
+    assert r.returncode == 0, r.stderr
+    assert "min_pixels: 50176" in r.stdout and "max_pixels: 100352" in r.stdout
+    r = run_main("--config=configs/aepo.py:stage", "--dry_run")  # no checkpoint: as configured
+    assert "min_pixels: 3136" in r.stdout and "max_pixels: 12544" in r.stdout
