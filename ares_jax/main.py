@@ -98,6 +98,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def _files_when_given(config) -> str | None:
+    """Data files given on the command line with data.source left as the preset has it
+    ('synthetic') mean data.source='files'. Returns the line to log, or None."""
+    data = config.get("data")
+    given = config_flags.get_override_values(flags.FLAGS["config"])
+    if (
+        not data
+        or "source" not in data
+        or data.source != "synthetic"
+        or "data.source" in given
+        or not any(f"data.{k}" in given for k in ("train_files", "val_files"))
+    ):
+        return None
+    data.source = "files"
+    return "data.source='files': data files were given on the command line."
+
+
 def _pixels_from_checkpoint(config, module) -> str | None:
     """With `model.path`, each of data.min_pixels and data.max_pixels that neither the preset nor
     the command line set (still the config file's CPU default, `_base()`) becomes the
@@ -139,9 +156,9 @@ def main(argv: list[str]) -> None:
     module = _config_module(path)
     validate = getattr(module, "validate", None)
     try:
-        pixels = _pixels_from_checkpoint(config, module)
-        if pixels:
-            logging.info("%s", pixels)
+        for line in (_files_when_given(config), _pixels_from_checkpoint(config, module)):
+            if line:
+                logging.info("%s", line)
         if validate is None:
             logging.warning("%s defines no validate(config); the config is not checked.", path)
         else:
