@@ -97,7 +97,12 @@ def test_export_files_load_in_transformers(tmp_path):
         "preprocessor_config.json",
     ]
     assert processor.load_image_settings(export) == run
-    hf = transformers.AutoImageProcessor.from_pretrained(export, local_files_only=True)
+    auto = transformers.AutoImageProcessor.from_pretrained(export, local_files_only=True)
+    assert (auto.size["shortest_edge"], auto.size["longest_edge"]) == (3136, 28 * 28 * 64)
+    # Pixels against the PIL backend (what AutoImageProcessor gives without torchvision; the
+    # torchvision backend resizes differently, by up to 0.015 after normalisation).
+    pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    hf = pil.Qwen2VLImageProcessorPil.from_pretrained(export, local_files_only=True)
     image = _random_image(130, 400)
     ours, grid = processor.preprocess_image(image, **run.kwargs())
     ref = hf(images=[image], return_tensors="np")
@@ -112,3 +117,29 @@ def test_export_files_load_in_transformers(tmp_path):
     gen = transformers.GenerationConfig.from_pretrained(bare, local_files_only=True)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in gen.eos_token_id and gen.pad_token_id == tokenizer.pad_token_id
+
+
+def test_export_loads_with_auto_processor(tmp_path):
+    """`AutoProcessor` on an export (transformers 5 builds the Qwen2.5-VL video processor through
+    torchvision, so this runs where torchvision is installed, e.g. `pip install torch==2.14.1
+    torchvision==0.29.1` in a separate environment; skipped otherwise)."""
+    pytest.importorskip("torchvision", reason="AutoProcessor for Qwen2.5-VL needs torchvision")
+    transformers = pytest.importorskip("transformers")
+    from tests.own_model_and_data_test import _checkpoint
+
+    export = _checkpoint(tmp_path / "export")
+    proc = transformers.AutoProcessor.from_pretrained(export, local_files_only=True)
+    assert type(proc).__name__ == "Qwen2_5_VLProcessor"
+    assert (
+        proc.image_processor.size["shortest_edge"],
+        proc.image_processor.size["longest_edge"],
+    ) == (
+        2352,
+        12544,
+    )
+    text = proc.apply_chat_template(
+        processor.chat_messages("<image>What?", 1, suffix=None), add_generation_prompt=True
+    )
+    assert text == processor.build_prompt("<image>What?", 1, suffix=None)
+    out = proc(text=[text], images=[_random_image(60, 90)], return_tensors="np")
+    assert out["image_grid_thw"].tolist() == [[1, 4, 6]]
