@@ -89,8 +89,11 @@ def encode_prompts(
     min_pixels: int,
     max_pixels: int,
     length_buckets: Sequence[int],
+    image_mean: Sequence[float] = processor.IMAGE_MEAN,
+    image_std: Sequence[float] = processor.IMAGE_STD,
 ) -> Prompts:
-    """Chat prompts (question + the think/boxed instruction) with their images, encoded."""
+    """Chat prompts (question + the think/boxed instruction) with their images, encoded; images
+    resized within [min_pixels, max_pixels] and normalised with image_mean/image_std."""
     texts = [
         processor.chat_prompt(tokenizer, q, len(imgs), suffix=template)
         for q, imgs in zip(questions, images, strict=True)
@@ -109,6 +112,8 @@ def encode_prompts(
         temporal_patch_size=cfg.vision.temporal_patch_size,
         merge_size=cfg.vision.spatial_merge_size,
         window_size=cfg.vision.window_size,
+        mean=image_mean,
+        std=image_std,
     )
     counts = [len(imgs) for imgs in images]
     grid = np.asarray(enc["image_grid_thw"]).reshape(-1, 3)

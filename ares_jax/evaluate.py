@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Sequence
 
@@ -33,6 +34,7 @@ from flax import nnx
 from ares_jax.batching import encode_examples, pow2, sampler_inputs
 from ares_jax.data import prompts
 from ares_jax.data.records import OVERLONG_PROMPT, DataError
+from ares_jax.models.qwen2_5_vl.processor import IMAGE_MEAN, IMAGE_STD, ImageSettings
 from ares_jax.parallel import multihost
 from ares_jax.rewards import answers
 from ares_jax.sampling import SamplingParams, generate
@@ -45,30 +47,29 @@ DEFAULT_KV_CACHE_GIB = 4.0
 _MAX_NAMED_SKIPS = 20  # over-long prompts named one by one in the log; the rest are counted
 
 
-def image_pixel_limits(model_dir, min_pixels: int | None, max_pixels: int | None):
-    """(min_pixels, max_pixels) for evaluating `model_dir`: each given value, else the
-    checkpoint's image processor (either layout), else ARES's defaults; logged once."""
-    from absl import logging
-
+def image_settings(model_dir, min_pixels: int | None, max_pixels: int | None) -> ImageSettings:
+    """How images are preprocessed for evaluating `model_dir`: pixel limits each given value,
+    else the checkpoint's image processor's (either layout), else ARES's defaults; normalisation
+    the checkpoint's, else the hub's Qwen2.5-VL values. Logged once."""
     from ares_jax.models.qwen2_5_vl import hub_files
 
     found = hub_files.read_image_settings(model_dir)
     source = "the checkpoint's image processor" if found else "the defaults"
-    base = (
-        (found.min_pixels, found.max_pixels) if found else (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
-    )
-    lo = base[0] if min_pixels is None else min_pixels
-    hi = base[1] if max_pixels is None else max_pixels
+    base = found or hub_files.default_image_settings(DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    lo = base.min_pixels if min_pixels is None else min_pixels
+    hi = base.max_pixels if max_pixels is None else max_pixels
     if lo > hi:
         raise ValueError(f"evaluate: min_pixels {lo} > max_pixels {hi}.")
     logging.info(
-        "Images resized within [%d, %d] pixels (%s%s).",
+        "Images resized within [%d, %d] pixels and normalised with mean %s, std %s (%s%s).",
         lo,
         hi,
+        base.mean,
+        base.std,
         source,
-        ", overridden by flags" if (min_pixels, max_pixels) != (None, None) else "",
+        ", pixel limits overridden by flags" if (min_pixels, max_pixels) != (None, None) else "",
     )
-    return lo, hi
+    return base._replace(min_pixels=lo, max_pixels=hi)
 
 
 @dataclasses.dataclass
@@ -83,6 +84,8 @@ class EvalResult:
     topk_entropy_raw: np.ndarray  # [N, T]
     mask: np.ndarray  # [N, T]
     groups: dict[str, dict[str, tuple[float, float, int]]]  # by -> key -> (acc, len, count)
+    responses: list[str] = dataclasses.field(default_factory=list)  # [N] decoded, per response
+    problems: list = dataclasses.field(default_factory=list)  # [N] the Example of each response
 
 
 def policy_sampling(
@@ -262,6 +265,8 @@ def evaluate(
     min_pixels: int,
     max_pixels: int,
     prompt_len_buckets: Sequence[int],
+    image_mean: Sequence[float] = IMAGE_MEAN,
+    image_std: Sequence[float] = IMAGE_STD,
     batch_size: int | None = None,
     batch_tokens: int | None = None,
     skip_overlong: bool = True,
@@ -339,7 +344,7 @@ def evaluate(
         batch_tokens,
         "" if batch_size is None else f", at most {batch_size} problems",
     )
-    correct, lengths, owners = [], [], []
+    correct, lengths, owners, responses = [], [], [], []
     per_row = {k: [] for k in ("entropy", "topk_entropy_tail", "topk_entropy_raw", "mask")}
     began = last_log = time.perf_counter()
     for done, batch in enumerate(plan, 1):
@@ -353,6 +358,8 @@ def evaluate(
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             length_buckets=(batch.bucket,),
+            image_mean=image_mean,
+            image_std=image_std,
         )
         out = generate(
             graphdef,
@@ -371,6 +378,7 @@ def evaluate(
         ]
         golds = [chunk[p].answer for p in out.prompt_index[keep]]
         scores = grade(texts, golds)
+        responses.extend(texts)
         correct.append(scores.correct)
         lengths.append(out.lengths[keep])
         for k, parts in per_row.items():
@@ -416,6 +424,8 @@ def evaluate(
         lengths=lengths,
         **{k: np.concatenate(parts) for k, parts in per_row.items()},
         groups=groups,
+        responses=responses,
+        problems=owners,
     )
 
 
@@ -474,7 +484,7 @@ def main(argv):
         f.model, dtype=jax.numpy.bfloat16 if f.bf16 else jax.numpy.float32, mesh=mesh
     )
     tokenizer = tok.load_tokenizer(f.model)
-    min_pixels, max_pixels = image_pixel_limits(f.model, f.min_pixels, f.max_pixels)
+    image = image_settings(f.model, f.min_pixels, f.max_pixels)
     cfg = model.cfg
     examples = []
     try:
@@ -524,9 +534,11 @@ def main(argv):
             cfg,
             sampling=sampling,
             template=THINK_BOXED_SUFFIX,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
+            min_pixels=image.min_pixels,
+            max_pixels=image.max_pixels,
             prompt_len_buckets=buckets,
+            image_mean=image.mean,
+            image_std=image.std,
             batch_size=f.batch_size,
             batch_tokens=batch_tokens,
             skip_overlong=not f.strict_prompt_len,
@@ -556,9 +568,28 @@ def main(argv):
     print()
     print(table4({name: result}, by="difficulty"))
     if f.output:
-        import json
-
         Path(f.output).write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+    if f.responses:
+        write_responses(result, f.responses)
+
+
+def write_responses(result: EvalResult, path) -> None:
+    """One JSON line per response, in problem order: the problem's id, source, difficulty and
+    gold answer, the response, its length in tokens and whether it was graded correct."""
+    with open(path, "w") as out:
+        for e, text, n, ok in zip(
+            result.problems, result.responses, result.lengths, result.correct, strict=True
+        ):
+            line = dict(
+                id=e.id,
+                source=e.source,
+                difficulty=e.difficulty,
+                answer=e.answer,
+                response=text,
+                length=int(n),
+                correct=bool(ok),
+            )
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -658,6 +689,13 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_bool("bf16", True, "Compute in bfloat16.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
     flags.DEFINE_string("output", None, "Write the metrics as JSON here.", flag_values=fv)
+    flags.DEFINE_string(
+        "responses",
+        None,
+        "Write every response here, one JSON line each (problem id, source, difficulty, gold "
+        "answer, response, length, correct).",
+        flag_values=fv,
+    )
     flags.mark_flags_as_required(["model", "data"], flag_values=fv)
 
 

@@ -115,33 +115,56 @@ def _files_when_given(config) -> str | None:
     return "data.source='files': data files were given on the command line."
 
 
-def _pixels_from_checkpoint(config, module) -> str | None:
-    """With `model.path`, each of data.min_pixels and data.max_pixels that neither the preset nor
-    the command line set (still the config file's CPU default, `_base()`) becomes the
-    checkpoint's image processor's (either layout, `hub_files.read_image_settings`). Returns the
-    line to log, or None where the config has no such keys or no model.path."""
-    model, data, base = config.get("model"), config.get("data"), getattr(module, "_base", None)
-    if not model or not data or not model.get("path") or base is None or "min_pixels" not in data:
+def _images_from_checkpoint(config, module) -> list[str]:
+    """With `model.path`, the image settings the config leaves to the checkpoint come from its
+    image processor (either layout, `hub_files.read_image_settings`): data.min_pixels and
+    data.max_pixels where neither the preset nor the command line set them (still the config
+    file's CPU default, `_base()`), data.image_mean and data.image_std where None. The pipeline
+    config does it for each of its stage blocks; a later stage without a model.path of its own
+    starts from the warm-up's export, so the warm-up's checkpoint settles its settings too.
+    Returns the lines to log (one per block)."""
+    if config.get("stage") == "pipeline":
+        from configs import adacs, aepo
+
+        first = config.warmup.model.get("path") if "warmup" in config else None
+        bases = {"warmup": adacs._base, "adacs": adacs._base, "aepo": aepo._base}
+        blocks = [(f"{n}.", config[n], base, first) for n, base in bases.items() if n in config]
+    else:
+        blocks = [("", config, getattr(module, "_base", None), None)]
+    given = config_flags.get_override_values(flags.FLAGS["config"])
+    return [line for block in blocks if (line := _block_images(*block, given))]
+
+
+def _block_images(prefix: str, config, base, fallback: str | None, given) -> str | None:
+    model, data = config.get("model"), config.get("data")
+    path = (model.get("path") if model else None) or fallback
+    if not path or not data or base is None or "min_pixels" not in data:
         return None
     from ares_jax.models.qwen2_5_vl import hub_files
 
-    found = hub_files.read_image_settings(model.path)
+    found = hub_files.read_image_settings(path)
     if found is None:
+        norm = "" if data.get("image_mean") is not None else ", the hub's normalisation"
         return (
-            f"{model.path} has no image processor: images resized within data.min_pixels="
-            f"{data.min_pixels}, data.max_pixels={data.max_pixels} as configured."
+            f"{path} has no image processor: images resized within {prefix}data.min_pixels="
+            f"{data.min_pixels}, {prefix}data.max_pixels={data.max_pixels} as configured{norm}."
         )
-    given = config_flags.get_override_values(flags.FLAGS["config"])
     defaults = base().data
     taken = []
     for key in ("min_pixels", "max_pixels"):
-        if f"data.{key}" not in given and data[key] == defaults[key]:
+        if f"{prefix}data.{key}" not in given and data[key] == defaults[key]:
             data[key] = getattr(found, key)
-            taken.append(f"data.{key}")
-    source = f"{', '.join(taken)} from {model.path}'s image processor" if taken else "as set"
+            taken.append(f"{prefix}data.{key}")
+    for key, attr in (("image_mean", "mean"), ("image_std", "std")):
+        if key in data and data[key] is None:
+            data[key] = tuple(getattr(found, attr))
+            taken.append(f"{prefix}data.{key}")
+    source = f"{', '.join(taken)} from {path}'s image processor" if taken else "as set"
     return (
-        f"Images resized within data.min_pixels={data.min_pixels}, "
-        f"data.max_pixels={data.max_pixels} ({source})."
+        f"Images resized within {prefix}data.min_pixels={data.min_pixels}, "
+        f"{prefix}data.max_pixels={data.max_pixels}, normalised with mean "
+        f"{tuple(data.get('image_mean') or found.mean)}, std "
+        f"{tuple(data.get('image_std') or found.std)} ({source})."
     )
 
 
@@ -156,7 +179,7 @@ def main(argv: list[str]) -> None:
     module = _config_module(path)
     validate = getattr(module, "validate", None)
     try:
-        for line in (_files_when_given(config), _pixels_from_checkpoint(config, module)):
+        for line in (_files_when_given(config), *_images_from_checkpoint(config, module)):
             if line:
                 logging.info("%s", line)
         if validate is None:

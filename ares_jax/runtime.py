@@ -277,11 +277,27 @@ def restore_or_start(
 
 
 def run_image_settings(c) -> ImageSettings:
-    """The image settings the stage preprocesses with: the pixel limits of `c.data`, the rest
-    (patch sizes, normalisation) from `c.model.path`'s image processor, else the hub's."""
-    source = hub_files.read_image_settings(c.model.path) if c.model.path else None
+    """The image settings the stage preprocesses with: the pixel limits of `c.data`, its
+    normalisation (`data.image_mean`, `data.image_std`) where set, the rest (patch sizes,
+    normalisation) from `c.model.path`'s image processor, else the hub's."""
+    source = hub_files.read_image_settings(c.model.path) if c.model.get("path") else None
     base = source or hub_files.default_image_settings()
-    return base._replace(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
+    mean, std = c.data.get("image_mean"), c.data.get("image_std")
+    return base._replace(
+        min_pixels=c.data.min_pixels,
+        max_pixels=c.data.max_pixels,
+        mean=base.mean if mean is None else tuple(float(x) for x in mean),
+        std=base.std if std is None else tuple(float(x) for x in std),
+    )
+
+
+def image_kwargs(c) -> dict[str, Any]:
+    """`run_image_settings(c)` as the keyword arguments the stages' encoders take (min_pixels,
+    max_pixels, image_mean, image_std)."""
+    s = run_image_settings(c)
+    return dict(
+        min_pixels=s.min_pixels, max_pixels=s.max_pixels, image_mean=s.mean, image_std=s.std
+    )
 
 
 def export_policy(c, policy, export: str | os.PathLike, tokenizer, *, stage: str) -> None:

@@ -139,6 +139,10 @@ def _base() -> ml_collections.ConfigDict:
         # is set by the paper presets; the CPU default keeps images tiny.
         min_pixels=3136,
         max_pixels=12544,
+        # Image normalisation after rescaling to [0, 1], per channel (R, G, B); None: model.path's
+        # image processor's (either checkpoint layout), else the hub's Qwen2.5-VL values.
+        image_mean=config_dict.placeholder(tuple),
+        image_std=config_dict.placeholder(tuple),
         max_prompt_len=256,  # tokens, text + image placeholders; paper 4096
         prompt_len_buckets=(192, 256),  # prompts pad to the smallest bucket; last = max_prompt_len
         # Every prompt (text + image tokens) is measured at start-up. True: one longer than the
@@ -572,6 +576,8 @@ SCHEMA = {
     "data.synthetic_val_size": (_int, _pos),
     "data.min_pixels": (_int, _pos),
     "data.max_pixels": (_int, _pos),
+    "data.image_mean": common.optional(common.rgb(common.in_range(0.0, 1.0))),
+    "data.image_std": common.optional(common.rgb(common.positive())),
     "data.max_prompt_len": (_int, _pos),
     "data.prompt_len_buckets": common.ascending_ints(),
     "data.on_error": common.one_of("raise", "skip"),

@@ -201,6 +201,21 @@ def per_bucket(check: Check, n: int = 3) -> Check:
     return wrapped
 
 
+def rgb(check: Check) -> Check:
+    """The value must be a tuple/list of 3 numbers (red, green, blue), each passing `check`."""
+
+    def wrapped(value):
+        if not isinstance(value, tuple | list) or len(value) != 3:
+            return "must be a tuple of 3 numbers (red, green, blue)"
+        for name, v in zip(("red", "green", "blue"), value, strict=True):
+            problem = check(v)
+            if problem:
+                return f"has {name} entry {v!r} that {problem}"
+        return None
+
+    return wrapped
+
+
 def ascending_ints(minimum: int = 1) -> Check:
     """The value must be a non-empty, strictly increasing tuple of integers >= minimum."""
 

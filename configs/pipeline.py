@@ -31,9 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "pipeline"
     c.seed = 0
-    c.warmup = adacs.get_config(sub).copy_and_resolve_references()
-    c.adacs = adacs.get_config(sub).copy_and_resolve_references()
-    c.aepo = aepo.stage_config(sub).copy_and_resolve_references()
+    # The stage configs as they are (not copy_and_resolve_references, which drops the types of
+    # their unset placeholders): --config.aepo.data.image_mean=... works as for a stage run.
+    c.warmup = adacs.get_config(sub)
+    c.adacs = adacs.get_config(sub)
+    c.aepo = aepo.stage_config(sub)
     c.eval = dict(
         test_size=8 if sub else 400,  # held-out problems of the synthetic test split
         temperature=0.0,  # greedy

@@ -141,21 +141,38 @@ def test_command_line_strict_prompt_len_names_an_overlong_prompt_before_generati
     assert last.endswith("leave out --strict_prompt_len to skip such prompts"), last
 
 
-def test_pixel_limits_from_checkpoint_flags_override(tmp_path):
-    """`evaluate`'s pixel limits: the checkpoint's image processor (transformers 5 layout here),
-    a flag overriding one of them, the defaults without a processor, and a bad pair named."""
+def test_image_settings_from_checkpoint_flags_override(tmp_path):
+    """`evaluate`'s image settings: the checkpoint's image processor (transformers 5 layout
+    here, its own normalisation), a flag overriding one pixel limit, the defaults without a
+    processor, and a bad pair named."""
     import json
 
     import pytest
 
+    from ares_jax.models.qwen2_5_vl.processor import IMAGE_MEAN, IMAGE_STD
+
+    mean, std = [0.5, 0.25, 0.125], [0.2, 0.3, 0.4]
     (tmp_path / "processor_config.json").write_text(
-        json.dumps({"image_processor": {"min_pixels": 3136, "max_pixels": 12544}})
+        json.dumps(
+            {
+                "image_processor": {
+                    "min_pixels": 3136,
+                    "max_pixels": 12544,
+                    "image_mean": mean,
+                    "image_std": std,
+                }
+            }
+        )
     )
-    assert ev.image_pixel_limits(tmp_path, None, None) == (3136, 12544)
-    assert ev.image_pixel_limits(tmp_path, None, 50176) == (3136, 50176)
-    assert ev.image_pixel_limits(tmp_path / "none", None, None) == (
+    got = ev.image_settings(tmp_path, None, None)
+    assert (got.min_pixels, got.max_pixels, got.mean, got.std) == (3136, 12544, (*mean,), (*std,))
+    assert ev.image_settings(tmp_path, None, 50176)[:2] == (3136, 50176)
+    none = ev.image_settings(tmp_path / "none", None, None)
+    assert (none.min_pixels, none.max_pixels, none.mean, none.std) == (
         ev.DEFAULT_MIN_PIXELS,
         ev.DEFAULT_MAX_PIXELS,
+        IMAGE_MEAN,
+        IMAGE_STD,
     )
     with pytest.raises(ValueError, match="min_pixels 20000 > max_pixels 12544"):
-        ev.image_pixel_limits(tmp_path, 20000, None)
+        ev.image_settings(tmp_path, 20000, None)

@@ -117,3 +117,52 @@ def test_stage_run_forgets_completion_and_closes_what_it_holds(tmp_path):
     assert runtime.is_complete(tmp_path) is None
     with runtime.lock_workdir(tmp_path):  # the lock went with the exception
         pass
+
+
+def test_stages_preprocess_with_the_checkpoints_normalisation(tmp_path):
+    """Pixel limits from the config; mean/std from model.path's image processor unless
+    data.image_mean/image_std set them; the prompts the stages encode (rollout, SFT, pass rates,
+    validation: `batching.encode_prompts` with `runtime.image_kwargs`) are normalised so."""
+    from ares_jax import batching
+    from ares_jax.aepo import train as aepo_train
+    from ares_jax.models.qwen2_5_vl import config, hub_files, processor
+    from ares_jax.models.qwen2_5_vl.tokenizer import build_tokenizer
+    from configs import aepo as aepo_config
+    from tests.data.virl39k import IMAGES, image_bytes
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    settings = hub_files.default_image_settings(2352, 50176)._replace(mean=mean, std=std)
+    hub_files.write_export_files(tmp_path, settings=settings)
+    c = aepo_config.stage_config("smoke")
+    with c.unlocked():
+        c.model.path = str(tmp_path)
+    kwargs = runtime.image_kwargs(c)
+    assert kwargs == dict(
+        min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels, image_mean=mean, image_std=std
+    )
+    rollout = aepo_train._rollout_settings(c, sampling=None)
+    assert (rollout.image_mean, rollout.image_std) == (mean, std)
+
+    cfg, tokenizer = config.preset("tiny"), build_tokenizer()
+    image = image_bytes(*IMAGES[0])
+    encoded = batching.encode_prompts(
+        ["<image>What?"], [[image]], tokenizer, cfg, template="", length_buckets=(128,), **kwargs
+    )
+    want, _ = processor.preprocess_image(
+        image, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels, mean=mean, std=std
+    )
+    np.testing.assert_array_equal(encoded.patches[0], want)
+    hub, _ = processor.preprocess_image(
+        image, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels
+    )
+    assert np.abs(hub - want).max() > 0.1  # the hub's normalisation is another
+
+    with c.unlocked():
+        c.data.image_mean, c.data.image_std = (0.1, 0.2, 0.3), (1.0, 1.0, 1.0)
+    got = runtime.run_image_settings(c)
+    assert (got.mean, got.std) == ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+    with c.unlocked():
+        c.model.path = None
+        c.data.image_mean = c.data.image_std = None
+    got = runtime.run_image_settings(c)
+    assert (got.mean, got.std) == (processor.IMAGE_MEAN, processor.IMAGE_STD)

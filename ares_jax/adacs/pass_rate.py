@@ -71,6 +71,7 @@ import numpy as np
 from ares_jax.batching import encode_examples, sampler_inputs
 from ares_jax.data import records
 from ares_jax.data.records import Example
+from ares_jax.models.qwen2_5_vl.processor import IMAGE_MEAN, IMAGE_STD
 from ares_jax.rewards import answers
 from ares_jax.sampling import SamplingParams, generate
 from ares_jax.sampling.sampler import LENGTH
@@ -314,6 +315,8 @@ def estimate_pass_rates(
     min_pixels: int,
     max_pixels: int,
     prompt_len_buckets: Sequence[int],
+    image_mean: Sequence[float] = IMAGE_MEAN,
+    image_std: Sequence[float] = IMAGE_STD,
     batch_size: int,
     out_path: str | os.PathLike,
     key: jax.Array,
@@ -340,6 +343,7 @@ def estimate_pass_rates(
         top-p 1.0). Branching must be off.
       template: the instruction appended to each question (e.g. processor.THINK_BOXED_SUFFIX).
       min_pixels, max_pixels: image resizing bounds.
+      image_mean, image_std: image normalisation (the model's image processor's).
       prompt_len_buckets: prompt length buckets; the decode loop is compiled for the largest.
       batch_size: problems per generate call (batch_size * samples rows).
       out_path: the output directory (created if needed).
@@ -447,6 +451,8 @@ def estimate_pass_rates(
                 min_pixels=min_pixels,
                 max_pixels=max_pixels,
                 length_buckets=prompt_len_buckets,
+                image_mean=image_mean,
+                image_std=image_std,
             )
             out = generate_fn(
                 graphdef,

@@ -238,6 +238,7 @@ def _run(config, work: Path, hold) -> dict[str, float]:
     rules = tuple(tuple(r) for r in c.mesh.rules) or None
     cfg = model.cfg
     eos = cfg.eos_token_id
+    image = runtime.image_kwargs(c)  # pixel limits and normalisation, model.path's by default
     writer = hold.enter_context(mt.MetricWriter(work, tensorboard=c.log.tensorboard))
     writer.write_config(c.to_dict())
     buckets = tuple(c.data.prompt_len_buckets)
@@ -296,8 +297,7 @@ def _run(config, work: Path, hold) -> dict[str, float]:
             samples=c.pass_rate.samples,
             sampling=sampling,
             template=c.data.prompt_template,
-            min_pixels=c.data.min_pixels,
-            max_pixels=c.data.max_pixels,
+            **image,
             prompt_len_buckets=buckets,
             batch_size=c.pass_rate.batch_size,
             out_path=str(work / "pass_rates"),
@@ -403,8 +403,7 @@ def _run(config, work: Path, hold) -> dict[str, float]:
             tokenizer,
             cfg,
             template=c.data.prompt_template,
-            min_pixels=c.data.min_pixels,
-            max_pixels=c.data.max_pixels,
+            **image,
             length_buckets=buckets,
         )
         prompts = runtime.left_pad_prompts(prompts, prompt_len)
@@ -487,8 +486,7 @@ def _run(config, work: Path, hold) -> dict[str, float]:
             cfg,
             sampling=sampling,
             template=c.data.prompt_template,
-            min_pixels=c.data.min_pixels,
-            max_pixels=c.data.max_pixels,
+            **image,
             prompt_len_buckets=buckets,
             batch_size=min(len(val), 16),
             key=jax.random.PRNGKey(c.seed + 1),

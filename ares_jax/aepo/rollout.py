@@ -32,6 +32,7 @@ import numpy as np
 
 from ares_jax.batching import Prompts, Rows, encode_examples, sampler_inputs
 from ares_jax.evaluate import grade
+from ares_jax.models.qwen2_5_vl.processor import IMAGE_MEAN, IMAGE_STD
 from ares_jax.ops import advantages as ADV
 from ares_jax.ops import hwe as H
 from ares_jax.rewards import buckets as BK
@@ -50,6 +51,8 @@ class RolloutSettings:
     min_pixels: int
     max_pixels: int
     prompt_len_buckets: tuple[int, ...]
+    image_mean: tuple[float, ...] = IMAGE_MEAN
+    image_std: tuple[float, ...] = IMAGE_STD
     window: int = 4
     window_offset: int = 1
     percentile: float = 95.0
@@ -258,6 +261,8 @@ def collect(
             min_pixels=s.min_pixels,
             max_pixels=s.max_pixels,
             length_buckets=s.prompt_len_buckets,
+            image_mean=s.image_mean,
+            image_std=s.image_std,
         )
         g0 = time.perf_counter()
         out = _generate_chunked(

@@ -93,14 +93,46 @@ def _sampling(c, cfg, tokenizer, *, n, temperature, max_new) -> SamplingParams:
     )
 
 
+def validation_sampling(c, cfg, tokenizer) -> SamplingParams:
+    """How the in-run validation samples: `c.eval`'s n, temperature, top-p and response length,
+    the rollout's stops and logit bias, no branching."""
+    e = c.eval
+    sampling = _sampling(
+        c, cfg, tokenizer, n=e.n, temperature=e.temperature, max_new=e.max_response_len
+    )
+    return dataclasses.replace(sampling, top_p=c.eval.top_p, branching=BranchingParams())
+
+
+def evaluate_policy(
+    c, graphdef, params, examples, tokenizer, cfg, *, key, mesh, sampling=None
+) -> ev.EvalResult:
+    """The in-run validation of a policy (its `eval/...` metrics): the stage's prompt template,
+    image settings (`runtime.image_kwargs`) and prompt buckets, `validation_sampling` unless
+    `sampling` is given. `python -m ares_jax.evaluate` on the stage's export with the same
+    decoding gives the same responses (tests/evaluate_export_test.py)."""
+    return ev.evaluate(
+        graphdef,
+        params,
+        examples,
+        tokenizer,
+        cfg,
+        sampling=sampling or validation_sampling(c, cfg, tokenizer),
+        template=c.data.prompt_template,
+        **runtime.image_kwargs(c),
+        prompt_len_buckets=tuple(c.data.prompt_len_buckets),
+        batch_size=min(len(examples), c.rollout.prompts_per_iter),
+        key=key,
+        mesh=mesh,
+    )
+
+
 def _rollout_settings(c, sampling: SamplingParams) -> RO.RolloutSettings:
     r = c.reward
     return RO.RolloutSettings(
         sampling=sampling,
         prompts_per_iter=c.rollout.prompts_per_iter,
         template=c.data.prompt_template,
-        min_pixels=c.data.min_pixels,
-        max_pixels=c.data.max_pixels,
+        **runtime.image_kwargs(c),
         prompt_len_buckets=tuple(c.data.prompt_len_buckets),
         window=c.entropy.window,
         window_offset=c.entropy.window_offset,
@@ -435,34 +467,20 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
     step_fn = jax.jit(
         Lr.train_step, static_argnums=0, static_argnames=("optimizer", "s"), donate_argnums=(1,)
     )
-    val_sampling = _sampling(
-        c,
-        cfg,
-        tokenizer,
-        n=c.eval.n,
-        temperature=c.eval.temperature,
-        max_new=c.eval.max_response_len,
-    )
-    val_sampling = dataclasses.replace(
-        val_sampling, top_p=c.eval.top_p, branching=BranchingParams()
-    )
+    val_sampling = validation_sampling(c, cfg, tokenizer)
 
     def validate(step: int) -> dict[str, float]:
         if not val_examples:
             return {}
         full_graphdef, params_now = nnx.split(Lr.merge(graphdef, state.trainable, frozen))
-        result = ev.evaluate(
+        result = evaluate_policy(
+            c,
             full_graphdef,
             params_now,
             val_examples,
             tokenizer,
             cfg,
             sampling=val_sampling,
-            template=c.data.prompt_template,
-            min_pixels=c.data.min_pixels,
-            max_pixels=c.data.max_pixels,
-            prompt_len_buckets=tuple(c.data.prompt_len_buckets),
-            batch_size=min(len(val_examples), c.rollout.prompts_per_iter),
             key=jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), step),
             mesh=mesh,
         )

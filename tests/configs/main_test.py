@@ -121,21 +121,56 @@ def test_unwritable_workdir_is_one_sentence_before_the_model_loads(tmp_path):
     assert "starting from" not in r.stderr  # nothing was loaded
 
 
-def test_pixel_limits_follow_the_checkpoint_unless_set(tmp_path):
-    """With model.path, data.min_pixels/max_pixels left at the config file's CPU defaults come
-    from the checkpoint's image processor (transformers 5 layout here); a command-line value
-    stays."""
+def _printed_config(stdout: str) -> dict:
+    """The config main prints (YAML between '# config (...):' and '# workdir')."""
+    import yaml
+
+    text = stdout.split("\n", 1)[1].split("# workdir")[0]
+    return yaml.safe_load(text)
+
+
+def test_image_settings_follow_the_checkpoint_unless_set(tmp_path):
+    """With model.path, data.min_pixels/max_pixels left at the config file's CPU defaults and
+    data.image_mean/image_std left None come from the checkpoint's image processor
+    (transformers 5 layout here); command-line values stay. The pipeline config does it for
+    every stage block from the warm-up's model.path."""
     import json
 
+    mean, std = [0.5, 0.25, 0.125], [0.2, 0.3, 0.4]
     (tmp_path / "processor_config.json").write_text(
-        json.dumps({"image_processor": {"min_pixels": 50176, "max_pixels": 200704}})
+        json.dumps(
+            {
+                "image_processor": {
+                    "min_pixels": 50176,
+                    "max_pixels": 200704,
+                    "image_mean": mean,
+                    "image_std": std,
+                }
+            }
+        )
     )
     args = ("--config=configs/aepo.py:stage", f"--config.model.path={tmp_path}", "--dry_run")
     r = run_main(*args)
     assert r.returncode == 0, r.stderr
-    assert "min_pixels: 50176" in r.stdout and "max_pixels: 200704" in r.stdout
-    r = run_main(*args, "--config.data.max_pixels=100352")
+    data = _printed_config(r.stdout)["data"]
+    assert (data["min_pixels"], data["max_pixels"]) == (50176, 200704)
+    assert (data["image_mean"], data["image_std"]) == (mean, std)
+    assert "normalised with mean (0.5, 0.25, 0.125), std (0.2, 0.3, 0.4)" in r.stderr
+    r = run_main(*args, "--config.data.max_pixels=100352", "--config.data.image_std=(0.1,0.1,0.1)")
     assert r.returncode == 0, r.stderr
-    assert "min_pixels: 50176" in r.stdout and "max_pixels: 100352" in r.stdout
+    data = _printed_config(r.stdout)["data"]
+    assert (data["min_pixels"], data["max_pixels"]) == (50176, 100352)
+    assert (data["image_mean"], data["image_std"]) == (mean, [0.1, 0.1, 0.1])
+    r = run_main(*args, "--config.data.image_std=(0.1,0,0.1)")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: config.data.image_std="), r.stderr
     r = run_main("--config=configs/aepo.py:stage", "--dry_run")  # no checkpoint: as configured
-    assert "min_pixels: 3136" in r.stdout and "max_pixels: 12544" in r.stdout
+    data = _printed_config(r.stdout)["data"]
+    assert (data["min_pixels"], data["max_pixels"], data["image_mean"]) == (3136, 12544, None)
+    r = run_main("--config=configs/aepo.py", f"--config.warmup.model.path={tmp_path}", "--dry_run")
+    assert r.returncode == 0, r.stderr
+    printed = _printed_config(r.stdout)
+    for block in ("warmup", "adacs", "aepo"):
+        data = printed[block]["data"]
+        assert (data["min_pixels"], data["max_pixels"]) == (50176, 200704), block
+        assert (data["image_mean"], data["image_std"]) == (mean, std), block
