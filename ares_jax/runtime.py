@@ -308,7 +308,7 @@ def export_policy(c, policy, export: str | os.PathLike, tokenizer, *, stage: str
     calls it (gathering the weights is a collective); process 0 writes."""
     source = c.model.path or None
     dtype = hub_files.source_dtype(source) if source else None
-    dtype = dtype if dtype in model_params._NP_DTYPES else c.model.param_dtype
+    dtype = dtype if dtype in model_params.SAVE_DTYPES else c.model.param_dtype
     model_params.save_pretrained(policy, export, dtype=dtype)
     if jax.process_index() == 0:
         tokenizer.save_pretrained(export)

@@ -289,7 +289,8 @@ def _assemble(entry, ckpt, cfg, shape, np_dtype, used, path) -> np.ndarray:
 # Export
 # ---------------------------------------------------------------------------------------------
 
-_NP_DTYPES: Mapping[str, np.dtype] = {
+# The dtypes `save_pretrained` writes, by their config.json names.
+SAVE_DTYPES: Mapping[str, np.dtype] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
@@ -315,9 +316,9 @@ def save_pretrained(
     Args:
       write: write the files; None means on process 0 only.
     """
-    if dtype not in _NP_DTYPES:
-        raise ValueError(f"save_pretrained: dtype must be one of {sorted(_NP_DTYPES)}.")
-    np_dtype = _NP_DTYPES[dtype]
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_pretrained: dtype must be one of {sorted(SAVE_DTYPES)}.")
+    np_dtype = SAVE_DTYPES[dtype]
     cfg = model.cfg
     path = Path(path)
     write = jax.process_index() == 0 if write is None else write
