@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ares_jax import eval_batches as eb
 from ares_jax import evaluate as ev
 from ares_jax.data import synthetic
 from ares_jax.data.records import DataError
@@ -18,33 +19,33 @@ from ares_jax.sampling import SamplingParams
 def test_kv_bytes_per_position_of_qwen2_5_vl_sizes():
     """2 x layers x KV heads x head dim x dtype bytes: the numbers the --batch_tokens help gives."""
     seven_b, three_b = config.preset("7b"), config.preset("3b")
-    assert ev.kv_bytes_per_position(seven_b, jax.numpy.bfloat16) == 57344
-    assert ev.kv_bytes_per_position(three_b, jax.numpy.bfloat16) == 36864
-    assert ev.kv_bytes_per_position(three_b, jax.numpy.float32) == 2 * 36864
+    assert eb.kv_bytes_per_position(seven_b, jax.numpy.bfloat16) == 57344
+    assert eb.kv_bytes_per_position(three_b, jax.numpy.bfloat16) == 36864
+    assert eb.kv_bytes_per_position(three_b, jax.numpy.float32) == 2 * 36864
     # The command line's default budget on a 7B model at the paper's lengths: 2 problems a call.
     budget = int(ev.DEFAULT_KV_CACHE_GIB * 2**30) // 57344
-    assert ev.problems_per_call(4096, max_new_tokens=32768, batch_tokens=budget) == 2
+    assert eb.problems_per_call(4096, max_new_tokens=32768, batch_tokens=budget) == 2
 
 
 def test_problems_per_call_is_a_power_of_two_within_the_budget():
     kw = dict(max_new_tokens=768, batch_tokens=4096)
-    assert ev.problems_per_call(256, **kw) == 4  # 4096 // 1024
-    assert ev.problems_per_call(1024, **kw) == 2  # 4096 // 1792 = 2
-    assert ev.problems_per_call(256, max_new_tokens=256, batch_tokens=4096) == 8
-    assert ev.problems_per_call(100, max_new_tokens=0, batch_tokens=4096) == 32  # 40 -> 32
-    assert ev.problems_per_call(256, rows_per_prompt=2, **kw) == 2  # n = 2 rows a problem
-    assert ev.problems_per_call(8192, **kw) == 1  # over the budget: alone, still run
-    assert ev.problems_per_call(256, batch_size=3, **kw) == 3  # the cap
-    assert ev.problems_per_call(256, batch_size=64, **kw) == 4  # a cap never raises it
-    assert ev.problems_per_call(256, max_new_tokens=768, batch_tokens=None, batch_size=5) == 5
+    assert eb.problems_per_call(256, **kw) == 4  # 4096 // 1024
+    assert eb.problems_per_call(1024, **kw) == 2  # 4096 // 1792 = 2
+    assert eb.problems_per_call(256, max_new_tokens=256, batch_tokens=4096) == 8
+    assert eb.problems_per_call(100, max_new_tokens=0, batch_tokens=4096) == 32  # 40 -> 32
+    assert eb.problems_per_call(256, rows_per_prompt=2, **kw) == 2  # n = 2 rows a problem
+    assert eb.problems_per_call(8192, **kw) == 1  # over the budget: alone, still run
+    assert eb.problems_per_call(256, batch_size=3, **kw) == 3  # the cap
+    assert eb.problems_per_call(256, batch_size=64, **kw) == 4  # a cap never raises it
+    assert eb.problems_per_call(256, max_new_tokens=768, batch_tokens=None, batch_size=5) == 5
     with pytest.raises(ValueError, match="batch_tokens, batch_size"):
-        ev.problems_per_call(256, max_new_tokens=768, batch_tokens=None)
+        eb.problems_per_call(256, max_new_tokens=768, batch_tokens=None)
 
 
 def test_plan_batches_the_longest_prompt_bounds_a_batch():
     # per call: 4 problems at bucket 256, 2 at 1024 (max_new_tokens 768, budget 4096)
     buckets = [256] * 5 + [1024] + [256] * 3 + [None] + [256] * 2
-    plan = ev.plan_batches(buckets, max_new_tokens=768, batch_tokens=4096)
+    plan = eb.plan_batches(buckets, max_new_tokens=768, batch_tokens=4096)
     got = [(b.start, b.size, b.rows, b.bucket) for b in plan]
     assert got == [
         (0, 4, 4, 256),
@@ -54,17 +55,17 @@ def test_plan_batches_the_longest_prompt_bounds_a_batch():
     ]
     for b in plan:  # every call within the budget
         assert b.rows * (b.bucket + 768) <= 4096
-    capped = ev.plan_batches(buckets, max_new_tokens=768, batch_tokens=4096, batch_size=3)
+    capped = eb.plan_batches(buckets, max_new_tokens=768, batch_tokens=4096, batch_size=3)
     got = [(b.start, b.size, b.rows) for b in capped]
     assert got == [(0, 3, 3), (3, 2, 2), (5, 2, 2), (7, 2, 2), (10, 2, 2)]  # rows <= the cap
-    assert ev.plan_batches([None, None], max_new_tokens=8, batch_tokens=100) == []
+    assert eb.plan_batches([None, None], max_new_tokens=8, batch_tokens=100) == []
 
 
 def test_cli_prompt_buckets():
-    assert ev.cli_prompt_buckets(4096) == (256, 1024, 4096)
-    assert ev.cli_prompt_buckets(128) == (128,)
-    assert ev.cli_prompt_buckets(1024) == (256, 1024)
-    assert ev.cli_prompt_buckets(1000) == (1000,)  # 250 < 256
+    assert eb.cli_prompt_buckets(4096) == (256, 1024, 4096)
+    assert eb.cli_prompt_buckets(128) == (128,)
+    assert eb.cli_prompt_buckets(1024) == (256, 1024)
+    assert eb.cli_prompt_buckets(1000) == (1000,)  # 250 < 256
 
 
 def _problems():
