@@ -479,6 +479,42 @@ def write_jsonl(examples: Sequence[Example], path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def file_rows(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The raw rows of data files (paths, directories or globs as `expand_paths`; JSONL, a JSON
+    array or parquet), each with where it came from ("path, line N" / "path, row N"), for
+    readers of other layouts (the evaluation suite's adapters).
+
+    Raises:
+      DataError: a missing or unreadable file, or a row that is not a JSON object, naming it.
+    """
+    for path in expand_paths(paths):
+        if not os.path.isfile(path):
+            raise DataError(f"data file {path} does not exist")
+        rows = _parquet_rows(path) if path.lower().endswith(".parquet") else _json_rows(path)
+        for where, _, row in rows:
+            if isinstance(row, _RowError):
+                raise DataError(f"{path}, {where}: {row}", reason=row.reason)
+            yield f"{path}, {where}", row
+
+
+def image_bytes(item: Any, root: str | os.PathLike) -> bytes:
+    """One image entry as a data file holds it (bytes, an HF `Image` struct `{"bytes", "path"}`,
+    base64 or a data URL, or a path relative to `root`), as encoded bytes, checked to decode.
+
+    Raises:
+      ValueError: a missing, unreadable or undecodable image, naming it.
+    """
+    files = _ImageFiles(os.fspath(root), anywhere=True)
+    try:
+        data, name = _image_bytes(item, files)
+        _check_image(data, name)
+    except _RowError as e:
+        raise ValueError(str(e)) from None
+    return data
+
+
 def _json_rows(path: str) -> Iterator[tuple[str, str, Any]]:
     name = os.path.basename(path)
     with open(path, "rb") as f:

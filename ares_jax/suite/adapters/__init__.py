@@ -1,0 +1,1 @@
+"""Benchmark adapters: released layouts -> `suite.items.Item` (registry.py lists them)."""
