@@ -23,7 +23,8 @@ import collections
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -190,6 +191,7 @@ def evaluate(
     key: jax.Array,
     mesh=None,
     progress=None,
+    grader: Callable[[list[str], list], np.ndarray] | None = None,
 ) -> EvalResult:
     """Generates for every example and scores the answers.
 
@@ -207,6 +209,9 @@ def evaluate(
         and counted in `eval/skipped_overlong`; False raises DataError naming the first one,
         before anything is generated.
       progress: an object with `update(problems)` (tqdm), called after each batch.
+      grader: `grader(responses, examples) -> [N] bool`, called once per batch with the batch's
+        decoded responses and the example of each; default: the last box against the example's
+        answer with math-verify (`answers.score_responses`, as training grades).
 
     Raises:
       DataError: a prompt the processor cannot encode (naming its file and line), an over-long
@@ -293,10 +298,13 @@ def evaluate(
             tokenizer.decode(out.tokens[i, : out.lengths[i]], skip_special_tokens=True)
             for i in np.flatnonzero(keep)
         ]
-        golds = [chunk[p].answer for p in out.prompt_index[keep]]
-        scores = grade(texts, golds)
+        rows = [chunk[p] for p in out.prompt_index[keep]]
+        if grader is None:
+            verdicts = grade(texts, [e.answer for e in rows]).correct
+        else:
+            verdicts = np.asarray(grader(texts, rows), dtype=bool)
         responses.extend(texts)
-        correct.append(scores.correct)
+        correct.append(verdicts)
         lengths.append(out.lengths[keep])
         for k, parts in per_row.items():
             parts.append(getattr(out, k)[keep])
@@ -374,19 +382,27 @@ def _sort_key(k: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv):
-    from pathlib import Path
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A checkpoint ready to evaluate from the command line: the mesh, model (split), tokenizer,
+    image settings, and the generate calls' sizes."""
 
-    from absl import flags
+    mesh: Any
+    graphdef: Any
+    params: Any
+    tokenizer: Any
+    cfg: Any
+    image: ImageSettings
+    batch_tokens: int
+    buckets: tuple[int, ...]
 
-    from ares_jax.data import pipeline
+
+def load_for_command_line(f) -> Loaded:
+    """The model of --model with the flags' dtype, image settings and KV-cache budget (logged)."""
     from ares_jax.models.qwen2_5_vl import params as model_params
     from ares_jax.models.qwen2_5_vl import tokenizer as tok
-    from ares_jax.models.qwen2_5_vl.processor import THINK_BOXED_SUFFIX
     from ares_jax.parallel.mesh import make_mesh
 
-    del argv
-    f = flags.FLAGS
     mesh = make_mesh()
     model = model_params.from_pretrained(
         f.model, dtype=jax.numpy.bfloat16 if f.bf16 else jax.numpy.float32, mesh=mesh
@@ -394,24 +410,6 @@ def main(argv):
     tokenizer = tok.load_tokenizer(f.model)
     image = image_settings(f.model, f.min_pixels, f.max_pixels)
     cfg = model.cfg
-    examples = []
-    try:
-        for path in f.data.split(","):
-            src = pipeline.example_source(pipeline.FilesSpec(paths=(path,)))
-            stem = Path(path).stem
-            examples += [
-                dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
-            ]
-    except (DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    sampling = policy_sampling(
-        cfg,
-        tokenizer,
-        n=f.n,
-        max_new_tokens=f.max_new_tokens,
-        temperature=f.temperature,
-        top_p=f.top_p,
-    )
     per_position = kv_bytes_per_position(cfg, model.dtype)
     batch_tokens = f.batch_tokens
     if batch_tokens is None:
@@ -431,12 +429,51 @@ def main(argv):
         buckets,
     )
     graphdef, params = nnx.split(model)
+    return Loaded(mesh, graphdef, params, tokenizer, cfg, image, batch_tokens, buckets)
+
+
+def main(argv):
+    from pathlib import Path
+
+    from absl import flags
+
+    from ares_jax.data import pipeline
+    from ares_jax.models.qwen2_5_vl.processor import THINK_BOXED_SUFFIX
+
+    del argv
+    f = flags.FLAGS
+    if f.benchmark:
+        from ares_jax.suite import cli
+
+        return cli.main(f)
+    if not f.model:
+        raise SystemExit("error: --model is required (without --benchmark).")
+    examples = []
+    try:
+        for path in f.data.split(","):
+            src = pipeline.example_source(pipeline.FilesSpec(paths=(path,)))
+            stem = Path(path).stem
+            examples += [
+                dataclasses.replace(src[i], source=src[i].source or stem) for i in range(len(src))
+            ]
+    except (DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    m = load_for_command_line(f)
+    tokenizer, cfg, image = m.tokenizer, m.cfg, m.image
+    sampling = policy_sampling(
+        cfg,
+        tokenizer,
+        n=f.n,
+        max_new_tokens=f.max_new_tokens,
+        temperature=f.temperature,
+        top_p=f.top_p,
+    )
     try:
         # Every prompt is measured before anything is generated: an over-long one is named by
         # file and line, then skipped or (--strict_prompt_len) the end of the run.
         result = evaluate(
-            graphdef,
-            params,
+            m.graphdef,
+            m.params,
             examples,
             tokenizer,
             cfg,
@@ -444,14 +481,14 @@ def main(argv):
             template=THINK_BOXED_SUFFIX,
             min_pixels=image.min_pixels,
             max_pixels=image.max_pixels,
-            prompt_len_buckets=buckets,
+            prompt_len_buckets=m.buckets,
             image_mean=image.mean,
             image_std=image.std,
             batch_size=f.batch_size,
-            batch_tokens=batch_tokens,
+            batch_tokens=m.batch_tokens,
             skip_overlong=not f.strict_prompt_len,
             key=jax.random.PRNGKey(f.seed),
-            mesh=mesh,
+            mesh=m.mesh,
         )
     except DataError as e:
         hint = ""
@@ -527,10 +564,36 @@ def define_flags(flag_values=None) -> None:
     fv = flag_values if flag_values is not None else flags.FLAGS
     d = PAPER_EVAL
     flags.DEFINE_string(
-        "model", None, "Hugging Face checkpoint directory (with tokenizer).", flag_values=fv
+        "model",
+        None,
+        "Hugging Face checkpoint directory (with tokenizer). With --benchmark it may be left "
+        "out: the report is then rebuilt from --output_dir's recorded responses, regraded.",
+        flag_values=fv,
     )
     flags.DEFINE_string(
-        "data", None, "Comma-separated JSONL/parquet files, one per benchmark.", flag_values=fv
+        "data",
+        None,
+        "Comma-separated data paths (files, directories, globs). Without --benchmark: JSONL/"
+        "parquet in the generic layout, one per source; with it: one per benchmark, in order, "
+        "in that benchmark's released layout.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "benchmark",
+        None,
+        "Comma-separated benchmarks of the paper's suite (ares_jax/suite/registry.py: "
+        "mathverse, mathvision, mathvista, dynamath, wemath, logicvista, mmmu, mmmu_pro, "
+        "charxiv, mmstar, aime24, aime25, math500, gsm8k, olympiadbench), graded with each "
+        "benchmark's answer types and metric; resumable in --output_dir.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "output_dir",
+        None,
+        "With --benchmark: where responses (one JSON line each, with the extracted answer and "
+        "verdict), report.md and report.json go; an interrupted run continues from it. "
+        "Default: ares_eval/<model directory name>.",
+        flag_values=fv,
     )
     flags.DEFINE_float(
         "temperature", d.temperature, "Sampling temperature (0 = greedy).", flag_values=fv
@@ -604,7 +667,7 @@ def define_flags(flag_values=None) -> None:
         "answer, response, length, correct).",
         flag_values=fv,
     )
-    flags.mark_flags_as_required(["model", "data"], flag_values=fv)
+    flags.mark_flags_as_required(["data"], flag_values=fv)
 
 
 if __name__ == "__main__":

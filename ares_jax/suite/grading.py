@@ -37,6 +37,9 @@ from typing import NamedTuple
 from ares_jax.rewards import answers
 from ares_jax.suite.items import CHOICE, EXPRESSION, FLOAT, INTEGER, LETTERS, TEXT, Item
 
+# Verdict.how, in the order extraction tries them.
+HOW = ("boxed", "boxed_in_reasoning", "answer_phrase", "last_line", "none")
+
 _END_THINK = "</think>"
 _PHRASE = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
 _LETTER = re.compile(r"^\(?\s*([A-Za-z])\s*\)?(?:\s*[.:)]\s*(.*))?$", re.DOTALL)
