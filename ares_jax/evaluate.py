@@ -95,14 +95,24 @@ class EvalResult:
 
 
 def policy_sampling(
-    cfg, tokenizer, *, n: int = 1, max_new_tokens: int, temperature: float, top_p: float = 1.0
+    cfg,
+    tokenizer,
+    *,
+    n: int = 1,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    stops: Sequence[int] = (),
 ) -> SamplingParams:
-    """Sampling as the policy is queried outside AEPO's rollout: stop at <|im_end|> or
-    <|endoftext|>, never sample the image placeholder (-100 bias, as the released code does) or
-    an id past the tokenizer's vocabulary."""
+    """Sampling as the policy is queried outside AEPO's rollout: stop at <|im_end|>,
+    <|endoftext|> or `stops` (a checkpoint's generation_config.json eos ids), never sample the
+    image placeholder (-100 bias, as the released code does) or an id past the tokenizer's
+    vocabulary."""
     from ares_jax.models.qwen2_5_vl import tokenizer as tok
 
-    stops = tuple(sorted({int(cfg.eos_token_id), tok.special_ids(tokenizer).endoftext}))
+    stops = tuple(
+        sorted({int(cfg.eos_token_id), tok.special_ids(tokenizer).endoftext, *map(int, stops)})
+    )
     return SamplingParams(
         n=n,
         max_new_tokens=max_new_tokens,
@@ -395,6 +405,7 @@ class Loaded:
     image: ImageSettings
     batch_tokens: int
     buckets: tuple[int, ...]
+    stops: tuple[int, ...]  # generation_config.json's eos ids
 
 
 def load_for_command_line(f) -> Loaded:
@@ -428,8 +439,20 @@ def load_for_command_line(f) -> Loaded:
         "" if f.batch_size is None else f", at most {f.batch_size} problems",
         buckets,
     )
+    from ares_jax.models.qwen2_5_vl import hub_files
+
+    stops = hub_files.generation_stops(f.model)
+    logging.info(
+        "Decoding: temperature %s, top-p %s, %d new tokens at most, stopping at ids %s (the "
+        "model's eos, <|endoftext|> and generation_config.json's eos); generation_config.json's "
+        "sampling settings are not used: the flags (default: the paper's evaluation) decide.",
+        f.temperature,
+        f.top_p,
+        f.max_new_tokens,
+        sorted({int(cfg.eos_token_id), *stops}),
+    )
     graphdef, params = nnx.split(model)
-    return Loaded(mesh, graphdef, params, tokenizer, cfg, image, batch_tokens, buckets)
+    return Loaded(mesh, graphdef, params, tokenizer, cfg, image, batch_tokens, buckets, stops)
 
 
 def main(argv):
@@ -467,6 +490,7 @@ def main(argv):
         max_new_tokens=f.max_new_tokens,
         temperature=f.temperature,
         top_p=f.top_p,
+        stops=m.stops,
     )
     try:
         # Every prompt is measured before anything is generated: an over-long one is named by

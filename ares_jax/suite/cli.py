@@ -66,6 +66,7 @@ def _respond(f, m, bench: registry.Benchmark, n: int):
         max_new_tokens=f.max_new_tokens,
         temperature=f.temperature,
         top_p=f.top_p,
+        stops=m.stops,
     )
     base = jax.random.fold_in(jax.random.PRNGKey(f.seed), zlib.crc32(bench.name.encode()))
 

@@ -148,3 +148,26 @@ def test_export_loads_with_auto_processor(tmp_path):
     assert text == processor.build_prompt("<image>What?", 1, suffix=None)
     out = proc(text=[text], images=[_random_image(60, 90)], return_tensors="np")
     assert out["image_grid_thw"].tolist() == [[1, 4, 6]]
+
+
+def test_generation_stops_from_generation_config(tmp_path):
+    from ares_jax import evaluate as ev
+    from ares_jax.models.qwen2_5_vl import config
+
+    assert hub_files.generation_stops(tmp_path) == ()
+    _write(tmp_path / "generation_config.json", {"eos_token_id": [151645, 151643, 7]})
+    assert hub_files.generation_stops(tmp_path) == (151645, 151643, 7)
+    _write(tmp_path / "generation_config.json", {"eos_token_id": 9})
+    assert hub_files.generation_stops(tmp_path) == (9,)
+    tokenizer, cfg = build_tokenizer(), config.preset("tiny")
+    sampling = ev.policy_sampling(
+        cfg,
+        tokenizer,
+        max_new_tokens=4,
+        temperature=0.0,
+        stops=hub_files.generation_stops(tmp_path),
+    )
+    assert 9 in sampling.stop_token_ids and cfg.eos_token_id in sampling.stop_token_ids
+    _write(tmp_path / "generation_config.json", {"eos_token_id": "</s>"})
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be"):
+        hub_files.generation_stops(tmp_path)

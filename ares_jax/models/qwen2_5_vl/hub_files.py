@@ -125,6 +125,25 @@ def source_dtype(directory: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def generation_stops(directory: str | os.PathLike[str]) -> tuple[int, ...]:
+    """The token ids generation stops at by the checkpoint's generation_config.json
+    (`eos_token_id`, an id or a list); () without the file or the key.
+
+    Raises:
+      ValueError: naming the file, when eos_token_id is neither an id nor a list of ids.
+    """
+    path = Path(directory) / GENERATION
+    if not path.is_file():
+        return ()
+    eos = _json(path).get("eos_token_id")
+    if eos is None:
+        return ()
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of ids, got {eos!r}.")
+    return tuple(ids)
+
+
 def hub_preprocessor_config(settings: ImageSettings) -> dict[str, Any]:
     """preprocessor_config.json in the hub's layout for `settings`."""
     return {
