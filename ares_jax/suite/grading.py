@@ -18,14 +18,16 @@ Comparison, by the item's kind:
   - integer: the numbers parsed after stripping `\text{}`, `$`, `\%`/`%`, thousands commas,
     degree signs and the item's unit are equal (2.0 is 2); an answer that does not parse is
     compared with math-verify;
-  - float: both rounded to the item's precision (decimals) and equal; without a precision,
-    equal within 1e-6 relative; an answer that does not parse goes to math-verify;
+  - float: within the item's absolute tolerance when it has one, else both rounded to its
+    precision (decimals) and equal, else equal within 1e-6 relative; an answer that does not
+    parse goes to math-verify;
   - expression: `answers.is_correct` (whitespace-free string match, then math-verify with its
     deadline);
   - text: equal after folding case, spaces, `\text{}` and surrounding punctuation, else
     math-verify.
-Every verdict keeps the extracted answer and how it was found, so a user can audit the grading
-(`run.py` writes them per response).
+An item's `alternatives` are accepted golds, compared the same way. Every verdict keeps the
+extracted answer and how it was found, so a user can audit the grading (`run.py` writes them
+per response).
 """
 
 from __future__ import annotations
@@ -136,27 +138,39 @@ def _math_verify(pred: str, gold: str) -> bool:
 
 
 def compare(pred: str, item: Item) -> tuple[bool, str | None]:
-    """(correct, normalised) of an extracted answer against the item's gold, by its kind."""
+    """(correct, normalised) of an extracted answer against the item's gold, by its kind; an
+    item's `alternatives` are accepted golds too."""
+    correct, normalised = _compare(pred, item, item.answer)
+    for gold in item.alternatives:
+        if correct:
+            break
+        correct = _compare(pred, item, gold)[0]
+    return correct, normalised
+
+
+def _compare(pred: str, item: Item, gold_text: str) -> tuple[bool, str | None]:
     if item.kind == CHOICE:
         letter = _choice_letter(pred, item)
-        return letter == item.answer, letter
+        return letter == gold_text, letter
     if item.kind in (INTEGER, FLOAT):
-        value, gold = _number(pred, item.unit), _number(item.answer, item.unit)
+        value, gold = _number(pred, item.unit), _number(gold_text, item.unit)
         if value is None or gold is None:
-            return _math_verify(pred, item.answer), None
+            return _math_verify(pred, gold_text), None
         if item.kind == INTEGER:
             ok = value == round(value) and round(value) == round(gold)
+        elif item.tolerance is not None:
+            ok = abs(value - gold) <= item.tolerance * (1 + 1e-9)
         elif item.precision is not None:
             ok = round(value, item.precision) == round(gold, item.precision)
         else:
             ok = math.isclose(value, gold, rel_tol=1e-6, abs_tol=1e-12)
         return ok, repr(value)
     if item.kind == TEXT:
-        if _fold(pred) == _fold(item.answer):
+        if _fold(pred) == _fold(gold_text):
             return True, _fold(pred)
-        return _math_verify(pred, item.answer), _fold(pred)
+        return _math_verify(pred, gold_text), _fold(pred)
     assert item.kind == EXPRESSION, item.kind
-    return _math_verify(pred, item.answer), None
+    return _math_verify(pred, gold_text), None
 
 
 def grade(item: Item, response: str) -> Verdict:

@@ -45,7 +45,11 @@ class Item:
       choices: the option texts in letter order (CHOICE); a response naming an option's text is
         graded as that letter.
       precision: FLOAT: decimals both sides are rounded to before comparing (None: 1e-6
-        relative).
+        relative, unless `tolerance`).
+      tolerance: FLOAT: equal when |answer - gold| <= tolerance (the benchmark's own error
+        bound; takes the place of `precision`).
+      alternatives: further accepted golds, compared as `answer` is (a benchmark listing
+        several correct answers).
       unit: the answer's unit, stripped from a response before a numeric comparison.
       group: what the metric aggregates over besides the item (DynaMath: the seed question of
         its variants; WeMath: the composite problem of its steps); "" when unused.
@@ -62,6 +66,8 @@ class Item:
     images: tuple[bytes, ...] = ()
     choices: tuple[str, ...] = ()
     precision: int | None = None
+    tolerance: float | None = None
+    alternatives: tuple[str, ...] = ()
     unit: str = ""
     group: str = ""
     role: str = ""
@@ -71,7 +77,7 @@ class Item:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"{self.origin or self.id}: kind {self.kind!r} is not one of {KINDS}")
-        for name in ("images", "choices"):
+        for name in ("images", "choices", "alternatives"):
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))

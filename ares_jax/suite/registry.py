@@ -77,8 +77,24 @@ BENCHMARKS: dict[str, Benchmark] = {
         _b("wemath", "WeMath", MULTIMODAL, "Table 2", "strict score", 40.8, 47.2),
         _b("logicvista", "LogicVista", MULTIMODAL, "Table 2", "accuracy", 43.5, 54.1),
         _b("mmmu", "MMMU", MULTIMODAL, "Table 2", "accuracy (validation)", 56.8, 67.9),
-        _b("mmmu_pro", "MMMU-Pro", MULTIMODAL, "Table 2", "accuracy", 45.2, 54.8),
-        _b("charxiv", "CharXiv", MULTIMODAL, "Table 2", "accuracy (reasoning)", 34.4, 47.0),
+        _b(
+            "mmmu_pro",
+            "MMMU-Pro",
+            MULTIMODAL,
+            "Table 2",
+            "accuracy (mean of standard-10 and vision)",
+            45.2,
+            54.8,
+        ),
+        _b(
+            "charxiv",
+            "CharXiv",
+            MULTIMODAL,
+            "Table 2",
+            "accuracy (reasoning; rule-based, where the paper used a GPT judge)",
+            34.4,
+            47.0,
+        ),
         _b("mmstar", "MMStar", MULTIMODAL, "Table 2", "accuracy", 56.7, 65.3),
         _b("aime24", "AIME24", TEXT, "Table 3", "avg@16", 41.5, 65.0, samples=16, module="aime"),
         _b("aime25", "AIME25", TEXT, "Table 3", "avg@16", 34.8, 61.7, samples=16, module="aime"),
@@ -95,3 +111,23 @@ def get(name: str) -> Benchmark:
     if key not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[key]
+
+
+def markdown_table() -> str:
+    """The README's table of the suite: name, the paper's column, metric, layouts read and the
+    paper's ARES numbers (`python -m ares_jax.suite.registry` prints it)."""
+    lines = [
+        "| `--benchmark` | paper | metric | layouts read | ARES-3B | ARES-7B |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for b in BENCHMARKS.values():
+        p3, p7 = (b.paper.get(k) for k in ("ARES-3B", "ARES-7B"))
+        lines.append(
+            f"| `{b.name}` | {b.title} ({b.table}) | {b.metric} | {b.layouts} | "
+            f"{'-' if p3 is None else p3} | {'-' if p7 is None else p7} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -177,3 +177,14 @@ def test_registry_names_and_paper_numbers():
     }
     with pytest.raises(ValueError, match="unknown benchmark 'mathvistaa'; known: mathverse"):
         get("mathvistaa")
+
+
+def test_tolerance_and_alternative_golds():
+    item = _item(FLOAT, "2.5", tolerance=0.05)
+    assert grading.compare("2.549", item)[0] and grading.compare("2.45", item)[0]
+    assert not grading.compare("2.56", item)[0]
+    many = _item(TEXT, "Tampa", alternatives=("Florida",))
+    assert grading.compare("florida", many)[0] and grading.compare("Tampa", many)[0]
+    assert not grading.compare("Miami", many)[0]
+    frac = _item(EXPRESSION, "24/7", alternatives=("3.429",))
+    assert grading.compare("3.429", frac)[0] and grading.compare("\\frac{24}{7}", frac)[0]
