@@ -115,7 +115,10 @@ def _choice_letter(pred: str, item: Item) -> str | None:
     if m and m.group(1).upper() in letters:
         rest = m.group(2)
         letter = m.group(1).upper()
-        if not rest or _fold(rest) == _fold(item.choices[letters.index(letter)]):
+        option = item.choices[letters.index(letter)]
+        # Options drawn in the image (each "option" is its own letter): any text may follow.
+        drawn = all(_fold(c) == _fold(x) for c, x in zip(item.choices, letters, strict=True))
+        if not rest or drawn or _fold(rest) == _fold(option):
             return letter
     folded = _fold(plain)
     by_text = [letters[i] for i, c in enumerate(item.choices) if _fold(c) == folded]

@@ -47,6 +47,8 @@ def test_choice_by_letter_text_or_value():
     assert grading.compare("12 cm", item) == (False, "A")
     assert grading.compare("30.0", _item(CHOICE, "C", choices=("1", "2", "30"))) == (True, "C")
     assert grading.compare("Z", item) == (False, None)
+    drawn = _item(CHOICE, "B", choices=("A", "B", "C"))  # options only in the image
+    assert grading.compare("B: 60^\\circ", drawn) == (True, "B")
     v = grading.grade(item, "<think>..</think>\\boxed{B}")
     assert v == grading.Verdict("B", "boxed", True, "B")
 
