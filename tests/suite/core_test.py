@@ -190,3 +190,12 @@ def test_tolerance_and_alternative_golds():
     assert not grading.compare("Miami", many)[0]
     frac = _item(EXPRESSION, "24/7", alternatives=("3.429",))
     assert grading.compare("3.429", frac)[0] and grading.compare("\\frac{24}{7}", frac)[0]
+
+
+def test_readme_lists_the_suite_as_the_registry_does():
+    from pathlib import Path
+
+    from ares_jax.suite.registry import markdown_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert markdown_table() in readme
