@@ -4,7 +4,9 @@ Each benchmark's adapter is the module `ares_jax.suite.adapters.<module>`, with
   LAYOUTS: str                  the released layouts it reads (for the README and errors);
   load(path, name) -> list[Item]  the items (Item.benchmark = name) of a file, directory or
                                 glob in those layouts;
-  score(graded) -> float        optional: the benchmark's metric (default `metrics.accuracy`).
+  score(graded) -> float        optional: the benchmark's metric (default `metrics.accuracy`);
+  details(graded) -> dict       optional: further numbers of the benchmark's own report (WeMath's
+                                four dimensions), written beside the score.
 Adapters import only the standard library, NumPy, PIL, pyarrow and `ares_jax.suite`/`data`:
 no JAX, so they are tested and used for grading on any machine.
 """
@@ -59,6 +61,11 @@ class Benchmark:
 
     def scorer(self) -> Callable[[Sequence[metrics.Graded]], float]:
         return getattr(self.adapter(), "score", metrics.accuracy)
+
+    def details(self, graded: Sequence[metrics.Graded]) -> dict[str, float]:
+        """The adapter's further numbers (`details`), {} when it has none."""
+        fn = getattr(self.adapter(), "details", None)
+        return dict(fn(graded)) if fn is not None else {}
 
 
 def _b(name, title, modality, table, metric, ares_3b, ares_7b, *, samples=1, module=None):

@@ -61,6 +61,7 @@ class BenchmarkResult:
     skipped: int  # items left out (prompt over the largest bucket), counted wrong
     by_difficulty: dict[str, tuple[float, float, int]]  # level -> (accuracy, length, responses)
     extraction: dict[str, int]  # how answers were found (grading.Verdict.how) -> responses
+    details: dict[str, float] = dataclasses.field(default_factory=dict)  # Benchmark.details
 
     def as_json(self) -> dict[str, Any]:
         b = self.benchmark
@@ -79,6 +80,7 @@ class BenchmarkResult:
                 for k, (a, n, c) in self.by_difficulty.items()
             },
             extraction=self.extraction,
+            details=self.details,
             paper=dict(b.paper),
         )
 
@@ -248,6 +250,7 @@ def regrade(benchmark: Benchmark, items: Sequence[Item], out_dir: str | os.PathL
             for k, v in sorted(by_level.items(), key=lambda kv: _level_key(kv[0]))
         },
         extraction=dict(sorted(how.items())),
+        details=benchmark.details(graded + as_wrong),
     )
 
 
@@ -319,6 +322,12 @@ def report(results: dict[str, BenchmarkResult], model: str) -> tuple[str, dict[s
             f"{r.response_len:.1f} | {r.items} | {r.responses} | {r.skipped} |"
         )
         summary["benchmarks"][r.benchmark.name] = r.as_json()
+    for r in results.values():
+        if r.details:
+            cells = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.details.items()
+            )
+            lines += ["", f"{r.benchmark.title} ({r.benchmark.metric}): {cells}."]
     levels = [r for r in results.values() if r.by_difficulty]
     if levels:
         lines += ["", "## By difficulty", ""]

@@ -257,6 +257,10 @@ def test_strict_score_hand_computed():
     assert d["RM_strict_rate"] == pytest.approx(2 / 4)  # RM over CM + RM, as the official rates
     assert d["RM_loose_rate"] == pytest.approx(1 / 4)
     assert d["IK_rate"] == pytest.approx(2 / 7) and d["CM_strict_rate"] == pytest.approx(2 / 7)
+    # The report carries the four dimensions beside the score (registry `details`).
+    from ares_jax.suite import registry
+
+    assert registry.get("wemath").details(graded) == d
 
 
 def test_strict_score_samples_and_incomplete_groups():

@@ -252,3 +252,6 @@ def score(graded: Sequence[Graded]) -> float:
     """WE-MATH's strict score, (CM + 0.5 IG) / N over the complete composite problems, averaged
     over sample indices (module docstring); NaN when no composite problem is complete."""
     return dimensions(graded).get("score_strict", math.nan)
+
+
+details = dimensions  # the report shows the four dimensions beside the strict score
