@@ -80,31 +80,37 @@ def _plots(metrics_path: Path, out: Path) -> list[Path]:
                 "accuracy": (steps, [r["reward/accuracy"] for r in rows]),
             },
             title="AEPO reward",
+            ylabel="mean reward",
         ),
         plots.line_chart(
             out / "accuracy.png",
             series(lambda n: f"bucket/{n}/accuracy"),
             title="AEPO rollout accuracy per bucket",
+            ylabel="accuracy (fraction correct)",
         ),
         plots.line_chart(
             out / "response_len.png",
             series(lambda n: f"bucket/{n}/response_len"),
-            title="AEPO response length per bucket (tokens)",
+            title="AEPO response length per bucket",
+            ylabel="response length (tokens)",
         ),
         plots.line_chart(
             out / "hwe_count.png",
             series(lambda n: f"bucket/{n}/hwe_count"),
             title="AEPO HWE count per bucket",
+            ylabel="HWE count per response",
         ),
         plots.line_chart(
             out / "kl.png",
             series(lambda n: f"kl/ref_mean/{n}"),
             title="AEPO KL to the reference per bucket",
+            ylabel="KL per token",
         ),
         plots.line_chart(
             out / "beta.png",
             series(lambda n: f"kl/beta/{n}"),
             title="AEPO KL weight beta per bucket",
+            ylabel="beta",
         ),
     ]
     return made

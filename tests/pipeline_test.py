@@ -68,5 +68,5 @@ def test_line_chart_draws_the_series(tmp_path):
     path = plots.line_chart(tmp_path / "c.png", {"a": ([0, 1, 2], [0.0, 1.0, 0.5])}, title="t")
     pixels = np.asarray(Image.open(path).convert("RGB"))
     assert pixels.shape == (400, 640, 3)
-    blue = np.all(pixels == (31, 119, 180), axis=-1)
-    assert blue.sum() > 100  # the line and its markers are drawn in the first colour
+    rgb = tuple(int(plots.series_colors(["a"])["a"][i : i + 2], 16) for i in (1, 3, 5))
+    assert np.all(pixels == rgb, axis=-1).sum() > 100  # the line and markers in its colour
