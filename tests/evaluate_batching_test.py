@@ -10,6 +10,7 @@ from flax import nnx
 
 from ares_jax import eval_batches as eb
 from ares_jax import evaluate as ev
+from ares_jax import evaluate_cli
 from ares_jax.data import synthetic
 from ares_jax.data.records import DataError
 from ares_jax.models.qwen2_5_vl import config, params, tokenizer
@@ -23,7 +24,7 @@ def test_kv_bytes_per_position_of_qwen2_5_vl_sizes():
     assert eb.kv_bytes_per_position(three_b, jax.numpy.bfloat16) == 36864
     assert eb.kv_bytes_per_position(three_b, jax.numpy.float32) == 2 * 36864
     # The command line's default budget on a 7B model at the paper's lengths: 2 problems a call.
-    budget = int(ev.DEFAULT_KV_CACHE_GIB * 2**30) // 57344
+    budget = int(evaluate_cli.DEFAULT_KV_CACHE_GIB * 2**30) // 57344
     assert eb.problems_per_call(4096, max_new_tokens=32768, batch_tokens=budget) == 2
 
 

@@ -5,6 +5,7 @@ import numpy as np
 from flax import nnx
 
 from ares_jax import evaluate as ev
+from ares_jax import evaluate_cli
 from ares_jax.data import synthetic
 from ares_jax.models.qwen2_5_vl import config, params, tokenizer
 from ares_jax.sampling import SamplingParams
@@ -67,7 +68,7 @@ def test_command_line_defaults_are_the_papers_evaluation():
     from absl import flags
 
     fv = flags.FlagValues()
-    ev.define_flags(fv)
+    evaluate_cli.define_flags(fv)
     defaults = {name: fv[name].default for name in ("temperature", "top_p", "n", "max_new_tokens")}
     assert defaults == {"temperature": 0.3, "top_p": 0.95, "n": 1, "max_new_tokens": 32768}
     assert fv["prompt_len"].default == 4096
@@ -164,15 +165,15 @@ def test_image_settings_from_checkpoint_flags_override(tmp_path):
             }
         )
     )
-    got = ev.image_settings(tmp_path, None, None)
+    got = evaluate_cli.image_settings(tmp_path, None, None)
     assert (got.min_pixels, got.max_pixels, got.mean, got.std) == (3136, 12544, (*mean,), (*std,))
-    assert ev.image_settings(tmp_path, None, 50176)[:2] == (3136, 50176)
-    none = ev.image_settings(tmp_path / "none", None, None)
+    assert evaluate_cli.image_settings(tmp_path, None, 50176)[:2] == (3136, 50176)
+    none = evaluate_cli.image_settings(tmp_path / "none", None, None)
     assert (none.min_pixels, none.max_pixels, none.mean, none.std) == (
-        ev.DEFAULT_MIN_PIXELS,
-        ev.DEFAULT_MAX_PIXELS,
+        evaluate_cli.DEFAULT_MIN_PIXELS,
+        evaluate_cli.DEFAULT_MAX_PIXELS,
         IMAGE_MEAN,
         IMAGE_STD,
     )
     with pytest.raises(ValueError, match="min_pixels 20000 > max_pixels 12544"):
-        ev.image_settings(tmp_path, 20000, None)
+        evaluate_cli.image_settings(tmp_path, 20000, None)

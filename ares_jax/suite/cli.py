@@ -109,7 +109,7 @@ def _respond(f, m, bench: registry.Benchmark, n: int):
 
 
 def main(f) -> None:
-    from ares_jax import evaluate as ev
+    from ares_jax import evaluate_cli
     from ares_jax.metrics import Progress
 
     tasks = [(bench, _load(bench, path)) for bench, path in _benchmarks(f)]
@@ -128,7 +128,7 @@ def main(f) -> None:
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
     else:
-        m = ev.load_for_command_line(f)
+        m = evaluate_cli.load_for_command_line(f)
         n_given = f["n"].present
         for bench, items in tasks:
             n = f.n if n_given else bench.samples
