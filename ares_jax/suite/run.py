@@ -165,11 +165,16 @@ def run_benchmark(
             "it belongs to other data; give another output directory or remove it."
         )
     done = _done(records, benchmark.samples)
-    # Partial items (a sample missing after a crash) are redone whole: drop their records.
+    # Partial items (a sample missing after a crash) are redone whole: drop their records. The
+    # file is replaced whole (a crash here leaves the old one), never truncated in place.
     records = [r for r in records if r["id"] in done]
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     todo = [i for i, it in enumerate(items) if it.id not in done]
     if done:
         log.info(
