@@ -43,9 +43,8 @@ def _benchmarks(f) -> list[tuple[registry.Benchmark, str]]:
 def _load(bench: registry.Benchmark, path: str):
     try:
         items = bench.load(path)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        reads = f"{bench.name} reads: {bench.layouts}"
-        raise SystemExit(f"error: {bench.name}: {e} ({reads})") from None
+    except (DataError, FileNotFoundError, ValueError) as e:  # adapters name their layouts
+        raise SystemExit(f"error: {bench.name}: {e}") from None
     if not items:
         raise SystemExit(f"error: {bench.name}: {path} holds no items ({bench.layouts})")
     log.info("%s: %d items from %s.", bench.name, len(items), path)
