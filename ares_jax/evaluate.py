@@ -58,6 +58,8 @@ class EvalResult:
     groups: dict[str, dict[str, tuple[float, float, int]]]  # by -> key -> (acc, len, count)
     responses: list[str] = dataclasses.field(default_factory=list)  # [N] decoded, per response
     problems: list = dataclasses.field(default_factory=list)  # [N] the Example of each response
+    # [N, T] int32 generated ids (pad id after each response's end), for trigger-word counts
+    tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
 
 
 def policy_sampling(
@@ -243,7 +245,9 @@ def evaluate(
         "" if batch_size is None else f", at most {batch_size} problems",
     )
     correct, lengths, owners, responses = [], [], [], []
-    per_row = {k: [] for k in ("entropy", "topk_entropy_tail", "topk_entropy_raw", "mask")}
+    per_row = {
+        k: [] for k in ("entropy", "topk_entropy_tail", "topk_entropy_raw", "mask", "tokens")
+    }
     began = last_log = time.perf_counter()
     for done, batch in enumerate(plan, 1):
         chunk = list(examples[batch.start : batch.start + batch.size])

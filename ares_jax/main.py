@@ -8,6 +8,13 @@ that cannot be written or that another run holds, bad data, and a run stopped by
 (its last checkpoint is complete). On SIGTERM the stage saves its step and the process exits with
 code 143 (`checkpoint.PREEMPTED_EXIT_CODE`, 128 + SIGTERM): requeue on it, the restart resumes.
 
+XLA's persistent compilation cache is on for these runs (`compilation_cache`): a program compiled
+once (by an earlier run, or by an earlier stage of this one: the pipeline's stages and the
+ablation's runs compile the same shapes) is read back from disk instead of compiled again. It lives
+in $ARES_JAX_COMPILATION_CACHE, else $XDG_CACHE_HOME/ares_jax/xla (~/.cache/ares_jax/xla), at
+most 4 GiB (least recently used entries go first); ARES_JAX_COMPILATION_CACHE=off turns it off,
+and a cache directory set through JAX's own JAX_COMPILATION_CACHE_DIR is used as it is.
+
 A run that seems stuck (a multi-host job waiting in a collective shows no error): `kill -USR2 PID`
 prints the Python stack of every thread of that process to stderr, and the run goes on.
 """
@@ -19,6 +26,7 @@ import importlib
 import importlib.util
 import json
 import logging as std_logging
+import os
 import re
 import signal
 import sys
@@ -38,10 +46,34 @@ STAGES = {
     "aepo": "ares_jax.aepo.train",
     "adacs": "ares_jax.adacs.train",
     "pipeline": "ares_jax.pipeline",
+    "ablation": "ares_jax.ablation",
 }
 
 
 STACK_DUMP_SIGNAL = signal.SIGUSR2
+CACHE_ENV = "ARES_JAX_COMPILATION_CACHE"  # a directory, or "off"
+CACHE_MAX_BYTES = 4 << 30
+# Programs that compile faster than this are not written to the cache (JAX's default is 1 s; the
+# embedded model's programs mostly compile in less, and reading one back takes milliseconds).
+CACHE_MIN_COMPILE_S = 0.2
+
+
+def compilation_cache() -> str | None:
+    """Turns on XLA's persistent compilation cache (module docstring); returns its directory, or
+    None where it is off."""
+    import jax
+
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in ("off", "0", "false", "no", "none"):
+        return None
+    if jax.config.jax_compilation_cache_dir:  # set through JAX's own configuration
+        return jax.config.jax_compilation_cache_dir
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = setting or os.path.join(base, "ares_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+    return path
 
 
 def dump_stacks_on_signal() -> None:
@@ -120,10 +152,11 @@ def _images_from_checkpoint(config, module) -> list[str]:
     image processor (either layout, `hub_files.read_image_settings`): data.min_pixels and
     data.max_pixels where neither the preset nor the command line set them (still the config
     file's CPU default, `_base()`), data.image_mean and data.image_std where None. The pipeline
-    config does it for each of its stage blocks; a later stage without a model.path of its own
-    starts from the warm-up's export, so the warm-up's checkpoint settles its settings too.
+    and ablation configs do it for each of their stage blocks; a later stage without a model.path
+    of its own starts from the warm-up's export, so the warm-up's checkpoint settles its
+    settings too.
     Returns the lines to log (one per block)."""
-    if config.get("stage") == "pipeline":
+    if config.get("stage") in ("pipeline", "ablation"):
         from configs import adacs, aepo
 
         first = config.warmup.model.get("path") if "warmup" in config else None
@@ -175,6 +208,7 @@ def main(argv: list[str]) -> None:
 
     dump_stacks_on_signal()
     distributed.maybe_initialize()
+    cache = compilation_cache()
     config, workdir, path = _CONFIG.value, _WORKDIR.value, flags.FLAGS["config"].config_filename
     module = _config_module(path)
     validate = getattr(module, "validate", None)
@@ -198,6 +232,8 @@ def main(argv: list[str]) -> None:
         text = yaml.safe_dump(json.loads(config.to_json()), sort_keys=True, width=100)
         where = workdir or "none given; --workdir=DIR sets where they go"
         print(f"# config ({path}):\n{text}# workdir (config.json, metrics, checkpoints): {where}")
+        off = f"{CACHE_ENV}=off turns it off"
+        print(f"# compilation cache: {cache}; {off}" if cache else "# compilation cache: off")
     name = STAGES[stage]
     try:
         module = None if _DRY_RUN.value else importlib.import_module(name)

@@ -31,7 +31,8 @@ from ares_jax.rewards.buckets import BUCKET_NAMES
 log = logging.getLogger(__name__)
 
 
-def _from(config, path: Path | None):
+def with_model(config, path: Path | None):
+    """A copy of a stage's config starting from the checkpoint at `path` (None: as it is)."""
     c = copy.deepcopy(config)
     if path is not None:
         with c.unlocked():
@@ -39,15 +40,18 @@ def _from(config, path: Path | None):
     return c
 
 
-def _evaluate(c, export: Path, examples) -> ev.EvalResult:
+def evaluate_export(c, export: Path, examples):
+    """The exported policy at `export` on `examples` with the config's evaluation settings
+    (c.eval, the AEPO block's prompts and images). Returns (EvalResult, tokenizer, model config).
+    """
     a = c.aepo
-    policy = runtime.load_policy(_from(a, export))
+    policy = runtime.load_policy(with_model(a, export))
     cfg, tokenizer = policy.model.cfg, policy.tokenizer
     graphdef, params = nnx.split(policy.model)
     sampling = ev.policy_sampling(
         cfg, tokenizer, max_new_tokens=c.eval.max_response_len, temperature=c.eval.temperature
     )
-    return ev.evaluate(
+    result = ev.evaluate(
         graphdef,
         params,
         examples,
@@ -55,12 +59,13 @@ def _evaluate(c, export: Path, examples) -> ev.EvalResult:
         cfg,
         sampling=sampling,
         template=a.data.prompt_template,
-        **runtime.image_kwargs(_from(a, export)),
+        **runtime.image_kwargs(with_model(a, export)),
         prompt_len_buckets=tuple(a.data.prompt_len_buckets),
         batch_size=min(16, len(examples)),
         key=jax.random.PRNGKey(c.seed),
         mesh=policy.mesh,
     )
+    return result, tokenizer, cfg
 
 
 def _plots(metrics_path: Path, out: Path) -> list[Path]:
@@ -116,7 +121,7 @@ def _plots(metrics_path: Path, out: Path) -> list[Path]:
     return made
 
 
-def _stage(name: str, run_fn, config, stage_dir: Path, seconds: dict[str, float]) -> None:
+def run_stage(name: str, run_fn, config, stage_dir: Path, seconds: dict[str, float]) -> None:
     """Runs one stage unless its workdir records it complete; stops the pipeline on SIGTERM."""
     done = runtime.is_complete(stage_dir)
     if done is not None:
@@ -142,16 +147,26 @@ def run(config, workdir: str) -> dict[str, float]:
 def _run(config, work: Path) -> dict[str, float]:
     c = config
     seconds: dict[str, float] = {}
-    _stage("warm-up", adacs_train.run, _from(c.warmup, None), work / "base", seconds)
-    _stage(
-        "AdaCS", adacs_train.run, _from(c.adacs, work / "base" / "export"), work / "adacs", seconds
+    run_stage("warm-up", adacs_train.run, with_model(c.warmup, None), work / "base", seconds)
+    run_stage(
+        "AdaCS",
+        adacs_train.run,
+        with_model(c.adacs, work / "base" / "export"),
+        work / "adacs",
+        seconds,
     )
-    _stage("AEPO", aepo_train.run, _from(c.aepo, work / "adacs" / "export"), work / "aepo", seconds)
+    run_stage(
+        "AEPO",
+        aepo_train.run,
+        with_model(c.aepo, work / "adacs" / "export"),
+        work / "aepo",
+        seconds,
+    )
 
     t0 = time.perf_counter()
     test = synthetic.make_examples(c.eval.test_size, seed=c.seed, split="test")
     results = {
-        name: _evaluate(c, work / stage / "export", test)
+        name: evaluate_export(c, work / stage / "export", test)[0]
         for name, stage in (("base", "base"), ("AdaCS", "adacs"), ("AEPO", "aepo"))
     }
     seconds["evaluation"] = time.perf_counter() - t0

@@ -77,6 +77,9 @@ def _base() -> ml_collections.ConfigDict:
         columns=common.data_columns(),
         synthetic_train_size=256,
         synthetic_val_size=64,
+        # The synthetic teacher also writes its checked style (a quick count, "So 12? Let me
+        # check row by row. ...", correcting a quick count that missed a shape; data/synthetic.py).
+        synthetic_checks=False,
         prompt_template=PROMPT_SUFFIX,
         min_pixels=3136,
         max_pixels=12544,
@@ -243,6 +246,7 @@ SCHEMA = {
     "data.source": common.one_of("synthetic", "files"),
     "data.synthetic_train_size": (_int, _pos),
     "data.synthetic_val_size": (_int, _nonneg),
+    "data.synthetic_checks": common.is_type(bool),
     "data.min_pixels": (_int, _pos),
     "data.max_pixels": (_int, _pos),
     "data.image_mean": common.optional(common.rgb(common.in_range(0.0, 1.0))),

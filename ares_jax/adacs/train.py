@@ -62,7 +62,10 @@ def _read(c, split: str) -> tuple[list[records.Example], records.ReadStats | Non
     d = c.data
     if d.source == "synthetic":
         n = d.synthetic_train_size if split == "train" else d.synthetic_val_size
-        return synthetic.make_examples(n, seed=c.seed, split=split, wrong_trace=True), None
+        examples = synthetic.make_examples(
+            n, seed=c.seed, split=split, wrong_trace=True, checks=d.synthetic_checks
+        )
+        return examples, None
     paths = _paths(c, split)
     if not paths:
         return [], None

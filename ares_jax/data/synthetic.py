@@ -15,6 +15,13 @@ correct traces per problem in the think/boxed format, `TRACE_STYLES` = terse (th
 row), whose lengths grow with the number of shapes and hence with difficulty; `wrong_trace=True`
 appends a fourth, incorrect one (one shape too many) that answer checking rejects.
 
+`checks=True` adds a fourth correct style, `CHECK_STYLE` = checked: a quick count aloud, then the
+reasoning turns at trigger words of the entropy reward's vocabulary ("So 12? Let me check row by
+row. ... So there are 13 shapes, not 12."). The quick count misses one shape in a share of the
+problems that grows with difficulty (`MISCOUNT_SHARE`: none on levels 1-2, a quarter on 3, half on
+4-5), and the row-by-row check corrects it: re-checking pays on hard problems and is wasted on easy
+ones, the room the difficulty-aware entropy shaping of AEPO needs (configs/ablation.py).
+
 Why this task: a model trained from random weights in minutes on a CPU learns to read a global
 quantity of the picture (how much of it is covered), while selecting objects by colour or position
 from the question (a two-hop lookup) takes it far longer than the embedded default's budget; the
@@ -52,12 +59,16 @@ CELLS = GRID * GRID
 IMAGE_SIZE = 28 * GRID  # one merged vision token (2 x 2 patches of 14 pixels) per cell
 BACKGROUND = (255, 255, 255)
 TRACE_STYLES: tuple[str, ...] = ("terse", "normal", "verbose")
+CHECK_STYLE = "checked"  # with checks=True, after TRACE_STYLES
+CHECK_PHRASE = "Let me check"  # where the checked style turns to its re-count
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DIFFICULTIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 QUESTIONS: tuple[str, ...] = ("shapes", "empty")
 
 # difficulty -> (min shapes, max shapes).
 NUM_SHAPES = {1: (1, 3), 2: (4, 6), 3: (7, 9), 4: (10, 12), 5: (13, 15)}
+# difficulty -> share of problems whose quick count (checked style) misses one shape.
+MISCOUNT_SHARE = {1: 0.0, 2: 0.0, 3: 0.25, 4: 0.5, 5: 0.5}
 # Share of the 10 content-hash buckets owned by each split.
 _SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
@@ -186,9 +197,21 @@ def _by_rows(per_row: Sequence[int]) -> str:
     return " ".join(parts)
 
 
-def _trace(style: str, per_row: Sequence[int], asks: str) -> str:
-    """The reasoning of `style` for a picture the teacher sees with per_row[r] shapes in row r."""
+def _trace(style: str, per_row: Sequence[int], asks: str, *, quick: int | None = None) -> str:
+    """The reasoning of `style` for a picture the teacher sees with per_row[r] shapes in row r;
+    `quick` is the checked style's first count (default: right)."""
     n = sum(per_row)
+    if style == CHECK_STYLE:
+        quick = n if quick is None else quick
+        verdict = f"So {_there_are(n)}" + ("." if quick == n else f", not {quick}.")
+        parts = [
+            f"I count the shapes: {_aloud(1, quick)}. So {quick}? {CHECK_PHRASE} row by row.",
+            _by_rows(per_row),
+            verdict,
+        ]
+        if asks == "empty":
+            parts.append(_empty(n, verbose=False))
+        return " ".join(parts)
     if style == "terse":
         return (
             f"{_shapes(n)}." if asks == "shapes" else f"{_shapes(n)}, {CELLS} - {n} = {CELLS - n}."
@@ -209,16 +232,36 @@ def shapes_per_row(problem: Problem) -> tuple[int, ...]:
     return tuple(counts)
 
 
+def rechecks(response: str) -> bool:
+    """Whether a response re-checks its count the checked style's way."""
+    return CHECK_PHRASE in response
+
+
+def quick_count(problem: Problem) -> int:
+    """The checked style's first count: one shape short in `MISCOUNT_SHARE[difficulty]` of the
+    problems (chosen by a hash of the problem's content, so the same on every run), else right."""
+    n = len(problem.shapes)
+    key = repr(("quick", problem.difficulty, problem.shapes, problem.asks)).encode()
+    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") / 2.0**64
+    return n - 1 if n > 1 and u < MISCOUNT_SHARE[problem.difficulty] else n
+
+
 def _format(reasoning: str, answer: int) -> str:
     return f"<think> {reasoning} </think> The answer is \\boxed{{{answer}}}."
 
 
-def teacher_traces(problem: Problem, *, wrong_trace: bool = False) -> tuple[str, ...]:
-    """Correct traces in `TRACE_STYLES` order, plus one wrong trace if asked (last): the normal
-    style after counting one shape too many (at most 15 shapes are drawn, so 16 stays a count)."""
+def teacher_traces(
+    problem: Problem, *, wrong_trace: bool = False, checks: bool = False
+) -> tuple[str, ...]:
+    """Correct traces in `TRACE_STYLES` order, then the checked style if `checks`, plus one wrong
+    trace if asked (last): the normal style after counting one shape too many (at most 15 shapes
+    are drawn, so 16 stays a count)."""
     per_row, asks = shapes_per_row(problem), problem.asks
     n = sum(per_row)
     traces = [_format(_trace(style, per_row, asks), problem.answer) for style in TRACE_STYLES]
+    if checks:
+        quick = quick_count(problem)
+        traces.append(_format(_trace(CHECK_STYLE, per_row, asks, quick=quick), problem.answer))
     if wrong_trace:  # the normal style only reads the total
         over = (*per_row[:-1], per_row[-1] + 1)
         traces.append(_format(_trace("normal", over, asks), answer_for(n + 1, asks)))
@@ -231,7 +274,11 @@ def teacher_traces(problem: Problem, *, wrong_trace: bool = False) -> tuple[str,
 
 
 def to_example(
-    problem: Problem, *, image_size: int = IMAGE_SIZE, wrong_trace: bool = False
+    problem: Problem,
+    *,
+    image_size: int = IMAGE_SIZE,
+    wrong_trace: bool = False,
+    checks: bool = False,
 ) -> Example:
     return Example(
         id=problem.id,
@@ -239,7 +286,7 @@ def to_example(
         answer=str(problem.answer),
         images=(render(problem, size=image_size),),
         source="synthetic",
-        traces=teacher_traces(problem, wrong_trace=wrong_trace),
+        traces=teacher_traces(problem, wrong_trace=wrong_trace, checks=checks),
         difficulty=problem.difficulty,
     )
 
@@ -260,6 +307,7 @@ class SyntheticExamples:
         difficulties: Sequence[int] = DIFFICULTIES,
         image_size: int = IMAGE_SIZE,
         wrong_trace: bool = False,
+        checks: bool = False,
     ):
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
@@ -269,7 +317,7 @@ class SyntheticExamples:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.n, self.seed, self.split = n, seed, split
         self.difficulties = tuple(int(d) for d in difficulties)
-        self.image_size, self.wrong_trace = image_size, wrong_trace
+        self.image_size, self.wrong_trace, self.checks = image_size, wrong_trace, checks
 
     def __len__(self) -> int:
         return self.n
@@ -285,7 +333,10 @@ class SyntheticExamples:
         if index < 0:
             index += self.n
         return to_example(
-            self.problem(index), image_size=self.image_size, wrong_trace=self.wrong_trace
+            self.problem(index),
+            image_size=self.image_size,
+            wrong_trace=self.wrong_trace,
+            checks=self.checks,
         )
 
     def __repr__(self) -> str:
@@ -310,6 +361,7 @@ def make_examples(
     difficulties: Sequence[int] = DIFFICULTIES,
     image_size: int = IMAGE_SIZE,
     wrong_trace: bool = False,
+    checks: bool = False,
 ) -> list[Example]:
     """n synthetic Examples of (seed, split), difficulties cycling through `difficulties`."""
     source = SyntheticExamples(
@@ -319,5 +371,6 @@ def make_examples(
         difficulties=difficulties,
         image_size=image_size,
         wrong_trace=wrong_trace,
+        checks=checks,
     )
     return [source[i] for i in range(n)]

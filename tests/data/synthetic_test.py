@@ -131,6 +131,50 @@ def test_wrong_trace_is_last_and_wrong():
         assert all(t.endswith(f"\\boxed{{{ex.answer}}}.") for t in ex.traces[:3])
 
 
+def test_checked_trace_recounts_and_corrects_the_quick_count():
+    """The checked style: a quick count, "So m?", the row-by-row count, and the total; where the
+    quick count missed a shape the trace says so. Misses never happen on levels 1-2 and are
+    about MISCOUNT_SHARE of the problems on levels 3-5."""
+    problems = synthetic.make_problems(600, seed=11)
+    misses = collections.Counter()
+    for problem in problems:
+        example = synthetic.to_example(problem, checks=True, wrong_trace=True)
+        assert len(example.traces) == 5  # three styles, checked, then the wrong trace
+        checked = example.traces[3]
+        assert checked.endswith(f"\\boxed{{{example.answer}}}.")
+        assert synthetic.rechecks(checked) and not any(
+            synthetic.rechecks(t) for t in example.traces[:3]
+        )
+        n, quick = len(problem.shapes), synthetic.quick_count(problem)
+        said = re.search(r"I count the shapes: ([\d, ]+)\. So (\d+)\? Let me check", checked)
+        assert [int(x) for x in said.group(1).split(", ")] == list(range(1, quick + 1))
+        assert int(said.group(2)) == quick
+        rows = re.findall(r"Row (\d): ([\d, ]+|none)\.", checked)
+        counted = [int(x) for _, seg in rows if seg != "none" for x in seg.split(", ")]
+        assert counted == list(range(1, n + 1))
+        total = "1 shape" if n == 1 else f"{n} shapes"
+        tail = "." if quick == n else f", not {quick}."
+        assert f"So there {'is' if n == 1 else 'are'} {total}{tail}" in checked
+        assert quick in (n, n - 1)
+        misses[problem.difficulty] += quick != n
+    per_level = len(problems) // 5
+    assert misses[1] == misses[2] == 0
+    for level in (3, 4, 5):
+        share = misses[level] / per_level
+        assert abs(share - synthetic.MISCOUNT_SHARE[level]) < 0.12, (level, share)
+    # the same problem, the same quick count: a function of the content
+    assert [synthetic.quick_count(p) for p in problems[:50]] == [
+        synthetic.quick_count(p) for p in synthetic.make_problems(50, seed=11)
+    ]
+
+
+def test_checked_trace_is_off_by_default_and_longest_on_hard_problems():
+    example = synthetic.make_examples(1, seed=3)[0]
+    assert len(example.traces) == 3
+    for ex in synthetic.make_examples(50, seed=3, difficulties=(4, 5), checks=True):
+        assert max(ex.traces, key=len) == ex.traces[3]
+
+
 def test_splits_are_disjoint():
     def content(p):
         return (p.difficulty, p.shapes, p.asks)
