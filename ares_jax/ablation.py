@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ import numpy as np
 
 from ares_jax import checkpoint as ckpt
 from ares_jax import pipeline, plots, runtime
-from ares_jax.adacs import train as adacs_train
 from ares_jax.aepo import train as aepo_train
 from ares_jax.data import synthetic
 from ares_jax.metrics import read_metrics
@@ -301,10 +301,9 @@ def bar_charts(agg, out: Path) -> list[Path]:
             plots.bar_chart(
                 out / f"{metric}.png",
                 groups,
-                title=f"{METRIC_TITLES[metric].split(' (')[0].capitalize()} per difficulty "
-                "(mean ± sd over seeds)",
+                title=f"{METRIC_TITLES[metric].split(' (')[0].capitalize()} per difficulty",
                 ylabel=METRIC_TITLES[metric],
-                xlabel="difficulty",
+                xlabel="difficulty (mean over seeds; error bars: standard deviation)",
             )
         )
     return made
@@ -325,8 +324,9 @@ def curve_charts(metrics_files: Mapping[str, Sequence[Path]], out: Path) -> list
             for bucket in BUCKET_NAMES:
                 k = f"bucket/{bucket}/{key}"
                 ys = np.array([[r[i].get(k, np.nan) for i in range(n)] for r in runs], float)
-                with np.errstate(all="ignore"):
-                    mean = np.nanmean(ys, axis=0) if ys.size else ys
+                with warnings.catch_warnings():  # an iteration no seed has the bucket in: NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(ys, axis=0)
                 series[bucket] = (steps[:n], mean.tolist())
             made.append(
                 plots.line_chart(
@@ -365,17 +365,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 def _run(c, work: Path) -> dict[str, Any]:
     began = time.perf_counter()
     seconds: dict[str, float] = {}
-    adacs_export = work / "adacs" / "export"
-    pipeline.run_stage(
-        "warm-up", adacs_train.run, pipeline.with_model(c.warmup, None), work / "base", seconds
-    )
-    pipeline.run_stage(
-        "AdaCS",
-        adacs_train.run,
-        pipeline.with_model(c.adacs, work / "base" / "export"),
-        work / "adacs",
-        seconds,
-    )
+    adacs_export = pipeline.cold_start(c, work, seconds)
     runs = [(arm, seed) for seed in c.seeds for arm in c.arms]
     for i, (arm, seed) in enumerate(runs, 1):
         log.info("Ablation: AEPO run %d/%d, arm %s, seed %d.", i, len(runs), arm, seed)

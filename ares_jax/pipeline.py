@@ -6,7 +6,8 @@ AdaCS export, then all three on held-out problems. Each stage writes its own wor
 completion record (`complete.json`, written after its export) is not run again. SIGTERM stops the
 pipeline at once: the running stage saves and raises `checkpoint.Preempted`, no later stage
 starts, and no report is written. DIR/report.md holds the table of accuracy and response length
-per difficulty (the paper's Table 4 layout) and the stage times; DIR/plots/ holds the AEPO curves.
+per difficulty (the paper's Table 4 layout) and the stage times; DIR/plots/ holds the AEPO curves
+and bar charts of accuracy and response length per difficulty for the three models.
 """
 
 from __future__ import annotations
@@ -121,6 +122,36 @@ def _plots(metrics_path: Path, out: Path) -> list[Path]:
     return made
 
 
+def difficulty_bars(results: dict[str, ev.EvalResult], out: Path) -> list[Path]:
+    """Accuracy and mean response length per difficulty level, a bar per model (one run each,
+    so no error bars)."""
+    levels = sorted({k for r in results.values() for k in r.groups["difficulty"]}, key=str)
+    charts = (
+        ("accuracy", "Accuracy", "accuracy (%)", lambda acc, length: 100.0 * acc),
+        ("length", "Mean response length", "response length (tokens)", lambda acc, length: length),
+    )
+    made = []
+    for name, title, ylabel, value in charts:
+        groups = {
+            f"level {k}": {
+                model: (value(*r.groups["difficulty"][k][:2]), None)
+                for model, r in results.items()
+                if k in r.groups["difficulty"]
+            }
+            for k in levels
+        }
+        made.append(
+            plots.bar_chart(
+                out / f"models_{name}.png",
+                groups,
+                title=f"{title} per difficulty on held-out problems",
+                ylabel=ylabel,
+                xlabel="difficulty",
+            )
+        )
+    return made
+
+
 def run_stage(name: str, run_fn, config, stage_dir: Path, seconds: dict[str, float]) -> None:
     """Runs one stage unless its workdir records it complete; stops the pipeline on SIGTERM."""
     done = runtime.is_complete(stage_dir)
@@ -131,6 +162,20 @@ def run_stage(name: str, run_fn, config, stage_dir: Path, seconds: dict[str, flo
         run_fn(config, str(stage_dir))
         seconds[name] = time.perf_counter() - t0
     ckpt.stop_preempted(f"Pipeline (after {name})")  # a SIGTERM during the export, say
+
+
+def cold_start(c, work: Path, seconds: dict[str, float]) -> Path:
+    """The warm-up (work/base) and AdaCS from its export (work/adacs), each unless complete;
+    returns the AdaCS export."""
+    run_stage("warm-up", adacs_train.run, with_model(c.warmup, None), work / "base", seconds)
+    run_stage(
+        "AdaCS",
+        adacs_train.run,
+        with_model(c.adacs, work / "base" / "export"),
+        work / "adacs",
+        seconds,
+    )
+    return work / "adacs" / "export"
 
 
 def run(config, workdir: str) -> dict[str, float]:
@@ -147,14 +192,7 @@ def run(config, workdir: str) -> dict[str, float]:
 def _run(config, work: Path) -> dict[str, float]:
     c = config
     seconds: dict[str, float] = {}
-    run_stage("warm-up", adacs_train.run, with_model(c.warmup, None), work / "base", seconds)
-    run_stage(
-        "AdaCS",
-        adacs_train.run,
-        with_model(c.adacs, work / "base" / "export"),
-        work / "adacs",
-        seconds,
-    )
+    cold_start(c, work, seconds)
     run_stage(
         "AEPO",
         aepo_train.run,
@@ -172,6 +210,7 @@ def _run(config, work: Path) -> dict[str, float]:
     seconds["evaluation"] = time.perf_counter() - t0
     table = ev.table4(results, by="difficulty")
     made = _plots(work / "aepo" / "metrics.jsonl", work / "plots")
+    made += difficulty_bars(results, work / "plots")
     lines = [
         "# ARES on the embedded synthetic task",
         "",

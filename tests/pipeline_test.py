@@ -60,7 +60,16 @@ def test_pipeline_stops_on_sigterm_then_restart_produces_every_artefact(tmp_path
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
         lengths = [float(x) for x in cells[1::2]]
         assert all(0 < x <= 16 for x in lengths)
-    for name in ("reward", "accuracy", "response_len", "hwe_count", "kl", "beta"):
+    for name in (
+        "reward",
+        "accuracy",
+        "response_len",
+        "hwe_count",
+        "kl",
+        "beta",
+        "models_accuracy",
+        "models_length",
+    ):
         assert Image.open(tmp_path / "plots" / f"{name}.png").size == (640, 400)
 
 

@@ -174,3 +174,63 @@ def test_image_settings_follow_the_checkpoint_unless_set(tmp_path):
         data = printed[block]["data"]
         assert (data["min_pixels"], data["max_pixels"]) == (50176, 200704), block
         assert (data["image_mean"], data["image_std"]) == (mean, std), block
+
+
+def _cache_line(env_update: dict[str, str], tmp_path) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    env.pop("ARES_JAX_COMPILATION_CACHE", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.update(env_update)
+    r = subprocess.run(
+        [sys.executable, "-m", "ares_jax.main", "--config=configs/aepo.py:smoke", "--dry_run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    return next(line for line in r.stdout.splitlines() if line.startswith("# compilation cache"))
+
+
+def test_compilation_cache_location_and_switch(tmp_path):
+    default = tmp_path / "xdg" / "ares_jax" / "xla"
+    assert _cache_line({}, tmp_path).startswith(f"# compilation cache: {default};")
+    own = tmp_path / "mine"
+    assert _cache_line({"ARES_JAX_COMPILATION_CACHE": str(own)}, tmp_path).startswith(
+        f"# compilation cache: {own};"
+    )
+    jaxs = tmp_path / "jax_own"
+    assert _cache_line({"JAX_COMPILATION_CACHE_DIR": str(jaxs)}, tmp_path).startswith(
+        f"# compilation cache: {jaxs};"
+    )
+    assert _cache_line({"ARES_JAX_COMPILATION_CACHE": "off"}, tmp_path) == (
+        "# compilation cache: off"
+    )
+
+
+def test_a_second_process_reads_programs_from_the_cache(tmp_path):
+    """The cache as main.py configures it: a program compiled in one process is written to
+    the directory, and another process with the same program reads it instead of compiling."""
+    code = (
+        "import jax, jax.numpy as jnp, jax.monitoring\n"
+        "from ares_jax import main\n"
+        "main.compilation_cache()\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # a toy program\n"
+        "events = []\n"
+        "jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))\n"
+        "f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + x.sum())\n"
+        "f(jnp.ones((64, 64))).block_until_ready()\n"
+        "print('hits', sum(e.endswith('/compilation_cache/cache_hits') for e in events))\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ARES_JAX_COMPILATION_CACHE=str(tmp_path / "c"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    hits = []
+    for _ in range(2):
+        r = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        hits.append(int(r.stdout.split()[-1]))
+    assert any(p.is_file() for p in (tmp_path / "c").rglob("*")), "nothing was written"
+    assert hits[0] == 0 and hits[1] >= 1, hits
