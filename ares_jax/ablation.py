@@ -19,9 +19,10 @@ config's rule, window and trigger words, against one threshold for every model: 
 batch statistic on the same problems (`ops.hwe.batch_threshold`), so counts compare across arms.
 
 Layout of the workdir: base/ and adacs/ (the stages, as the pipeline writes them),
-runs/ARM/seedS/ (each AEPO run), eval/NAME.json (each model's evaluation, kept so a restart does
-not redo it), report.md, report.json and plots/. Every stage and run resumes where it stopped; a
-complete one is not run again. SIGTERM stops at once, as in the pipeline.
+runs/ARM/seedS/ (each AEPO run), eval/NAME.json (each model's evaluation with the settings it was
+made with, kept so a restart does not redo it; redone where the settings differ), report.md,
+report.json and plots/. Every stage and run resumes where it stopped; a complete one is not run
+again. SIGTERM stops at once, as in the pipeline.
 """
 
 from __future__ import annotations
@@ -351,6 +352,14 @@ def _save_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+def _load_json(path: Path):
+    """The file's JSON, or None where it is missing or cut short."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     """Runs what is not complete, then the report.
 
@@ -381,32 +390,38 @@ def _run(c, work: Path) -> dict[str, Any]:
     test = synthetic.make_examples(c.eval.test_size, seed=c.seed, split="test")
     evals = work / "eval"
     evals.mkdir(parents=True, exist_ok=True)
+    # An evaluation is kept with what it depends on; one made with other settings is redone.
+    settings = {"seed": c.seed, **{k: c.eval[k] for k in ("test_size", "temperature")}}
+    settings["max_response_len"] = c.eval.max_response_len
     reference_file = evals / "adacs.json"
-    if reference_file.exists():
-        saved = json.loads(reference_file.read_text())
+    saved = _load_json(reference_file)
+    count_fn = None
+    if saved is not None and saved.get("settings") == settings:
         tau, reference = saved["tau"], saved["levels"]
-        count_fn = None
     else:
         result, tokenizer, cfg = pipeline.evaluate_export(c, adacs_export, test)
         count_fn = hwe_counter(c.aepo, tokenizer, cfg.text.vocab_size)
         tau = threshold(c.aepo, result.entropy, result.mask)
         reference = measure(result, count_fn, tau)
-        _save_json(reference_file, {"tau": tau, "levels": reference})
+        _save_json(reference_file, {"settings": settings, "tau": tau, "levels": reference})
+    settings = {**settings, "tau": tau}
     per_seed: dict[str, list] = {arm: [] for arm in c.arms}
     for arm, seed in sorted(runs, key=lambda r: (c.arms.index(r[0]), r[1])):
         path = evals / f"{arm}_seed{seed}.json"
-        if not path.exists():
+        saved = _load_json(path)
+        if saved is None or saved.get("settings") != settings:
             export = work / "runs" / arm / f"seed{seed}" / "export"
             result, tokenizer, cfg = pipeline.evaluate_export(c, export, test)
             if count_fn is None:
                 count_fn = hwe_counter(c.aepo, tokenizer, cfg.text.vocab_size)
-            _save_json(path, measure(result, count_fn, tau))
+            saved = {"settings": settings, "levels": measure(result, count_fn, tau)}
+            _save_json(path, saved)
             ckpt.stop_preempted(f"Ablation (after evaluating {arm} seed {seed})")
-        per_seed[arm].append(json.loads(path.read_text()))
+        per_seed[arm].append(saved["levels"])
     seconds["evaluation"] = time.perf_counter() - t0
 
     agg = aggregate(per_seed)
-    words = verdict(agg) if {"aepo", "accuracy_only"} <= set(c.arms) else []
+    words = verdict(agg)
     plot_dir = work / "plots"
     made = bar_charts(agg, plot_dir) + curve_charts(
         {

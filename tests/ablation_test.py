@@ -163,7 +163,17 @@ def test_ablation_smoke_end_to_end_and_resume(tmp_path):
     for arm in c.arms:
         assert (tmp_path / "plots" / f"{arm}_hwe_count.png").is_file()
 
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Again with fewer held-out problems: no stage or run again, every evaluation redone.
+    again = subprocess.run(
+        [*cmd, "--config.eval.test_size=5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("is complete") == 2 + len(c.arms) * len(c.seeds)
-    assert json.loads((tmp_path / "report.json").read_text())["aggregate"] == report["aggregate"]
+    for path in (tmp_path / "eval").glob("*.json"):
+        assert json.loads(path.read_text())["settings"]["test_size"] == 5, path.name
+    assert "5 held-out problems" in (tmp_path / "report.md").read_text()
