@@ -1,8 +1,9 @@
 r"""What ARES's entropy shaping adds, measured: the ablation of ares_jax/ablation.py.
 
 The embedded pipeline's warm-up and AdaCS (configs/pipeline.py), on the synthetic task with its
-checked traces (data.synthetic_checks: a quick count, then "So 12? Let me check row by row. ...",
-which corrects the quick count where it missed a shape, more often the harder the problem); then,
+checked traces (data.synthetic_checks: a quick count, then "So 12? Let me check row by row: 1, 2 in
+row 1, then ...", which corrects the quick count where it missed a shape, more often the harder
+the problem), AdaCS keeping a random correct trace per problem (curation.vanilla); then,
 from that one AdaCS model, AEPO once per arm and seed; then every model on the same held-out
 problems, and a report per difficulty level with the spread over seeds.
 
@@ -37,6 +38,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.seeds = (0, 1) if smoke else (0, 1, 2)
         for block in (c.warmup, c.adacs):
             block.data.synthetic_checks = True
+        # The cold start keeps a uniformly random correct trace per problem (the paper's
+        # ARES-CS-Vanilla), not the one nearest its length target: the AdaCS model then re-checks
+        # in about a quarter of its answers on every level, so how often it re-checks per level
+        # is left to the RL arms, and the difference between them is what each one learned.
+        # Length-targeted curation picks middle-length traces, which drops the long re-checks of
+        # the hard problems and keeps those of the easy ones (measured: no re-check on levels
+        # 3-5 after it).
+        c.adacs.curation.vanilla = True
         if smoke:
             # The tiny model answers nothing right: every accuracy-only group has reward 0, and
             # the online filter would drop them all.

@@ -78,7 +78,8 @@ def _base() -> ml_collections.ConfigDict:
         synthetic_train_size=256,
         synthetic_val_size=64,
         # The synthetic teacher also writes its checked style (a quick count, "So 12? Let me
-        # check row by row. ...", correcting a quick count that missed a shape; data/synthetic.py).
+        # check row by row: 1, 2 in row 1, then ...", correcting a quick count that missed a
+        # shape; data/synthetic.py).
         synthetic_checks=False,
         prompt_template=PROMPT_SUFFIX,
         min_pixels=3136,

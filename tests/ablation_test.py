@@ -104,6 +104,7 @@ def test_config_turns_the_checked_traces_on_and_validates_arms_and_seeds():
     c = ablation_config.get_config()
     ablation_config.validate(c)
     assert c.warmup.data.synthetic_checks and c.adacs.data.synthetic_checks
+    assert c.adacs.curation.vanilla  # a random correct trace per problem, re-checks on all levels
     assert tuple(c.arms) == ("aepo", "accuracy_only") and len(c.seeds) >= 3
     assert set(c.arms) <= set(ablation.ARMS) == set(ablation_config.ARM_NAMES)
     for key, value, match in (

@@ -17,7 +17,10 @@ appends a fourth, incorrect one (one shape too many) that answer checking reject
 
 `checks=True` adds a fourth correct style, `CHECK_STYLE` = checked: a quick count aloud, then the
 reasoning turns at trigger words of the entropy reward's vocabulary ("So 12? Let me check row by
-row. ... So there are 13 shapes, not 12."). The quick count misses one shape in a share of the
+row: 1, 2, 3 in row 1, then 4, 5 in row 2, then none in row 3, then 6, ..., 13 in row 4. So there
+are 13 shapes, not 12."). Each "then" comes just before a row's count, where a model unsure of the
+picture is unsure of the next tokens: a re-check holds several high window-entropy (HWE) moments
+where the other styles hold at most two. The quick count misses one shape in a share of the
 problems that grows with difficulty (`MISCOUNT_SHARE`: none on levels 1-2, a quarter on 3, half on
 4-5), and the row-by-row check corrects it: re-checking pays on hard problems and is wasted on easy
 ones, the room the difficulty-aware entropy shaping of AEPO needs (configs/ablation.py).
@@ -197,6 +200,17 @@ def _by_rows(per_row: Sequence[int]) -> str:
     return " ".join(parts)
 
 
+def _rechecked_rows(per_row: Sequence[int]) -> str:
+    """The checked style's re-count, each row after the first turning at "then", the point where
+    the row's count is decided: '1, 2 in row 1, then none in row 2, then 3, 4 in row 3, ...'."""
+    parts, done = [], 0
+    for r, k in enumerate(per_row):
+        seen = _aloud(done + 1, done + k) if k else "none"
+        parts.append(f"{'then ' if r else ''}{seen} in row {r + 1}")
+        done += k
+    return ", ".join(parts) + "."
+
+
 def _trace(style: str, per_row: Sequence[int], asks: str, *, quick: int | None = None) -> str:
     """The reasoning of `style` for a picture the teacher sees with per_row[r] shapes in row r;
     `quick` is the checked style's first count (default: right)."""
@@ -205,8 +219,8 @@ def _trace(style: str, per_row: Sequence[int], asks: str, *, quick: int | None =
         quick = n if quick is None else quick
         verdict = f"So {_there_are(n)}" + ("." if quick == n else f", not {quick}.")
         parts = [
-            f"I count the shapes: {_aloud(1, quick)}. So {quick}? {CHECK_PHRASE} row by row.",
-            _by_rows(per_row),
+            f"I count the shapes: {_aloud(1, quick)}. So {quick}? {CHECK_PHRASE} row by row:",
+            _rechecked_rows(per_row),
             verdict,
         ]
         if asks == "empty":

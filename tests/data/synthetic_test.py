@@ -149,9 +149,18 @@ def test_checked_trace_recounts_and_corrects_the_quick_count():
         said = re.search(r"I count the shapes: ([\d, ]+)\. So (\d+)\? Let me check", checked)
         assert [int(x) for x in said.group(1).split(", ")] == list(range(1, quick + 1))
         assert int(said.group(2)) == quick
-        rows = re.findall(r"Row (\d): ([\d, ]+|none)\.", checked)
-        counted = [int(x) for _, seg in rows if seg != "none" for x in seg.split(", ")]
+        recount = re.search(r"row by row: (.*?)\. So there", checked).group(1)
+        rows = re.findall(r"(?:^|, then )([\d, ]+?|none) in row (\d)", recount)
+        assert [int(r) for _, r in rows] == [1, 2, 3, 4]
+        expected, done = [], 0
+        for k in synthetic.shapes_per_row(problem):  # the numbering runs on from row to row
+            expected.append(", ".join(str(i) for i in range(done + 1, done + k + 1)) or "none")
+            done += k
+        assert [seg for seg, _ in rows] == expected
+        counted = [int(x) for seg, _ in rows if seg != "none" for x in seg.split(", ")]
         assert counted == list(range(1, n + 1))
+        # every row after the first turns at "then", a trigger word of the entropy reward
+        assert recount.count("then ") == synthetic.GRID - 1
         total = "1 shape" if n == 1 else f"{n} shapes"
         tail = "." if quick == n else f", not {quick}."
         assert f"So there {'is' if n == 1 else 'are'} {total}{tail}" in checked
