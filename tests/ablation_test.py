@@ -3,7 +3,6 @@ config, and the whole command at smoke size."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 
 from ares_jax import ablation
 from configs import ablation as ablation_config
+from tests.cpu_env import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,8 +125,7 @@ def test_config_turns_the_checked_traces_on_and_validates_arms_and_seeds():
 def test_ablation_smoke_end_to_end_and_resume(tmp_path):
     """The command at smoke size: shared stages once, one AEPO run per arm and seed, every model
     evaluated, the report with its table, verdict and charts; a second run redoes nothing."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = stage_env()
     cmd = [
         sys.executable,
         "-m",

@@ -1,17 +1,23 @@
 """Shared test setup.
 
 Every test process sees 8 fake CPU devices, so sharded computations can be compared with the
-single-device result in the same run (ARCHITECTURE.md: tests, benchmarks, CI). The flag must be set
-before jax is imported anywhere.
+single-device result in the same run (ARCHITECTURE.md: tests, benchmarks, CI), and compiles with
+unoptimised CPU code generation, which halves the suite's compile time (tests/cpu_env.py). The flags
+must be set before jax is imported anywhere.
 """
 
 import gc
 import os
 
+from tests.cpu_env import FAST_COMPILE  # imports no jax
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += f" {FAST_COMPILE}"  # tests/cpu_env.py
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -9,6 +9,7 @@ from ares_jax import evaluate_cli
 from ares_jax.data import synthetic
 from ares_jax.models.qwen2_5_vl import config, params, tokenizer
 from ares_jax.sampling import SamplingParams
+from tests.cpu_env import stage_env
 
 
 def test_evaluate_groups_real_generations():
@@ -86,7 +87,6 @@ def _run_command_line(tmp_path, *extra):
     """`python -m ares_jax.evaluate` on a tiny checkpoint and a file whose line 2 holds a prompt
     over --prompt_len=128; returns (the process, the data file)."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -98,8 +98,7 @@ def _run_command_line(tmp_path, *extra):
     data = tmp_path / "bench.jsonl"
     rows = [{"question": "1 + 1?", "answer": "2"}, {"question": "two " * 300, "answer": "1"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = stage_env()
     proc = subprocess.run(
         [
             sys.executable,

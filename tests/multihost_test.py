@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 from ares_jax.metrics import read_metrics
+from tests.cpu_env import xla_flags
 from tests.moving_reward import MOVING_REWARD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +62,8 @@ def _env(devices: int, cache: Path, extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP)}
     env.update(
         JAX_PLATFORMS="cpu",
-        # Unoptimised CPU code generation compiles in about half the time; every run here,
-        # the one-process reference included, uses it.
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-        "--xla_backend_optimization_level=0",
+        # Every run here, the one-process reference included, compiles with FAST_COMPILE.
+        XLA_FLAGS=xla_flags(devices),
         # The second launch compiles the same programs again; the cache makes that a read.
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

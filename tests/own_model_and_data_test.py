@@ -5,7 +5,6 @@ runs from them with paths only (plus smoke sizes), its export loads in transform
 image-processor and generation-config classes, and `evaluate` runs on the export."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from ares_jax.models.qwen2_5_vl import config, hub_files, params, processor
 from ares_jax.models.qwen2_5_vl.tokenizer import build_tokenizer
+from tests.cpu_env import stage_env
 from tests.data.virl39k import write_virl39k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +32,7 @@ def _checkpoint(directory: Path) -> Path:
 
 
 def _run(*args, timeout=900):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = stage_env()
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=ROOT,

@@ -1,6 +1,5 @@
 """The whole pipeline (warm-up, AdaCS, AEPO, evaluation) on its smoke preset, and the charts."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,13 +13,13 @@ from ares_jax import plots
 from ares_jax.data import prompts, synthetic
 from ares_jax.models.qwen2_5_vl import tokenizer as embedded_tokenizer
 from configs import pipeline as pipeline_config
+from tests.cpu_env import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pipeline_stops_on_sigterm_then_restart_produces_every_artefact(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = stage_env()
     cmd = [
         sys.executable,
         "-m",

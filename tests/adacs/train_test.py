@@ -1,7 +1,6 @@
 """The AdaCS stage end to end on the `smoke` preset, and its resume after SIGKILL."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,14 +17,14 @@ from ares_jax.adacs import train as adacs_train
 from ares_jax.data import records
 from ares_jax.metrics import read_metrics
 from configs import adacs as adacs_config
+from tests.cpu_env import stage_env
 from tests.data.virl39k import write_virl39k
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cmd(workdir, *overrides):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = stage_env()
     cmd = [
         sys.executable,
         "-m",

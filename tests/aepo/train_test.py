@@ -2,7 +2,6 @@
 8 devices against one, bad data."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from ares_jax.metrics import read_metrics
+from tests.cpu_env import stage_env, xla_flags
 from tests.moving_reward import MOVING_REWARD
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,10 +29,7 @@ def _main(workdir, *overrides, env=None):
         f"--workdir={workdir}",
         *overrides,
     ]
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    full_env.pop("XLA_FLAGS", None)  # one CPU device unless asked
-    full_env.update(env or {})
-    return cmd, full_env
+    return cmd, stage_env(**(env or {}))  # one CPU device unless asked
 
 
 def _run(workdir, *overrides, env=None, timeout=600):
@@ -215,7 +212,7 @@ def test_eight_devices_equal_one(smoke_run, tmp_path):
         "--config.mesh.shape.data=2",
         "--config.mesh.shape.fsdp=2",
         "--config.mesh.shape.tensor=2",
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={"XLA_FLAGS": xla_flags(8)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = {r["step"]: r for r in read_metrics(smoke_run / "metrics.jsonl")}[1]
@@ -315,7 +312,6 @@ def test_overlong_prompt_is_dropped_and_counted_or_names_file_and_line(tmp_path)
 # One iteration whose reward differs within a group (tests/moving_reward.py).
 _MOVING = ("--config.train.steps=1", *MOVING_REWARD)
 # Unoptimised CPU code generation compiles in about half the time; both runs use it.
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
 # Decided on the host from sampled tokens: equal exactly when the sharded run samples the same.
 _EXACT = ("rollout/", "reward/", "bucket/", "hwe/", "kl/beta/", "kl/kappa/")
 # Computed on the device from the sampler's logits: a sharded prefill (the blockwise attention's
@@ -334,7 +330,7 @@ def _exported(workdir) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def one_device_iteration(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device")
-    one = _run(workdir, *_MOVING, env={"XLA_FLAGS": _FAST_COMPILE})
+    one = _run(workdir, *_MOVING)
     assert one.returncode == 0, one.stderr[-3000:]
     return workdir
 
@@ -368,7 +364,7 @@ def test_fsdp_by_tensor_mesh_equals_one_device(
         "--config.mesh.shape.data=1",
         "--config.mesh.shape.fsdp=4",
         "--config.mesh.shape.tensor=2",
-        env={"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {_FAST_COMPILE}"},
+        env={"XLA_FLAGS": xla_flags(8)},
     )
     assert eight.returncode == 0, eight.stderr[-3000:]
     (want,) = read_metrics(one_device_iteration / "metrics.jsonl")

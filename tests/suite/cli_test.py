@@ -5,7 +5,6 @@ nothing (resumed from the records), and the report rebuilt without a model."""
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.cpu_env import stage_env
 from tests.own_model_and_data_test import _checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +52,7 @@ def _data(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _evaluate(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = stage_env()
     return subprocess.run(
         [sys.executable, "-m", "ares_jax.evaluate", *args],
         cwd=ROOT,
