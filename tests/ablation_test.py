@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from ares_jax import ablation
+from ares_jax.data import prompts, synthetic
+from ares_jax.models.qwen2_5_vl import tokenizer as embedded_tokenizer
 from configs import ablation as ablation_config
 from tests.cpu_env import stage_env
 
@@ -177,3 +179,23 @@ def test_ablation_smoke_end_to_end_and_resume(tmp_path):
     for path in (tmp_path / "eval").glob("*.json"):
         assert json.loads(path.read_text())["settings"]["test_size"] == 5, path.name
     assert "5 held-out problems" in (tmp_path / "report.md").read_text()
+
+
+def test_prompts_fill_their_bucket_and_none_is_dropped():
+    """The ablation's prompts (chat format, 16 image tokens, the question and the short
+    instruction) are 76 or 91 tokens: all fit the one bucket of 96, so no stage drops one."""
+    c = ablation_config.get_config()
+    d = c.aepo.data
+    assert d.prompt_template == ablation_config.EMBEDDED_PROMPT_SUFFIX
+    settings = prompts.PromptSettings(
+        template=d.prompt_template,
+        min_pixels=d.min_pixels,
+        max_pixels=d.max_pixels,
+        max_len=d.max_prompt_len,
+    )
+    examples = synthetic.make_examples(20, seed=0, checks=True)
+    lengths = prompts.prompt_lengths(examples, embedded_tokenizer.build_tokenizer(), settings)
+    assert sorted(set(lengths)) == [76, 91]
+    for block in (c.warmup, c.adacs, c.aepo):
+        assert block.data.prompt_template == d.prompt_template
+        assert block.data.prompt_len_buckets == (96,) and block.data.max_prompt_len == 96

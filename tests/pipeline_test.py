@@ -10,9 +10,6 @@ import numpy as np
 from PIL import Image
 
 from ares_jax import plots
-from ares_jax.data import prompts, synthetic
-from ares_jax.models.qwen2_5_vl import tokenizer as embedded_tokenizer
-from configs import pipeline as pipeline_config
 from tests.cpu_env import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,22 +78,3 @@ def test_line_chart_draws_the_series(tmp_path):
     assert pixels.shape == (400, 640, 3)
     rgb = tuple(int(plots.series_colors(["a"])["a"][i : i + 2], 16) for i in (1, 3, 5))
     assert np.all(pixels == rgb, axis=-1).sum() > 100  # the line and markers in its colour
-
-
-def test_embedded_prompts_fill_their_bucket_and_none_is_dropped():
-    """The default pipeline's prompts (chat format, 16 image tokens, the question and the short
-    instruction) are 76 or 91 tokens: all fit the one bucket of 96, so the stages drop none."""
-    c = pipeline_config.get_config()
-    assert c.warmup.data.prompt_template == pipeline_config.EMBEDDED_PROMPT_SUFFIX
-    d = c.aepo.data
-    settings = prompts.PromptSettings(
-        template=d.prompt_template,
-        min_pixels=d.min_pixels,
-        max_pixels=d.max_pixels,
-        max_len=d.max_prompt_len,
-    )
-    examples = synthetic.make_examples(20, seed=0, checks=True)
-    lengths = prompts.prompt_lengths(examples, embedded_tokenizer.build_tokenizer(), settings)
-    assert sorted(set(lengths)) == [76, 91]
-    for block in (c.warmup, c.adacs, c.aepo):
-        assert block.data.prompt_len_buckets == (96,) and block.data.max_prompt_len == 96
