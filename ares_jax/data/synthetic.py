@@ -18,12 +18,13 @@ appends a fourth, incorrect one (one shape too many) that answer checking reject
 `checks=True` adds a fourth correct style, `CHECK_STYLE` = checked: a quick count aloud, then the
 reasoning turns at trigger words of the entropy reward's vocabulary ("So 12? Let me check row by
 row: 1, 2, 3 in row 1, then 4, 5 in row 2, then none in row 3, then 6, ..., 13 in row 4. So there
-are 13 shapes, not 12."). Each "then" comes just before a row's count, where a model unsure of the
-picture is unsure of the next tokens: a re-check holds several high window-entropy (HWE) moments
-where the other styles hold at most two. The quick count misses one shape in a share of the
-problems that grows with difficulty (`MISCOUNT_SHARE`: none on levels 1-2, a quarter on 3, half on
-4-5), and the row-by-row check corrects it: re-checking pays on hard problems and is wasted on easy
-ones, the room the difficulty-aware entropy shaping of AEPO needs (configs/ablation.py).
+are 13 shapes, not 12."). Each "then" comes just before a row's count: a re-check holds up to six
+trigger positions where the other styles hold at most two (whether their windows are high-entropy
+is the model's; measured in the README's ablation, they mostly are not). The quick count misses
+one shape in a share of the problems that grows with difficulty (`MISCOUNT_SHARE`: none on
+levels 1-2, a quarter on 3, half on 4-5), and the row-by-row check corrects it: re-checking pays
+on hard problems and is wasted on easy ones, the room the difficulty-aware entropy shaping of
+AEPO needs (configs/ablation.py).
 
 Why this task: a model trained from random weights in minutes on a CPU learns to read a global
 quantity of the picture (how much of it is covered), while selecting objects by colour or position
