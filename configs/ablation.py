@@ -46,6 +46,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # the hard problems and keeps those of the easy ones (measured: no re-check on levels
         # 3-5 after it).
         c.adacs.curation.vanilla = True
+        # HWE windows by the paper's Algorithm 1: every complete window whose mean entropy reaches
+        # tau, no trigger vocabulary. With the released code's rule (a trigger word followed by
+        # a high window) the count stayed at 0.0-0.3 per response on this task (measured: the
+        # four tokens after a trigger word are predictable for a model that has read the
+        # picture, and the window mean dilutes the one uncertain token), so the shaped reward
+        # was a function of correctness alone and the two arms learned the same.
+        c.aepo.entropy.hwe_count = "paper_window"
         if smoke:
             # The tiny model answers nothing right: every accuracy-only group has reward 0, and
             # the online filter would drop them all.

@@ -107,6 +107,9 @@ def test_config_turns_the_checked_traces_on_and_validates_arms_and_seeds():
     ablation_config.validate(c)
     assert c.warmup.data.synthetic_checks and c.adacs.data.synthetic_checks
     assert c.adacs.curation.vanilla  # a random correct trace per problem, re-checks on all levels
+    # Algorithm 1's count, in both presets (the smoke run exercises the same rule).
+    assert c.aepo.entropy.hwe_count == "paper_window"
+    assert ablation_config.get_config("smoke").aepo.entropy.hwe_count == "paper_window"
     assert tuple(c.arms) == ("aepo", "accuracy_only") and len(c.seeds) >= 3
     assert set(c.arms) <= set(ablation.ARMS) == set(ablation_config.ARM_NAMES)
     for key, value, match in (
