@@ -62,31 +62,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c.lock()
 
 
-# The embedded model's instruction. The released format prompt (configs/aepo.PROMPT_SUFFIX) is 64
-# tokens of the embedded tokenizer, half of every prompt, and tells a model trained from random
-# weights no more than these 15: it learns the format from the teacher's traces either way.
-EMBEDDED_PROMPT_SUFFIX = "Think in <think> </think>, then answer in \\boxed{}."
-
-
 def _sizes(c: ml_collections.ConfigDict) -> None:
-    """Six AEPO runs and the shared stages on 2 cores. The checked traces run to 190 tokens (15
-    shapes, an empty-cell question), so responses get 224; prompts (the chat format, 16 image
-    tokens, the question and `EMBEDDED_PROMPT_SUFFIX`) are 76 or 91 tokens, one bucket of 96;
-    300 held-out problems (60 per level)."""
-    for block in (c.warmup, c.adacs, c.aepo):
-        block.data.update(
-            max_prompt_len=96, prompt_len_buckets=(96,), prompt_template=EMBEDDED_PROMPT_SUFFIX
-        )
+    """Six AEPO runs and the shared stages on 2 cores, with the pipeline's prompts (one bucket of
+    96 tokens) and rollout loop. The checked traces run to 190 tokens (15 shapes, an empty-cell
+    question), so responses get 224; 300 held-out problems (60 per level)."""
     for block in (c.warmup, c.adacs):
         block.sft.update(max_response_len=224, length_buckets=(112, 224))
         block.eval.max_response_len = 224
     c.adacs.pass_rate.max_new_tokens = 224
     r = c.aepo
     r.rollout.update(max_response_len=224, length_buckets=(112, 224), prompts_per_iter=8)
-    # An iteration's 64 rollouts fit in one decode batch: the paged engine has no row to refill,
-    # and the static loop's dense attention is cheaper on a CPU (measured at these sizes: 1.7x
-    # the tokens/s, benchmarks/RESULTS.md).
-    r.rollout.engine = "static"
     # 20 updates of 8 prompts x 8 rollouts: more updates in the budget than 16-prompt batches.
     r.train.update(steps=20, prompts_per_step=8)
     r.eval.max_response_len = 224

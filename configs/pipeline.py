@@ -52,11 +52,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c.lock()
 
 
+# The embedded model's instruction. The released format prompt (configs/aepo.PROMPT_SUFFIX) is 64
+# tokens of the embedded tokenizer, half of every prompt, and tells a model trained from random
+# weights no more than these 15: it learns the format from the teacher's traces either way.
+EMBEDDED_PROMPT_SUFFIX = "Think in <think> </think>, then answer in \\boxed{}."
+
+
 def _embedded(c: ml_collections.ConfigDict) -> None:
-    """Sizes for one 2-core CPU in minutes. Prompts (16 image tokens, the question and the
-    released format prompt) are 126 or 141 tokens; the longest teacher trace is 154 tokens."""
+    """Sizes for one 2-core CPU in minutes. Prompts (the chat format, 16 image tokens, the question
+    and `EMBEDDED_PROMPT_SUFFIX`) are 76 or 91 tokens, one bucket of 96; the longest teacher
+    trace is 154 tokens."""
     for block in (c.warmup, c.adacs, c.aepo):
-        block.data.update(max_prompt_len=144, prompt_len_buckets=(144,))
+        block.data.update(
+            max_prompt_len=96, prompt_len_buckets=(96,), prompt_template=EMBEDDED_PROMPT_SUFFIX
+        )
     # 1. Warm-up: the random small model learns the format and to count from the teacher's traces
     # (one correct trace per problem, drawn at random). The vision tower keeps its random weights
     # in every stage before AEPO: trained from scratch in the warm-up, its output collapses to one
@@ -87,6 +96,10 @@ def _embedded(c: ml_collections.ConfigDict) -> None:
     # measures; at 0.7 the rollouts stay near the greedy policy (measured on the task's previous
     # version: 20 iterations at 1.0 left held-out accuracy unchanged, at 0.7 it rose 3 points).
     r.rollout.update(max_response_len=192, length_buckets=(96, 192), temperature=0.7)
+    # An iteration's 128 rollouts fit in one decode batch: the paged engine has no row to refill,
+    # and the static loop's dense attention is cheaper on a CPU (measured at the ablation's
+    # sizes: 1.7x the tokens/s, benchmarks/RESULTS.md).
+    r.rollout.engine = "static"
     # One rollout batch per iteration: groups the online filter drops are not refilled, which
     # halves the sampling time per iteration and buys more iterations in the budget.
     r.filter.max_tries = 1

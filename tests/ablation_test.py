@@ -15,6 +15,7 @@ from ares_jax import ablation
 from ares_jax.data import prompts, synthetic
 from ares_jax.models.qwen2_5_vl import tokenizer as embedded_tokenizer
 from configs import ablation as ablation_config
+from configs import pipeline as pipeline_config
 from tests.cpu_env import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,19 +185,21 @@ def test_ablation_smoke_end_to_end_and_resume(tmp_path):
     assert "5 held-out problems" in (tmp_path / "report.md").read_text()
 
 
-def test_prompts_fill_their_bucket_and_none_is_dropped():
-    """The ablation's prompts (chat format, 16 image tokens, the question and the short
-    instruction) are 76 or 91 tokens: all fit the one bucket of 96, so no stage drops one."""
-    c = ablation_config.get_config()
+@pytest.mark.parametrize("config", [pipeline_config, ablation_config], ids=["pipeline", "ablation"])
+def test_prompts_fill_their_bucket_and_none_is_dropped(config):
+    """The embedded prompts (chat format, 16 image tokens, the question and the short
+    instruction) are 76 or 91 tokens, with or without the checked traces: all fit the one bucket
+    of 96, so no stage drops one."""
+    c = config.get_config()
     d = c.aepo.data
-    assert d.prompt_template == ablation_config.EMBEDDED_PROMPT_SUFFIX
+    assert d.prompt_template == pipeline_config.EMBEDDED_PROMPT_SUFFIX
     settings = prompts.PromptSettings(
         template=d.prompt_template,
         min_pixels=d.min_pixels,
         max_pixels=d.max_pixels,
         max_len=d.max_prompt_len,
     )
-    examples = synthetic.make_examples(20, seed=0, checks=True)
+    examples = synthetic.make_examples(20, seed=0, checks=c.adacs.data.synthetic_checks)
     lengths = prompts.prompt_lengths(examples, embedded_tokenizer.build_tokenizer(), settings)
     assert sorted(set(lengths)) == [76, 91]
     for block in (c.warmup, c.adacs, c.aepo):
