@@ -215,12 +215,32 @@ def _diff(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, bool]:
     return d, abs(d) > spread
 
 
-def verdict(agg, arm: str = "aepo", baseline: str = "accuracy_only") -> list[str]:
+def _paired(per_seed, arm: str, baseline: str, levels: Sequence[str], metric: str):
+    """Per seed, `arm`'s mean over `levels` minus `baseline`'s for the same seed (the arms of one
+    seed share the AdaCS model, the rollout keys and the data order); None when the two arms do
+    not have the same number of seeds."""
+    if per_seed is None or len(per_seed.get(arm, ())) != len(per_seed.get(baseline, ())):
+        return None
+
+    def level_mean(levels_of_seed):
+        return float(np.mean([levels_of_seed[lv][metric] for lv in levels if lv in levels_of_seed]))
+
+    return [
+        level_mean(x) - level_mean(y)
+        for x, y in zip(per_seed[arm], per_seed[baseline], strict=True)
+    ]
+
+
+def verdict(agg, arm: str = "aepo", baseline: str = "accuracy_only", per_seed=None) -> list[str]:
     """Plain sentences: does `arm` show the paper's pattern against `baseline`?
 
     The pattern: on easy problems (levels 1-2) shorter responses; on hard ones (levels 4-5) more
     exploration (HWE windows per response) and higher accuracy. A difference counts as seen when
-    it has the right sign and exceeds the spread over seeds (the larger of the two arms')."""
+    it has the right sign and exceeds the spread over seeds (the larger of the two arms').
+
+    With `per_seed` (arm -> [per seed: level -> metric -> value], the seeds in the same order for
+    every arm), each sentence also gives the paired differences seed by seed and how many of
+    them have the paper's direction: the arms of one seed differ only by the arm."""
     if arm not in agg or baseline not in agg:
         return [f"The verdict needs the arms {arm!r} and {baseline!r}."]
     a, b = agg[arm], agg[baseline]
@@ -244,6 +264,14 @@ def verdict(agg, arm: str = "aepo", baseline: str = "accuracy_only") -> list[str
             if d
             else "no difference."
         )
+        paired = _paired(per_seed, arm, baseline, levels, metric)
+        if paired:
+            agree = sum(p * sign > 0 for p in paired)
+            said += (
+                " Paired by seed: "
+                + ", ".join(f"{p:+.2f}" for p in paired)
+                + f"; {agree} of {len(paired)} in the paper's direction."
+            )
         lines.append(
             f"On {which} problems (levels {levels[0]}-{levels[-1]}), {METRIC_TITLES[metric]}: "
             f"{name} {x[0]:.2f}, {base} {y[0]:.2f} (standard deviation over seeds {x[1]:.2f} "
@@ -421,7 +449,7 @@ def _run(c, work: Path) -> dict[str, Any]:
     seconds["evaluation"] = time.perf_counter() - t0
 
     agg = aggregate(per_seed)
-    words = verdict(agg)
+    words = verdict(agg, per_seed=per_seed)
     plot_dir = work / "plots"
     made = bar_charts(agg, plot_dir) + curve_charts(
         {

@@ -76,6 +76,35 @@ def test_verdict_reads_the_pattern_and_its_spread():
     assert partial[-1].startswith("The paper's pattern appears in part: 1 of the three")
 
 
+def test_verdict_gives_the_paired_differences_seed_by_seed():
+    """Hard-level accuracy of the ablation run of 2026-12-04 (levels 4 and 5 per seed): the
+    paired differences are the per-seed level means' differences, and their signs are counted."""
+
+    def seeds(acc4, acc5):
+        out = []
+        for a4, a5 in zip(acc4, acc5, strict=True):
+            levels = {lv: {"accuracy": 90.0, "response_len": 50.0, "hwe": 1.0} for lv in "123"}
+            levels["4"] = {"accuracy": a4, "response_len": 50.0, "hwe": 1.0}
+            levels["5"] = {"accuracy": a5, "response_len": 50.0, "hwe": 1.0}
+            out.append(levels)
+        return out
+
+    per_seed = {
+        "aepo": seeds((75.0, 80.0, 48.3), (80.0, 58.3, 70.0)),
+        "accuracy_only": seeds((68.3, 80.0, 43.3), (55.0, 58.3, 70.0)),
+    }
+    lines = ablation.verdict(ablation.aggregate(per_seed), per_seed=per_seed)
+    assert "Paired by seed: +15.85, +0.00, +2.50; 2 of 3 in the paper's direction." in lines[2]
+    # equal lengths and counts: no seed differs, none counts as the paper's direction
+    assert "Paired by seed: +0.00, +0.00, +0.00; 0 of 3 in the paper's direction." in lines[0]
+    # without per-seed values, or with unequal seed counts, the sentences have no paired part
+    assert all("Paired" not in x for x in ablation.verdict(ablation.aggregate(per_seed)))
+    short = {"aepo": per_seed["aepo"][:2], "accuracy_only": per_seed["accuracy_only"]}
+    assert all(
+        "Paired" not in x for x in ablation.verdict(ablation.aggregate(short), per_seed=short)
+    )
+
+
 def test_table_has_a_row_per_level_and_model():
     agg = {"aepo": _arm(50.0, 2.0, 80.0), "accuracy_only": _arm(60.0, 1.0, 70.0, sd=math.nan)}
     reference = {level: {m: 1.0 for m in ablation.METRICS} for level in agg["aepo"]}
