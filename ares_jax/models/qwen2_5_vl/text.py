@@ -98,8 +98,31 @@ def attention(
             impl=KERNELS[implementation],
             partition=kernel_partition(q, k, R.HEADS, R.KV_HEADS),
         )
+    if q.shape[1] == 1 and implementation != "cudnn":
+        return cache_step_attention(q, k, v, mask)
     impl = "cudnn" if implementation == "cudnn" else None
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+
+
+def cache_step_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """One query per row against a dense KV cache: q [B, 1, H, hd], k/v [B, S, K, hd], mask
+    [B, 1, S] bool -> [B, 1, H, hd], softmax in float32.
+
+    Products and sums over the cache in its own layout, which a decode step reads once. As dots
+    (`jax.nn.dot_product_attention`), XLA on CPU copied every layer's whole K and V cache to
+    [B, K, hd, S] on every step, to put the dots' batch dimensions first (seen in the optimised
+    HLO of the static decode loop): two more passes over the cache, whose reading bounds the
+    step (benchmarks/RESULTS.md). Masked keys get the most negative float32, as
+    `jax.nn.dot_product_attention` gives them, so a row with no valid key is finite.
+    """
+    b, _, h, d = q.shape
+    kv = k.shape[2]
+    qg = (q[:, 0].astype(jnp.float32) * d**-0.5).reshape(b, kv, h // kv, d)
+    scores = jnp.sum(k[:, :, :, None, :].astype(jnp.float32) * qg[:, None], axis=-1)  # [B,S,K,g]
+    scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+    return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
 class DecoderLayer(nnx.Module):
