@@ -142,6 +142,11 @@ def _base() -> ml_collections.ConfigDict:
         state_dtype="float32",
         max_response_len=256,  # teacher traces longer than this are cut; paper 32k sequences
         length_buckets=(128, 256),
+        # Batches of similar trace length: each window of this many batches is sorted by trace
+        # length, cut into batches and shuffled batch by batch (data/pipeline.py
+        # LengthGroupedBatches), so that a batch of short traces takes a short length bucket
+        # instead of the bucket of the one long trace among them. 0 = batches as drawn.
+        length_group_batches=0,
         logprob_chunk_size=64,
         logprob_vocab_chunk_size=config_dict.placeholder(int),
         # METHOD.md 3.3 / 10.1: "adaptive KL-guided fine-tuning" is named but never defined.
@@ -267,6 +272,7 @@ SCHEMA = {
     "curation.per_bracket": (_int, _nonneg),
     "sft.epochs": (_int, _pos),
     "sft.max_steps": (_int, _nonneg),
+    "sft.length_group_batches": (_int, _nonneg),
     "sft.global_batch": (_int, _pos),
     "sft.micro_batch_size": (_int, _pos),
     "sft.lr": _pos,

@@ -363,6 +363,15 @@ def _run(config, work: Path, hold) -> dict[str, float]:
         jnp.zeros((), jnp.int32),
     )
     stream = pipeline.PromptStream(data, seed=c.data.shuffle_seed, num_epochs=c.sft.epochs)
+    if c.sft.length_group_batches:
+        trace_len = C.token_length_fn(tokenizer)
+        stream = pipeline.LengthGroupedBatches(
+            stream,
+            batch_size=c.sft.global_batch,
+            window_batches=c.sft.length_group_batches,
+            length=lambda e: trace_len(e.traces[0]),
+            seed=c.data.shuffle_seed,
+        )
     checkpointer = hold.enter_context(  # closed on any exit: an in-flight save completes
         ckpt.Checkpointer(
             work / "checkpoints",

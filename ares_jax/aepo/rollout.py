@@ -24,10 +24,12 @@ With several processes every process runs the phase on the same global batch of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ares_jax.batching import Prompts, Rows, encode_examples, sampler_inputs
@@ -139,6 +141,34 @@ def _groups(prompt_index: np.ndarray, active: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero((prompt_index == p) & active) for p in np.unique(prompt_index)]
 
 
+# The phase's kernels compiled whole, once per shape. Run op by op on host arrays, each of their
+# dozens of operations would compile on its own for every new shape (the threshold statistic
+# alone took 3 s on a 2-core CPU, at every new number of kept rows).
+_trigger_mask = jax.jit(TR.trigger_mask)
+_hwe_counts = jax.jit(H.hwe_counts, static_argnames=("rule", "window", "offset"))
+batch_threshold = jax.jit(H.batch_threshold, static_argnames=("threshold", "q", "window", "offset"))
+seed_threshold = jax.jit(H.seed_threshold, static_argnames=("q", "window", "offset"))
+
+
+@functools.partial(jax.jit, static_argnames=("g", "s"))
+def _equal_group_ops(reward, correct, lengths, *, g: int, s: RolloutSettings):
+    """Buckets, filter decisions and advantages of groups of g consecutive rows."""
+    bucket = BK.difficulty_buckets(correct, g)
+    keep = jnp.ones(bucket.shape, bool)
+    if s.filter_enabled:
+        keep = ADV.online_filter(reward, g, low=s.filter_low, high=s.filter_high)
+    adv = jnp.zeros(reward.shape, jnp.float32)
+    if g >= 2 or s.advantage_scale != "std":
+        adv = ADV.group_advantages(
+            reward,
+            g,
+            scale=s.advantage_scale,
+            eps=s.advantage_eps,
+            lengths=lengths if s.advantage_scale == "length" else None,
+        )
+    return bucket, keep, adv
+
+
 def _group_ops(reward, correct, lengths, groups, s: RolloutSettings):
     """Buckets per group, filter decisions and advantages, for groups of any size."""
     bucket = np.zeros(len(groups), np.int32)
@@ -148,20 +178,10 @@ def _group_ops(reward, correct, lengths, groups, s: RolloutSettings):
     if len(sizes) == 1:  # equal groups: one vectorised call each
         g = sizes.pop()
         order = np.concatenate(groups)
-        bucket = np.asarray(BK.difficulty_buckets(correct[order], g))
-        if s.filter_enabled:
-            keep = np.asarray(
-                ADV.online_filter(reward[order], g, low=s.filter_low, high=s.filter_high)
-            )
-        if g >= 2 or s.advantage_scale != "std":
-            a = ADV.group_advantages(
-                reward[order],
-                g,
-                scale=s.advantage_scale,
-                eps=s.advantage_eps,
-                lengths=lengths[order] if s.advantage_scale == "length" else None,
-            )
-            adv[order] = np.asarray(a)
+        bucket, keep, a = jax.device_get(
+            _equal_group_ops(reward[order], correct[order], lengths[order], g=g, s=s)
+        )
+        adv[order] = a
         return bucket, keep, adv
     for i, rows in enumerate(groups):  # branching: groups of different sizes
         g = len(rows)
@@ -189,18 +209,32 @@ def _prompt_means(values: np.ndarray, groups) -> np.ndarray:
     return np.asarray([values[g].mean() if len(g) else 0.0 for g in groups], np.float32)
 
 
+def _padded(x: np.ndarray, size: int) -> np.ndarray:
+    """x with zero (False) rows appended along axis 0 up to `size` rows."""
+    return np.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _fixed_size(n: int, unit: int) -> int:
+    """The smallest multiple of `unit` that holds n: the kept groups and rows of an iteration
+    vary with the online filter, and the eager kernels that see them compile once per shape
+    (seconds each on a CPU); padded to this size they compile once."""
+    return unit * max(1, -(-n // unit))
+
+
 def _targets(state: BK.BucketTargets, bucket, n_hwe, groups, s: RolloutSettings):
     # Per-prompt means with group size 1: the bucket mean of per-prompt means (METHOD.md 4.4.2),
-    # also for groups of different sizes.
+    # also for groups of different sizes. Padding groups are marked invalid.
+    size = _fixed_size(len(groups), s.prompts_per_iter)
     return BK.update_bucket_targets(
         state,
-        bucket,
-        _prompt_means(n_hwe.astype(np.float32), groups),
+        _padded(np.asarray(bucket, np.int32), size),
+        _padded(_prompt_means(n_hwe.astype(np.float32), groups), size),
         1,
         alpha_lr=s.alpha_lr,
         alpha_min=s.alpha_min,
         alpha_max=s.alpha_max,
         target_scale=s.target_scale,
+        valid=np.arange(size) < len(groups),
     )
 
 
@@ -285,7 +319,7 @@ def collect(
         correct = scores.correct & out.active
         if s.threshold == "paper":  # recomputed from this batch, used as it is
             tau = float(
-                H.batch_threshold(
+                batch_threshold(
                     ent_threshold.astype(np.float32),
                     out.mask,
                     threshold="paper",
@@ -295,12 +329,12 @@ def collect(
                 )
             )
         trigger_ids = out.tokens if s.trigger_token == "sampled" else out.argmax_tokens
-        trigger = np.asarray(TR.trigger_mask(trigger_ids, trigger_table)) & out.mask
-        counts = H.hwe_counts(
+        trigger = np.asarray(_trigger_mask(trigger_ids, trigger_table)) & out.mask
+        counts = _hwe_counts(
             ent_count.astype(np.float32),
             out.mask,
             trigger if s.hwe_count != "paper_window" else None,
-            tau,
+            np.float32(tau),
             rule=s.hwe_count,
             window=s.window,
             offset=s.window_offset,
@@ -491,9 +525,11 @@ def _assemble(kept, s, state, tau, tries, metrics, gen_s, score_s, gen_tokens, s
     threshold = state.threshold
     observation = tau  # 'paper': this batch's statistic is the tau it used
     if s.threshold == "code":
-        observation = H.batch_threshold(
-            cat("ent_threshold").astype(np.float32),
-            mask,
+        # Padding rows have no response tokens, which the statistic ignores.
+        size = _fixed_size(len(mask), s.prompts_per_iter * s.sampling.rows_per_prompt)
+        observation = batch_threshold(
+            _padded(cat("ent_threshold").astype(np.float32), size),
+            _padded(mask, size),
             threshold="code",
             q=s.percentile,
             window=s.window,

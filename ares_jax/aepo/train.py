@@ -500,7 +500,7 @@ def _run(config, workdir_path: Path, hold) -> dict[str, float]:
         if c.entropy.threshold == "code" and c.entropy.threshold_init == "validation":
             r = validate.last
             ent_threshold, _ = RO.threshold_and_count_entropies(r, c.entropy.estimator)
-            seed_tau = H.seed_threshold(
+            seed_tau = RO.seed_threshold(
                 jnp.asarray(ent_threshold, jnp.float32),
                 jnp.asarray(r.mask),
                 q=c.entropy.percentile,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -368,3 +369,129 @@ class PromptStream:
         if not 0 <= next_index <= self._length:
             raise ValueError(f"stream state next_index {next_index} is out of range")
         self._next = next_index
+
+
+class LengthGroupedBatches:
+    """Batches of similar length from a `PromptStream`: less padding in the fine-tuning rows.
+
+    Reads `window_batches` global batches at a time, sorts the window's examples by
+    `length(example)`, cuts the sorted list into batches of `batch_size` and hands them out in an
+    order shuffled by (seed, window position), so that long and short batches alternate within
+    the window rather than coming in length order. The examples seen and the epochs are those of
+    the stream; only which examples share a batch changes. A short window (the end of an
+    epoch-limited stream) keeps its one partial batch for last.
+
+    The state is the stream's state at the start of the current window and the number of batches
+    taken from it; resuming refills that window (the same examples, the same grouping) and skips
+    what was taken.
+    """
+
+    def __init__(
+        self,
+        stream: PromptStream,
+        *,
+        batch_size: int,
+        window_batches: int,
+        length: Any,
+        seed: int,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if window_batches <= 0:
+            raise ValueError(f"window_batches must be positive, got {window_batches}")
+        self._stream = stream
+        self._batch_size = int(batch_size)
+        self._window_batches = int(window_batches)
+        self._length = length
+        self._seed = int(seed)
+        self._window: list[list[Example]] = []
+        self._taken = 0
+        self._start_state: Any = None  # the stream's global state at the window's start
+        self._start_position = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch's first example in the stream (0-based)."""
+        if not self._window or self._taken >= len(self._window):
+            return self._stream.epoch
+        per_host = self._batch_size // self._stream.get_state()["shard_count"]
+        return (self._start_position + self._taken * per_host) // self._stream.epoch_size
+
+    def _fill(self) -> None:
+        self._start_state = self._stream.get_global_state()
+        self._start_position = self._stream.position
+        examples = self._stream.next_global_batch(self._batch_size * self._window_batches)
+        lengths = [int(self._length(e)) for e in examples]
+        order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
+        k = self._batch_size
+        batches = [[examples[i] for i in order[j : j + k]] for j in range(0, len(order), k)]
+        full = [b for b in batches if len(b) == k]
+        partial = [b for b in batches if len(b) < k]
+        rng = random.Random(f"{self._seed}:{self._start_position}")
+        rng.shuffle(full)
+        self._window = full + partial
+        self._taken = 0
+
+    def next_global_batch(self, k: int) -> list[Example]:
+        """The next batch of `batch_size` examples (fewer, or none, only at an epoch-limited
+        stream's end); a collective where the stream's is."""
+        if k != self._batch_size:
+            raise ValueError(f"this stream groups batches of {self._batch_size}, not {k}")
+        if self._taken >= len(self._window):
+            self._fill()
+            if not self._window:
+                return []
+        batch = self._window[self._taken]
+        self._taken += 1
+        return batch
+
+    def get_global_state(self) -> dict[str, Any]:
+        """JSON: the stream's state at the window's start, the batches taken, the grouping."""
+        if not self._window:  # nothing read yet, or a window used up: the stream is at a start
+            start, taken = self._stream.get_global_state(), 0
+        elif self._taken >= len(self._window):
+            start, taken = self._stream.get_global_state(), 0
+        else:
+            start, taken = self._start_state, self._taken
+        return {
+            "version": STATE_VERSION,
+            "grouped_by_length": True,
+            "batch_size": self._batch_size,
+            "window_batches": self._window_batches,
+            "seed": self._seed,
+            "window_start": start,
+            "taken": taken,
+        }
+
+    def set_global_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from a `get_global_state()` result.
+
+        Raises:
+          ValueError: the state was saved without length grouping or with another grouping.
+        """
+        if not isinstance(state, Mapping) or not state.get("grouped_by_length"):
+            raise ValueError(
+                "the data position was saved without length-grouped batches; resume with the "
+                "grouping of that run (sft.length_group_batches=0)."
+            )
+        for key, value in (
+            ("batch_size", self._batch_size),
+            ("window_batches", self._window_batches),
+            ("seed", self._seed),
+        ):
+            if state.get(key) != value:
+                raise ValueError(
+                    f"the data position was saved with length grouping {key}={state.get(key)!r}, "
+                    f"this run has {key}={value!r}"
+                )
+        self._stream.set_global_state(state["window_start"])
+        self._window, self._taken = [], 0
+        taken = int(state["taken"])
+        if taken:
+            self._fill()
+            if taken > len(self._window):
+                raise ValueError(
+                    f"the data position says {taken} batches of a window were taken, but the "
+                    f"window holds {len(self._window)}"
+                )
+            self._taken = taken

@@ -144,11 +144,12 @@ def init_bucket_targets(alpha_init: float = 0.5, target_init: float = 0.0) -> Bu
 
 
 @functools.partial(jax.jit, static_argnums=3)
-def _update(state, bucket, n_hwe, group_size, alpha_lr, alpha_min, alpha_max, scale):
+def _update(state, bucket, n_hwe, group_size, alpha_lr, alpha_min, alpha_max, scale, valid):
     """The arithmetic of `update_bucket_targets`, compiled once per shape (inlined under jit)."""
     # Integer counts are summed exactly in int32; float counts in float32.
     acc_dtype = jnp.int32 if jnp.issubdtype(n_hwe.dtype, jnp.integer) else jnp.float32
     prompt_sum = n_hwe.astype(acc_dtype).reshape(-1, group_size).sum(axis=1)  # [N // G]
+    bucket = jnp.where(valid, bucket, NUM_BUCKETS)  # out of range: segment_sum drops it
     sums = jax.ops.segment_sum(prompt_sum, bucket, num_segments=NUM_BUCKETS)
     count = jax.ops.segment_sum(jnp.ones_like(bucket), bucket, num_segments=NUM_BUCKETS)
     present = count > 0
@@ -175,6 +176,7 @@ def update_bucket_targets(
     alpha_min: float = 0.0,
     alpha_max: float = 2.0,
     target_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    valid: jax.Array | None = None,
 ) -> tuple[BucketTargets, BucketStats]:
     """New N*_d and alpha_d from this batch's HWE counts (METHOD.md 4.4.2, "Targets and weights").
 
@@ -198,6 +200,8 @@ def update_bucket_targets(
       group_size: G (static).
       alpha_lr, alpha_min, alpha_max: alpha step size and clip range (released: 0.05, 0, 2).
       target_scale: per-bucket factor on the bucket mean (released: all 1.0).
+      valid: [N // G] bool or None (all); groups marked False are padding and count nowhere, so
+        that a caller can pad a varying number of groups to one shape (one compilation).
 
     Returns:
       (new_state, stats): new_state a BucketTargets; stats a BucketStats (prompt count and mean per
@@ -227,4 +231,9 @@ def update_bucket_targets(
 
     scale = jnp.asarray(target_scale, jnp.float32)
     bucket = jnp.asarray(bucket_per_group, jnp.int32)
-    return _update(state, bucket, n_hwe, group_size, alpha_lr, alpha_min, alpha_max, scale)
+    if valid is None:
+        valid = jnp.ones(bucket.shape, bool)
+    else:
+        checks.check_bool(valid, "valid", fn)
+        checks.check_same_shape(fn, bucket_per_group=bucket, valid=valid)
+    return _update(state, bucket, n_hwe, group_size, alpha_lr, alpha_min, alpha_max, scale, valid)

@@ -45,6 +45,8 @@ ARGS = (
     "--config.data.synthetic_train_size=32",
     "--config.sft.global_batch=8",
     "--config.sft.epochs=2",
+    # Length-grouped batches, windows of 2: the SIGKILL test resumes in the middle of one.
+    "--config.sft.length_group_batches=2",
 )
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from ares_jax.data import pipeline, records, synthetic
@@ -226,3 +227,63 @@ def test_files_spec_image_root_and_absolute_paths(tmp_path):
     assert len(rooted) == 2 and rooted.read_stats.skipped == {}  # both are pics/a.png
     anywhere = pipeline.example_source({**spec, "allow_absolute_image_paths": True})
     assert len(anywhere) == 1 and anywhere.read_stats.skipped == {"missing_image": 1}
+
+
+def _grouped(n, *, epochs=None, window=3, k=4, seed=7):
+    stream = PromptStream(text_source(n), seed=3, num_epochs=epochs)
+    # Example i's "length" is i: the grouping must put neighbours in value together.
+    return pipeline.LengthGroupedBatches(
+        stream, batch_size=k, window_batches=window, length=lambda e: int(e.answer), seed=seed
+    )
+
+
+def test_length_grouped_batches_sort_each_window_and_keep_the_stream():
+    grouped = _grouped(24, epochs=1)
+    plain = PromptStream(text_source(24), seed=3, num_epochs=1)
+    batches = [grouped.next_global_batch(4) for _ in range(6)]
+    assert grouped.next_global_batch(4) == []
+    for w in range(2):  # each window of 3 batches: the stream's 12 examples, sorted, cut in 4s
+        drawn = sorted(int(e.answer) for e in plain.next_batch(12))
+        got = [[int(e.answer) for e in b] for b in batches[3 * w : 3 * w + 3]]
+        assert sorted(got) == [drawn[0:4], drawn[4:8], drawn[8:12]]
+        assert all(b == sorted(b) for b in got)
+    # The batch order within a window is shuffled, not by length, for some seed.
+    orders = set()
+    for seed in range(6):
+        g = _grouped(24, epochs=1, seed=seed)
+        firsts = [int(g.next_global_batch(4)[0].answer) for _ in range(3)]
+        orders.add(tuple(np.argsort(firsts)))
+    assert len(orders) > 1
+
+
+def test_length_grouped_batches_partial_batch_last_and_epochs():
+    grouped = _grouped(10, epochs=1)  # one window of 10: batches of 4, 4, then the 2 left
+    sizes = [len(grouped.next_global_batch(4)) for _ in range(3)]
+    assert sizes == [4, 4, 2] and grouped.next_global_batch(4) == []
+    endless = _grouped(10, window=2)
+    seen = [endless.next_global_batch(4) for _ in range(5)]  # 20 examples: two epochs
+    assert sorted(e.id for b in seen for e in b) == sorted(ids(text_source(10)) * 2)
+    assert endless.epoch == 2
+
+
+def test_length_grouped_batches_resume_exactly():
+    grouped = _grouped(30, window=3)
+    for _ in range(4):  # into the second window
+        grouped.next_global_batch(4)
+    state = json.loads(json.dumps(grouped.get_global_state()))
+    assert state["taken"] == 1
+    expected = [ids(grouped.next_global_batch(4)) for _ in range(6)]
+    resumed = _grouped(30, window=3)
+    resumed.set_global_state(state)
+    assert [ids(resumed.next_global_batch(4)) for _ in range(6)] == expected
+    # At a window's end the state is the stream's position, nothing taken.
+    at_end = _grouped(30, window=3)
+    for _ in range(3):
+        at_end.next_global_batch(4)
+    assert at_end.get_global_state()["taken"] == 0
+    with pytest.raises(ValueError, match="window_batches=3, this run has window_batches=2"):
+        _grouped(30, window=2).set_global_state(state)
+    with pytest.raises(ValueError, match="saved without length-grouped batches"):
+        _grouped(30).set_global_state(PromptStream(text_source(30), seed=3).get_global_state())
+    with pytest.raises(ValueError, match="groups batches of 4, not 8"):
+        _grouped(30).next_global_batch(8)

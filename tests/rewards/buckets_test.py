@@ -170,6 +170,27 @@ def test_update_clips_alpha():
     np.testing.assert_array_equal(np.asarray(new.alpha), [0.0, 0.5, 0.0])
 
 
+def test_padding_groups_marked_invalid_count_nowhere():
+    # 3 real prompts (G = 2), padded to 6 with prompts of bucket 0 and large counts.
+    bpg = np.array([0, 2, 2], np.int32)
+    n_hwe = np.array([4, 6, 1, 2, 3, 3], np.int32)
+    state = buckets.BucketTargets(
+        target=jnp.asarray([7.0, 9.0, 1.0]), alpha=jnp.asarray([0.3, 0.6, 0.9])
+    )
+    real, real_stats = _run_update(state, bpg, n_hwe, 2)
+    padded_bpg = np.concatenate([bpg, np.zeros(3, np.int32)])
+    padded_hwe = np.concatenate([n_hwe, np.full(6, 50, np.int32)])
+    valid = np.arange(6) < 3
+    new, stats = _run_update(state, padded_bpg, padded_hwe, 2, valid=jnp.asarray(valid))
+    jax.tree.map(np.testing.assert_array_equal, (new, stats), (real, real_stats))
+    np.testing.assert_array_equal(np.asarray(stats.count), [1, 0, 2])
+    np.testing.assert_array_equal(np.asarray(new.target), [5.0, 9.0, 2.0])  # medium: kept
+    with pytest.raises(TypeError, match="update_bucket_targets: valid must be a bool array"):
+        _run_update(state, padded_bpg, padded_hwe, 2, valid=jnp.ones(6, jnp.int32))
+    with pytest.raises(ValueError, match="valid has shape"):
+        _run_update(state, padded_bpg, padded_hwe, 2, valid=jnp.ones(5, bool))
+
+
 # ---------------------------------------------------------------------------------------------
 # jit and sharding
 
