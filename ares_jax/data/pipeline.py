@@ -447,9 +447,7 @@ class LengthGroupedBatches:
 
     def get_global_state(self) -> dict[str, Any]:
         """JSON: the stream's state at the window's start, the batches taken, the grouping."""
-        if not self._window:  # nothing read yet, or a window used up: the stream is at a start
-            start, taken = self._stream.get_global_state(), 0
-        elif self._taken >= len(self._window):
+        if self._taken >= len(self._window):  # nothing read yet, or the window used up
             start, taken = self._stream.get_global_state(), 0
         else:
             start, taken = self._start_state, self._taken
