@@ -161,7 +161,8 @@ def test_pallas_kernel_runs_per_shard_under_a_mesh(references, shape):
 def test_cache_step_attention_equals_dot_product_attention(dtype, tol):
     """A decode step's attention (one query per row over a dense cache, grouped-query heads)
     equals `jax.nn.dot_product_attention` with the same mask: rows with masked slots, a row with
-    one valid key, and a row with none (finite, as XLA's masking gives it)."""
+    one valid key, and a row with none (finite, as XLA's masking gives it). The cache is laid out
+    [B, K, S, hd] (`model.KV_AXES`)."""
     b, s, h, kv, d = 4, 37, 4, 2, 16
     r = np.random.default_rng(0)
     q, k, v = (
@@ -174,7 +175,7 @@ def test_cache_step_attention_equals_dot_product_attention(dtype, tol):
     mask[2] = False  # none
     mask = jnp.asarray(mask)
     want = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-    got = text.cache_step_attention(q, k, v, mask)
+    got = text.cache_step_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
     assert got.shape == want.shape and got.dtype == dtype
     assert bool(jnp.all(jnp.isfinite(got.astype(jnp.float32))))
     np.testing.assert_allclose(
@@ -185,6 +186,8 @@ def test_cache_step_attention_equals_dot_product_attention(dtype, tol):
         np.asarray(v[1, 5][None].repeat(2, 1), np.float32),
         atol=tol,
     )
-    # the model's attention takes this path for one query per row against a [B, 1, S] mask
+    # `text.attention` over a cache in the [B, S, K, hd] layout (prefills without a kernel)
     routed = text.attention(q, k, v, mask, implementation="auto")
-    np.testing.assert_array_equal(np.asarray(routed), np.asarray(got))
+    np.testing.assert_allclose(
+        np.asarray(routed, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
+    )

@@ -376,7 +376,7 @@ def test_decode_loop_on_v5p8_copies_no_cache_around_the_loop(v5p8_decode):
         # XLA copies every buffer into that layout before the loop and back after it.
         assert laid.cache_copies > 0, laid
         pytest.xfail(
-            "sampler._decode fixes the KV cache's layout to the default [B, S, K, hd]: "
+            "sampler._decode fixes the KV cache's layout to the default (row-major model.KV_AXES): "
             f"{laid.cache_copies} cache copies around the loop (sampler.lower_decode, leaving "
             "the cache's layout to XLA, removes them)"
         )

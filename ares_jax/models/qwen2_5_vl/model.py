@@ -23,6 +23,7 @@ from ares_jax.models.qwen2_5_vl.rope import text_cos_sin
 from ares_jax.models.qwen2_5_vl.text import (
     TextModel,
     attention,
+    cache_step_attention,
     check_implementation,
     uses_kernel,
 )
@@ -53,17 +54,22 @@ class ModelInputs(NamedTuple):
     vision: VisionInputs | None = None
 
 
+# The logical axes of a KV cache buffer: rows and KV heads first, the batch dimensions of a
+# decode step's attention dots (`text.cache_step_attention`), so they read the cache in place.
+KV_AXES = (R.BATCH, R.KV_HEADS, R.KV_LENGTH, R.HEAD_DIM)
+
+
 class KVCache(NamedTuple):
     """Per-layer keys and values of the tokens seen so far.
 
     All rows share one write slot (`index`): prompts are left-padded to one length, so slot s
     holds the s-th token of every row; `valid` marks slots holding a real token (False at left
     padding) and `next_pos` is each row's next M-RoPE position (n_valid + rope_delta, the same on
-    the three axes for generated text).
+    the three axes for generated text). Buffers are laid out by `KV_AXES`.
     """
 
-    k: tuple[jax.Array, ...]  # L x [B, S, K, hd]
-    v: tuple[jax.Array, ...]  # L x [B, S, K, hd]
+    k: tuple[jax.Array, ...]  # L x [B, K, S, hd]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, hd]
     valid: jax.Array  # [B, S] bool
     index: jax.Array  # int32 scalar: next slot to write
     next_pos: jax.Array  # [B] int32
@@ -192,7 +198,7 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.cfg.text
-        shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+        shape = (batch, t.num_key_value_heads, max_len, t.head_dim)
         zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(t.num_hidden_layers))
         return KVCache(
             k=zeros,
@@ -226,12 +232,16 @@ class Qwen2_5_VL(nnx.Module):  # noqa: N801 - the model's name
         for i in range(len(cache.k)):
             layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
             q, k, v = layer.qkv(x, cos, sin)
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, cache.index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, cache.index, axis=1)
+            heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731 - [B, T, K, hd] <-> KV_AXES
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], heads_first(k), cache.index, 2)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], heads_first(v), cache.index, 2)
             if fresh_only:
                 attn = attention(q, k, v, segments, implementation=self.attention_impl)
-            else:
-                attn = attention(q, k_all, v_all, key_ok, implementation=self.attention_impl)
+            elif t == 1 and self.attention_impl != "cudnn":
+                attn = cache_step_attention(q, k_all, v_all, key_ok)
+            else:  # a prefill without a kernel, or cuDNN: [B, S, K, hd] operands
+                k_seq, v_seq = heads_first(k_all), heads_first(v_all)
+                attn = attention(q, k_seq, v_seq, key_ok, implementation=self.attention_impl)
             x = layer.finish(x, attn)
             new_k.append(k_all)
             new_v.append(v_all)

@@ -40,7 +40,7 @@ from ares_jax.parallel import rules as R
 # - 'dense': `ops.attention`'s reference (holds [T, T] scores; tests);
 # - 'xla', 'cudnn' (or None): `jax.nn.dot_product_attention` with a dense [B, T, S] mask, with
 #   XLA's or cuDNN's implementation (cuDNN reads the mask whatever the layout; packed rows too).
-# Decode steps over the KV cache take the last group's path ('cudnn' stays cuDNN, else XLA).
+# Decode steps over the KV cache: `cache_step_attention` (XLA's dots), or cuDNN's with 'cudnn'.
 KERNELS = {
     "auto": "auto",
     "blockwise": "xla",
@@ -98,30 +98,28 @@ def attention(
             impl=KERNELS[implementation],
             partition=kernel_partition(q, k, R.HEADS, R.KV_HEADS),
         )
-    if q.shape[1] == 1 and implementation != "cudnn":
-        return cache_step_attention(q, k, v, mask)
     impl = "cudnn" if implementation == "cudnn" else None
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
 
 
 def cache_step_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """One query per row against a dense KV cache: q [B, 1, H, hd], k/v [B, S, K, hd], mask
-    [B, 1, S] bool -> [B, 1, H, hd], softmax in float32.
+    """One query per row against a dense KV cache: q [B, 1, H, hd], k/v [B, K, S, hd] (the
+    cache's layout, `model.KV_AXES`), mask [B, 1, S] bool -> [B, 1, H, hd], softmax in float32.
 
-    Products and sums over the cache in its own layout, which a decode step reads once. As dots
-    (`jax.nn.dot_product_attention`), XLA on CPU copied every layer's whole K and V cache to
-    [B, K, hd, S] on every step, to put the dots' batch dimensions first (seen in the optimised
-    HLO of the static decode loop): two more passes over the cache, whose reading bounds the
-    step (benchmarks/RESULTS.md). Masked keys get the most negative float32, as
+    Two dots whose batch dimensions (rows, KV heads) lead the cache's layout, so a decode step
+    reads the cache once, in place. With the cache laid out [B, S, K, hd], XLA on CPU copied
+    every layer's whole K and V cache to put those dimensions first on every step, and products
+    and sums in that layout (a reduction over the head dimension) took twice these dots' time
+    (benchmarks/RESULTS.md). Masked keys get the most negative float32, as
     `jax.nn.dot_product_attention` gives them, so a row with no valid key is finite.
     """
     b, _, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     qg = (q[:, 0].astype(jnp.float32) * d**-0.5).reshape(b, kv, h // kv, d)
-    scores = jnp.sum(k[:, :, :, None, :].astype(jnp.float32) * qg[:, None], axis=-1)  # [B,S,K,g]
-    scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32))
+    scores = jnp.where(mask[:, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, v.astype(jnp.float32))
     return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
