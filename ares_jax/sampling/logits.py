@@ -154,6 +154,20 @@ def _top_p_cutoff(z: jax.Array, top_p: float, top: jax.Array | None, k: int) -> 
     )
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32, to the index: the first maximum, or the first NaN.
+
+    Plain reductions (the maximum, then the least index holding it) instead of XLA's
+    variadic (value, index) reduction, which XLA's CPU backend does not vectorise: a decode step
+    takes one per row over the vocabulary (benchmarks/RESULTS.md).
+    """
+    n = x.shape[-1]
+    index = jnp.arange(n, dtype=jnp.int32)
+    first = lambda hit: jnp.min(jnp.where(hit, index, n), axis=-1)  # noqa: E731
+    first_nan = first(jnp.isnan(x))  # XLA's maximum may skip NaNs: look for them on their own
+    return jnp.where(first_nan < n, first_nan, first(x == jnp.max(x, axis=-1, keepdims=True)))
+
+
 def sample(key: jax.Array, z: jax.Array, *, greedy: bool) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row from logits z [N, V]; returns (tokens [N] int32, logp [N]).
 
@@ -167,13 +181,15 @@ def sample(key: jax.Array, z: jax.Array, *, greedy: bool) -> tuple[jax.Array, ja
     Returns:
       (tokens [N] int32, logp [N] float32 log-prob of each token under softmax(z)).
     """
+    # `jax.random.categorical`'s draw, Gumbel noise and its arg-max, to the token (tests), with
+    # `argmax`'s reductions.
     if greedy:
-        tokens = jnp.argmax(z, axis=-1)
+        tokens = argmax(z)
     elif key.ndim == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2):
-        tokens = jax.vmap(jax.random.categorical)(key, z)
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, z.shape[-1:], z.dtype))(key)
+        tokens = argmax(noise + z)
     else:
-        tokens = jax.random.categorical(key, z, axis=-1)
-    tokens = tokens.astype(jnp.int32)
+        tokens = argmax(jax.random.gumbel(key, z.shape, z.dtype) + z)
     logp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logp
 

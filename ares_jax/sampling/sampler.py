@@ -228,7 +228,7 @@ def draw(model, hidden, keys, positions, sp: SamplingParams, bias) -> Draw:
     zs = L.sampling_logits(z, temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, bias=bias)
     tokens, slogp = L.sample(step_keys, zs, greedy=sp.greedy)  # a key per row
     logp, entropy = L.token_stats(z, tokens, sp.temperature)
-    argmax = jnp.argmax(z, axis=-1).astype(jnp.int32)
+    argmax = L.argmax(z)
     topk_tail = topk_raw = jnp.zeros_like(entropy)
     if sp.topk_entropy:
         topk_tail, topk_raw = L.topk_entropies(z, sp.topk_entropy, sp.temperature, tokens=tokens)

@@ -208,3 +208,35 @@ def test_per_row_keys_frequencies():
     freq = np.bincount(np.asarray(tokens), minlength=12) / draws
     p = np.asarray(jax.nn.softmax(z[0].astype(jnp.float32)), np.float64)
     assert 0.5 * np.abs(freq - p).sum() < 0.02
+
+
+@pytest.mark.parametrize("typed", [False, True])
+def test_per_row_draws_equal_jax_random_categorical(typed):
+    """`sample`'s own Gumbel arg-max draws jax.random.categorical's token for every row's key,
+    with -inf logits (never drawn) in the rows."""
+    z = np.random.default_rng(12).normal(size=(2048, 576)) * 3
+    z[:, :7] = -np.inf
+    z[5] = -np.inf
+    z[5, 300] = 0.0  # one token left
+    z = jnp.asarray(z, jnp.float32)
+    keys = jax.random.split(jax.random.key(6) if typed else jax.random.PRNGKey(6), 2048)
+    tokens, _ = jax.jit(L.sample, static_argnames="greedy")(keys, z, greedy=False)
+    want = jax.jit(jax.vmap(jax.random.categorical))(keys, z)
+    np.testing.assert_array_equal(tokens, want)
+    assert int(tokens[5]) == 300 and int(tokens.min()) >= 7
+
+
+def test_argmax_equals_jnp_argmax_with_ties_infinities_and_nans():
+    r = np.random.default_rng(13)
+    x = r.integers(-3, 4, size=(512, 40)).astype(np.float32)  # many ties at the maximum
+    x[0] = -np.inf  # all -inf: index 0
+    x[1, 10] = np.inf
+    x[1, 20] = np.inf  # the first +inf
+    x[2, 15] = np.nan
+    x[2, 30] = np.nan  # the first NaN, as jnp.argmax
+    x[3, 39] = 100.0  # the last column
+    x = jnp.asarray(x)
+    got = jax.jit(L.argmax)(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+    assert [int(i) for i in got[:4]] == [0, 10, 15, 39]
