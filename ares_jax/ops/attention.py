@@ -94,8 +94,8 @@ def attention(
     causal: bool,
     impl: str = "auto",
     scale: float | None = None,
-    block_q: int = 512,
-    block_kv: int = 512,
+    block_q: int | None = None,
+    block_kv: int | None = None,
     interpret: bool = False,
     partition: tuple | None = None,
 ) -> jax.Array:
@@ -109,7 +109,8 @@ def attention(
       impl: one of IMPLS; "auto" picks by backend.
       scale: logit scale, Dh**-0.5 when None.
       block_q, block_kv: block lengths of "xla" and "splash" ("splash" uses block_q for every
-        block and rounds it to a multiple of 128); ignored by the others.
+        block and rounds it to a multiple of 128); ignored by the others. None: `BLOCK`, or
+        `CPU_BLOCK` for "xla" compiled for a CPU.
       interpret: run "splash" / "pallas_gpu" in the Pallas interpreter (always on CPU).
       partition: (q_spec, kv_spec) PartitionSpecs of q and k/v under the current mesh; the Pallas
         kernels then run per shard under `shard_map` (module docstring). Ignored without a mesh
@@ -134,6 +135,9 @@ def attention(
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "gpu"}.get(platform, "xla")
     interpret = bool(interpret) or platform == "cpu"
+    default = CPU_BLOCK if impl == "xla" and platform == "cpu" else BLOCK
+    block_q = default if block_q is None else block_q
+    block_kv = default if block_kv is None else block_kv
     if impl == "splash" and _splash_blocks(s, block_q) > SPLASH_MAX_BLOCKS:
         impl = "xla"  # its block tables would not fit SMEM (module docstring)
     if impl == "dense":
@@ -170,6 +174,15 @@ def attention(
     if _is_concrete(ok):
         return (cudnn if bool(ok) else pallas)(q, k, v, segment_ids)
     return jax.lax.cond(ok, cudnn, pallas, q, k, v, segment_ids)
+
+
+# Block lengths of "xla" and "splash" when the caller gives none. On a CPU the "xla" path takes
+# 64: a [B, K, G, 64, 64] block's scores stay in a core's cache, and the causal triangle and the
+# padding skip more of the work. A small model's training step (16 rows of 256 tokens, real
+# lengths) took 456 ms at 64, 478 at 128 and 598 at 512 (one block); 4 rows of 1,024 took 678,
+# 751 and 1,027 ms (benchmarks/RESULTS.md).
+BLOCK = 512
+CPU_BLOCK = 64
 
 
 def _platform() -> str:

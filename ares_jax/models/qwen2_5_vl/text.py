@@ -123,6 +123,46 @@ def cache_step_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
+@jax.custom_vjp
+def gated_mlp(h: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """SwiGLU: (silu(h @ gate) * (h @ up)) @ down, h [B, T, D] -> [B, T, D].
+
+    A custom VJP whose backward pass keeps the two [B, T, F] projections and recomputes the
+    sigmoid, and writes the weight gradients as dots that contract the tokens of both operands
+    as they lie. Autodiff of the same expression kept four [B, T, F] residuals per layer and
+    had XLA on CPU transpose the gate and up gradients ([B * T, F] -> [F, B * T], fused with
+    their elementwise work, twice) before the weight-gradient dots: 4 layers of 16 x 256 tokens
+    took 229 ms forward and backward, against 163 ms here (benchmarks/RESULTS.md). Same values:
+    the forward is the same expression, the backward the same products.
+    """
+    g = jnp.einsum("btd,df->btf", h, gate)
+    u = jnp.einsum("btd,df->btf", h, up)
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down)
+
+
+def _gated_mlp_fwd(h, gate, up, down):
+    g = jnp.einsum("btd,df->btf", h, gate)
+    u = jnp.einsum("btd,df->btf", h, up)
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down), (h, gate, up, down, g, u)
+
+
+def _gated_mlp_bwd(res, dy):
+    h, gate, up, down, g, u = res
+    s = jax.nn.sigmoid(g)
+    silu = g * s
+    d_act = jnp.einsum("btd,fd->btf", dy, down)  # gradient of silu(g) * u
+    d_down = jnp.einsum("btf,btd->fd", silu * u, dy)
+    du = d_act * silu
+    dg = d_act * u * s * (1 + g * (1 - s))  # silu'(g) = s (1 + g (1 - s))
+    d_gate = jnp.einsum("btd,btf->df", h, dg)
+    d_up = jnp.einsum("btd,btf->df", h, du)
+    dh = jnp.einsum("btf,df->btd", dg, gate) + jnp.einsum("btf,df->btd", du, up)
+    return dh, d_gate, d_up, d_down
+
+
+gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
+
+
 class DecoderLayer(nnx.Module):
     """One pre-norm decoder block."""
 
@@ -163,9 +203,9 @@ class DecoderLayer(nnx.Module):
         dt = x.dtype
         x = x + jnp.einsum("btnh,nhd->btd", attn, self.o[...].astype(dt))
         h = rms_norm(x, self.post_norm[...], self.eps)
-        g = jnp.einsum("btd,df->btf", h, self.gate[...].astype(dt))
-        u = jnp.einsum("btd,df->btf", h, self.up[...].astype(dt))
-        return x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, self.down[...].astype(dt))
+        return x + gated_mlp(
+            h, self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
+        )
 
     def __call__(self, x, cos, sin, mask, *, implementation=None):
         q, k, v = self.qkv(x, cos, sin)
