@@ -7,7 +7,7 @@ the problem), AdaCS keeping a random correct trace per problem (curation.vanilla
 from that one AdaCS model, AEPO once per arm and seed; then every model on the same held-out
 problems, and a report per difficulty level with the spread over seeds.
 
-  python -m ares_jax.main --config=configs/ablation.py --workdir=/tmp/ablation   # ~26 min, 2 cores
+  python -m ares_jax.main --config=configs/ablation.py --workdir=/tmp/ablation   # ~15 min, 2 cores
   python -m ares_jax.main --config=configs/ablation.py:smoke --workdir=/tmp/ablation_smoke
   python -m ares_jax.main --config=configs/ablation.py --workdir=DIR \
       --config.arms='("aepo", "accuracy_only", "fixed_kl")' --config.seeds='(0, 1, 2, 3)'

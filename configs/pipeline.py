@@ -10,7 +10,7 @@ are configs/adacs.py and configs/aepo.py); the pipeline only chains their checkp
      difficulty level (the layout of the paper's Table 4), and plots of the AEPO run.
 
 It is the default of configs/aepo.py (its presets '' and 'pipeline_smoke' return this config):
-  python -m ares_jax.main --config=configs/aepo.py --workdir=/tmp/ares     # ~7 min, 2 cores
+  python -m ares_jax.main --config=configs/aepo.py --workdir=/tmp/ares     # ~5.5 min, 2 cores
   python -m ares_jax.main --config=configs/pipeline.py:smoke --workdir=/tmp/pipeline_smoke
 """
 
