@@ -283,7 +283,7 @@ def plan_one(c, topology: topologies.Topology | None, *, xla: bool) -> Plan:
         sizes = mesh_lib.resolve_shape(dict(c.mesh.shape), count)
         mesh = AbstractMesh(sizes, mesh_lib.AXES, axis_types=(AxisType.Auto,) * len(sizes))
         source = "not compiled (--xla=false)"
-    x = memory.setup(c, mesh)
+    x = memory.setup(c, mesh, platform=platform)
     items = memory.analytic_items(x)
     analytic = memory.phase_totals(items)
     compiled, xla_totals = {}, None

@@ -22,11 +22,20 @@ from ares_jax.aepo import learner as Lr
 from ares_jax.aepo import memory
 from ares_jax.models.qwen2_5_vl import config as model_config
 from ares_jax.models.qwen2_5_vl import params as model_params
+from ares_jax.ops import attention as ops_attention
 from ares_jax.ops import kl as K
 from ares_jax.parallel.mesh import make_mesh
 from configs import adacs, aepo, topologies
 
 ACTIVATION_TOLERANCE = 0.25
+
+
+@pytest.fixture(autouse=True)
+def _planned_blocks(monkeypatch):
+    """The planner plans for TPUs and GPUs, where the blockwise attention takes 512-long blocks;
+    these tests compile its programs on the CPU, where it would take `CPU_BLOCK`. Compiled and
+    planned alike with 512 (`ops.attention.default_block`)."""
+    monkeypatch.setattr(ops_attention, "CPU_BLOCK", ops_attention.BLOCK)
 
 
 def _on_device(tree, device) -> int:

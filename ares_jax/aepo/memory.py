@@ -66,6 +66,7 @@ from ares_jax.models.qwen2_5_vl import model as model_lib
 from ares_jax.models.qwen2_5_vl import params as model_params
 from ares_jax.models.qwen2_5_vl.layers import remat_policy
 from ares_jax.models.qwen2_5_vl.model import KVCache, ModelInputs, VisionInputs
+from ares_jax.ops import attention as ops_attention
 from ares_jax.ops import kl as K
 from ares_jax.ops import paged_attention as paged
 from ares_jax.parallel import rules as R
@@ -202,6 +203,7 @@ class Setup:
     rollout_params: nnx.State  # the rollout's copy of the policy (`sampling.layout`)
     engine: E._Plan | None = None  # the paged engine's split over the mesh (rollout.engine)
     requests: E._Requests | None = None  # one admission's rows
+    platform: str = "tpu"  # the platform planned for: its attention blocks (`text_activations`)
 
 
 def model_cfg(c) -> model_config.Qwen2_5_VLConfig:
@@ -320,8 +322,9 @@ def _sampling(c, cfg, z: Sizes) -> S.SamplingParams:
     )
 
 
-def setup(c, mesh: jax.sharding.Mesh) -> Setup:
-    """Abstract parameters, optimizer state, learner batch, prompts and KV cache on `mesh`."""
+def setup(c, mesh: jax.sharding.Mesh, platform: str | None = None) -> Setup:
+    """Abstract parameters, optimizer state, learner batch, prompts and KV cache on `mesh`, for
+    `platform` (default: that of the mesh's devices, else the default backend)."""
     cfg = model_cfg(c)
     z = sizes(c, cfg)
     rules = _rules(c)
@@ -393,7 +396,16 @@ def setup(c, mesh: jax.sharding.Mesh) -> Setup:
         rollout_params=rollout_params,
         engine=pl,
         requests=requests,
+        platform=platform or _platform(mesh),
     )
+
+
+def _platform(mesh) -> str:
+    devices = getattr(mesh, "devices", None)
+    if devices is not None and devices.size:
+        return devices.flat[0].platform
+    device = getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def _engine_arrays(mesh, pl: E._Plan, prompts: ModelInputs, state: E._State, rows: int):
@@ -481,8 +493,8 @@ def split(x: Setup) -> Split:
     )
 
 
-# The query and key block of ops/attention.py's blockwise path (its default).
-BLOCKWISE_BLOCK = 512
+# The query and key block of ops/attention.py's blockwise path (its default off a CPU).
+BLOCKWISE_BLOCK = ops_attention.BLOCK
 
 
 def text_activations(
@@ -496,6 +508,7 @@ def text_activations(
     backward: bool,
     flash: bool = False,
     blockwise: bool = False,
+    block: int = BLOCKWISE_BLOCK,
 ) -> int:
     """Bytes per device of the text decoder's activations for `rows` rows of `seq` tokens.
 
@@ -510,8 +523,8 @@ def text_activations(
     'none', and one layer's gradients live beside them. `flash` (cuDNN attention)
     keeps one softmax statistic per query and head instead of the scores. `blockwise`
     (ops/attention.py) keeps that statistic too, works on one [block, block] tile of float32
-    scores per row and head at a time, and takes [seq] segment ids per row instead of the
-    [seq, seq] mask.
+    scores per row and head at a time (`block`: its block length on the platform), and takes
+    [seq] segment ids per row instead of the [seq, seq] mask.
     """
     t = cfg.text
     d, dh = t.hidden_size, t.head_dim
@@ -523,7 +536,7 @@ def text_activations(
     mask = rows * seq * 4 if blockwise else rows * seq * seq
     shared = mask + 2 * rows * seq * dh * c + 2 * residual
     if blockwise:  # one tile of logits, probabilities and their gradient at a time
-        tile = min(BLOCKWISE_BLOCK, seq)
+        tile = min(block, seq)
         shared += 3 * rows * h * tile * tile * 4
     if not backward:
         return int(shared + linear + scores * (4 + c))
@@ -669,6 +682,10 @@ def analytic_items(x: Setup) -> dict[str, int]:
             # The full forward's; not the prefill's. Splash and the Pallas GPU kernel hold what
             # the blockwise path holds (one statistic per query, tiles in on-chip memory).
             blockwise=x.c.model.attention in ("auto", "blockwise", "splash", "pallas_gpu"),
+            block=ops_attention.default_block(
+                "xla" if x.c.model.attention in ("auto", "blockwise") else x.c.model.attention,
+                x.platform,
+            ),
             **common,
         )
         total += head_activations(

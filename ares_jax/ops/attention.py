@@ -135,7 +135,7 @@ def attention(
     if impl == "auto":
         impl = {"tpu": "splash", "gpu": "gpu"}.get(platform, "xla")
     interpret = bool(interpret) or platform == "cpu"
-    default = CPU_BLOCK if impl == "xla" and platform == "cpu" else BLOCK
+    default = default_block(impl, platform)
     block_q = default if block_q is None else block_q
     block_kv = default if block_kv is None else block_kv
     if impl == "splash" and _splash_blocks(s, block_q) > SPLASH_MAX_BLOCKS:
@@ -183,6 +183,12 @@ def attention(
 # 751 and 1,027 ms (benchmarks/RESULTS.md).
 BLOCK = 512
 CPU_BLOCK = 64
+
+
+def default_block(impl: str, platform: str) -> int:
+    """The block length `attention` (impl resolved) and `prefix_attention` ("xla") take when
+    given none, compiled for `platform`."""
+    return CPU_BLOCK if impl == "xla" and platform == "cpu" else BLOCK
 
 
 def _platform() -> str:
@@ -468,7 +474,7 @@ def prefix_attention(
     q_start: int | jax.Array,
     kv_mask: jax.Array,
     scale: float | None = None,
-    block_kv: int = 512,
+    block_kv: int | None = None,
 ) -> jax.Array:
     """Causal attention of a chunk of queries to a prefix of keys (chunked prefill).
 
@@ -492,7 +498,8 @@ def prefix_attention(
         0 <= q_start and q_start + C <= T.
       kv_mask: [B, T] bool, True at keys that may be attended (real tokens), False at padding.
       scale: logit scale, Dh**-0.5 when None.
-      block_kv: key block length; clipped to T.
+      block_kv: key block length; clipped to T. None: `default_block` (64 compiled for a CPU,
+        else 512).
 
     Returns:
       [B, C, H, Dh] in q's dtype; exactly 0 for a query with no key to attend (a left-padding
@@ -507,6 +514,8 @@ def prefix_attention(
         )
     if kv_mask.shape != (b, t):
         raise ValueError(f"kv_mask must be [B, T] = {(b, t)}, got {kv_mask.shape}")
+    if block_kv is None:
+        block_kv = default_block("xla", _platform())
     if block_kv < 1:
         raise ValueError(f"block_kv must be positive, got {block_kv}")
     if isinstance(q_start, int) and not 0 <= q_start <= t - c:

@@ -351,3 +351,13 @@ def test_prefix_attention_rejects_bad_shapes():
         prefix_attention(q[:, :, :3], k, v, q_start=0, kv_mask=mask)
     with pytest.raises(ValueError, match="kv_mask"):
         prefix_attention(q, k, v, q_start=0, kv_mask=mask[:, 1:])
+
+
+def test_default_blocks_by_platform():
+    """The blockwise path takes 64-long blocks compiled for a CPU and 512 elsewhere; the kernels
+    keep 512 everywhere (`default_block`), and the planner plans a CPU run's tiles with 64."""
+    from ares_jax.ops import attention as A
+
+    assert A.default_block("xla", "cpu") == A.CPU_BLOCK == 64
+    assert A.default_block("xla", "tpu") == A.default_block("xla", "gpu") == A.BLOCK == 512
+    assert A.default_block("splash", "cpu") == A.BLOCK
