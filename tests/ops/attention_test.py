@@ -355,7 +355,7 @@ def test_prefix_attention_rejects_bad_shapes():
 
 def test_default_blocks_by_platform():
     """The blockwise path takes 64-long blocks compiled for a CPU and 512 elsewhere; the kernels
-    keep 512 everywhere (`default_block`), and the planner plans a CPU run's tiles with 64."""
+    keep 512 everywhere (`default_block`)."""
     from ares_jax.ops import attention as A
 
     assert A.default_block("xla", "cpu") == A.CPU_BLOCK == 64
